@@ -1,0 +1,20 @@
+"""prism-kernels: Prism distributed Transformer inference (segment means +
+scaling-aware attention) with fast CPU (C++) and GPU (Triton) kernels.
+
+See SPEC section 11 for the stable API.
+"""
+from python_ref.layout import DeviceLayout, PrismPlan, device_keys_values, device_tensors, local_rows, plan_layout
+from python_ref.partition import num_means, partition_offsets, partition_sizes, segment_sizes
+
+from . import ops  # registers the torch.library ops
+from .api import BACKENDS, prism_attention, segment_means
+from ._cpp import variant as cpp_variant
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "partition_sizes", "partition_offsets", "segment_sizes", "num_means",
+    "segment_means", "prism_attention", "BACKENDS",
+    "DeviceLayout", "PrismPlan", "plan_layout", "local_rows", "device_keys_values", "device_tensors",
+    "cpp_variant",
+]

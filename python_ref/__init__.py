@@ -1,0 +1,14 @@
+"""Pure-PyTorch reference of Prism: the SPEC in code, readable next to the paper.
+
+Every kernel in prism_kernels is tested against these functions.
+"""
+from .attention import duplicated_attention, prism_attention
+from .layout import DeviceLayout, PrismPlan, device_keys_values, device_tensors, local_rows, plan_layout
+from .partition import num_means, partition_offsets, partition_sizes, segment_sizes, split_sizes
+from .segment_means import segment_means
+
+__all__ = [
+    "partition_sizes", "partition_offsets", "segment_sizes", "split_sizes", "num_means",
+    "segment_means", "prism_attention", "duplicated_attention",
+    "DeviceLayout", "PrismPlan", "plan_layout", "local_rows", "device_keys_values", "device_tensors",
+]
