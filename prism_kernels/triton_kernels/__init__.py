@@ -1,0 +1,10 @@
+"""Triton GPU kernels of the `prism` ops (CUDA backend; also runs on CPU tensors
+under TRITON_INTERPRET=1, set before this package is imported).
+
+segment_means_triton(x, num_segments) -> (means, counts)
+attention_triton(q, k, v, log_counts, q_pos, k_pos, scale) -> (out, lse)
+"""
+from .attention import attention_triton
+from .segment_means import segment_means_triton
+
+__all__ = ["segment_means_triton", "attention_triton"]
