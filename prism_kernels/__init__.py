@@ -7,6 +7,7 @@ from python_ref.layout import DeviceLayout, PrismPlan, device_keys_values, devic
 from python_ref.partition import num_means, partition_offsets, partition_sizes, segment_sizes
 
 from . import ops  # registers the torch.library ops
+from . import autograd  # registers their backward
 from .api import BACKENDS, prism_attention, segment_means
 from ._cpp import variant as cpp_variant
 
