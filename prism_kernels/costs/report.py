@@ -1,0 +1,204 @@
+"""CostReport: single device vs Voltage vs Prism for one setting (SPEC sec. 9).
+
+Per-device GFLOPs follow the paper: the total over the P devices divided by P
+("GFLOPs /device" in Tables IV-VI). The largest device is given too. The master
+(rank 0) embeds the input once; that work is in the total and in device 0's
+figure. Speed-ups: computation 1 - per-device / single; communication
+1 - 1/CR with CR = Voltage PDPLC / Prism PDPLC (PDPLC: tokens received per
+device per layer, averaged over devices).
+"""
+from __future__ import annotations
+
+import numbers
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Sequence, Union
+
+from python_ref.layout import plan_layout
+from python_ref.partition import partition_sizes
+
+from .comm import bytes_for, received_tokens, voltage_received_tokens
+from .flops import COUNTED_TERMS, NOT_COUNTED_TERMS, device_flops, embedding_flops
+from .model_configs import resolve_model
+
+
+@dataclass
+class CostReport:
+    model: str
+    kind: str                        # "encoder" | "causal" | "vision"
+    seq_len: int                     # N
+    num_partitions: int              # P
+    hidden_size: int
+    num_layers: int
+    dtype_bytes: int
+    partition_sizes: List[int]       # n_i
+    means_per_partition: List[int]   # m_j
+    requested_num_means: Optional[Union[int, List[int]]]
+    requested_compression_rate: Optional[float]
+
+    single_gflops: float
+    embedding_gflops: float          # master's one-off embedding work (in every total)
+    voltage_gflops_devices: List[float]
+    voltage_gflops_total: float
+    voltage_gflops_per_device: float  # total / P, as in the paper
+    voltage_gflops_max: float         # the largest device
+    prism_gflops_devices: List[float]
+    prism_gflops_total: float
+    prism_gflops_per_device: float
+    prism_gflops_max: float
+
+    voltage_tokens_devices: List[int]
+    prism_tokens_devices: List[int]
+    prism_causal_tokens_devices: Optional[List[int]]   # causal models: earlier partitions only
+    voltage_tokens_per_layer: float   # mean over devices
+    prism_tokens_per_layer: float
+    prism_causal_tokens_per_layer: Optional[float]
+    voltage_bytes_devices: List[int]
+    prism_bytes_devices: List[int]
+    voltage_bytes_per_layer: float
+    prism_bytes_per_layer: float
+
+    compression_rate: Optional[float]  # Voltage PDPLC / Prism PDPLC (None when P = 1)
+    comm_speedup_pct: float            # Prism vs Voltage, 100 (1 - 1/CR)
+    comp_speedup_pct: float            # Prism per device vs single, %
+    voltage_comp_speedup_pct: float    # Voltage per device vs single, %
+
+    single_terms_gflops: Dict[str, float] = field(default_factory=dict)
+    counted_terms: str = COUNTED_TERMS
+    not_counted_terms: str = NOT_COUNTED_TERMS
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _default_seq_len(spec, seq_len):
+    if spec.kind == "vision":
+        n = spec.default_seq_len
+        if seq_len is not None and seq_len != n:
+            raise ValueError(
+                f"seq_len of {spec.name} is fixed by its image and patch sizes: must be {n} "
+                f"(patches + CLS), got {seq_len}")
+        return n
+    if seq_len is None:
+        if spec.default_seq_len is None:
+            raise ValueError(f"seq_len is required for model {spec.name!r}")
+        return spec.default_seq_len
+    if isinstance(seq_len, bool) or not isinstance(seq_len, numbers.Integral) or seq_len < 1:
+        raise ValueError(f"seq_len must be an integer >= 1, got {seq_len!r}")
+    limit = getattr(spec.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and spec.kind != "causal" and seq_len > limit:
+        raise ValueError(f"seq_len must be <= {limit} (max_position_embeddings of {spec.name}), got {seq_len}")
+    if isinstance(limit, int) and spec.kind == "causal" and seq_len > limit:
+        raise ValueError(f"seq_len must be <= {limit} (max positions of {spec.name}), got {seq_len}")
+    return int(seq_len)
+
+
+def estimate(model, seq_len: Optional[int] = None, num_partitions: int = 2,
+             num_means: Union[int, Sequence[int], None] = None,
+             compression_rate: Optional[float] = None, dtype_bytes: int = 4) -> CostReport:
+    """Cost of single-device, Voltage and Prism inference of one sequence.
+
+    model: preset ("vit-b16", "bert-base", "gpt2"), transformers model type,
+        config.json path, or a PretrainedConfig.
+    seq_len: N (presets default to the paper's: 197, 256, 256; vision models fix it).
+    num_means: segment means per partition (int, or one per partition), or
+    compression_rate: CR, giving m_j = min(n_j, max(1, ceil(n_j / CR))) (Eq. 16);
+        exactly one of the two.
+    dtype_bytes: bytes per element of the hidden states sent (4 for fp32).
+    Raises ValueError naming the argument and the rule on bad input.
+    """
+    spec = resolve_model(model)
+    n = _default_seq_len(spec, seq_len)
+    if isinstance(dtype_bytes, bool) or not isinstance(dtype_bytes, numbers.Integral) or dtype_bytes < 1:
+        raise ValueError(f"dtype_bytes must be an integer >= 1, got {dtype_bytes!r}")
+    sizes = partition_sizes(n, num_partitions)
+    plan = plan_layout(n, num_partitions, num_means, compression_rate=compression_rate)
+    p = len(sizes)
+    hidden = spec.hidden_size
+
+    emb = embedding_flops(spec)
+    single = emb + device_flops(spec, n, n, holds_first_token=True)
+
+    def per_device(kv_rows):
+        out = []
+        for i, q in enumerate(sizes):
+            f = device_flops(spec, q, kv_rows[i], holds_first_token=(i == 0))
+            out.append((f + emb).total / 1e9 if i == 0 else f.total / 1e9)
+        return out
+
+    v_tokens = voltage_received_tokens(sizes)
+    p_tokens = received_tokens(plan)
+    volt = per_device([q + t for q, t in zip(sizes, v_tokens)])
+    prism = per_device([q + t for q, t in zip(sizes, p_tokens)])
+    causal_tokens = None
+    if spec.causal:
+        causal_tokens = received_tokens(plan_layout(n, num_partitions, list(plan.means), causal=True))
+
+    mean = lambda xs: sum(xs) / len(xs)
+    vt, pt = mean(v_tokens), mean(p_tokens)
+    cr = (vt / pt) if pt > 0 else None
+    v_total, p_total = sum(volt), sum(prism)
+    return CostReport(
+        model=spec.name, kind=spec.kind, seq_len=n, num_partitions=p, hidden_size=hidden,
+        num_layers=spec.num_layers, dtype_bytes=int(dtype_bytes),
+        partition_sizes=list(sizes), means_per_partition=list(plan.means),
+        requested_num_means=(list(num_means) if num_means is not None and not isinstance(num_means, numbers.Integral)
+                             else num_means),
+        requested_compression_rate=None if compression_rate is None else float(compression_rate),
+        single_gflops=single.total / 1e9, embedding_gflops=emb.total / 1e9,
+        voltage_gflops_devices=volt, voltage_gflops_total=v_total,
+        voltage_gflops_per_device=v_total / p, voltage_gflops_max=max(volt),
+        prism_gflops_devices=prism, prism_gflops_total=p_total,
+        prism_gflops_per_device=p_total / p, prism_gflops_max=max(prism),
+        voltage_tokens_devices=v_tokens, prism_tokens_devices=p_tokens,
+        prism_causal_tokens_devices=causal_tokens,
+        voltage_tokens_per_layer=vt, prism_tokens_per_layer=pt,
+        prism_causal_tokens_per_layer=None if causal_tokens is None else mean(causal_tokens),
+        voltage_bytes_devices=[bytes_for(t, hidden, dtype_bytes) for t in v_tokens],
+        prism_bytes_devices=[bytes_for(t, hidden, dtype_bytes) for t in p_tokens],
+        voltage_bytes_per_layer=vt * hidden * dtype_bytes, prism_bytes_per_layer=pt * hidden * dtype_bytes,
+        compression_rate=cr,
+        comm_speedup_pct=100.0 * (1.0 - 1.0 / cr) if cr else 0.0,
+        comp_speedup_pct=100.0 * (1.0 - (p_total / p) / (single.total / 1e9)),
+        voltage_comp_speedup_pct=100.0 * (1.0 - (v_total / p) / (single.total / 1e9)),
+        single_terms_gflops={k: v / 1e9 for k, v in single.terms.items()},
+    )
+
+
+def _fmt_bytes(b: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if b < 1024 or unit == "GiB":
+            return f"{b:.0f} {unit}" if unit == "B" else f"{b:.1f} {unit}"
+        b /= 1024
+
+
+def format_report(r: CostReport) -> str:
+    """Human-readable table of a CostReport."""
+    cr_s = "-" if r.compression_rate is None else f"{r.compression_rate:.2f}"
+    head = (f"{r.model} ({r.kind}), N={r.seq_len}, P={r.num_partitions}, partitions {r.partition_sizes}, "
+            f"means per partition {r.means_per_partition}, {r.num_layers} layers, hidden {r.hidden_size}, "
+            f"{r.dtype_bytes} bytes/element")
+    cols = ["strategy", "GFLOPs total", "GFLOPs /device", "largest device", "tokens recv/layer",
+            "bytes recv/layer", "CR", "comm speed-up", "comp speed-up"]
+    rows = [
+        ["single device", f"{r.single_gflops:.2f}", f"{r.single_gflops:.2f}", f"{r.single_gflops:.2f}",
+         "-", "-", "-", "-", "-"],
+        ["Voltage", f"{r.voltage_gflops_total:.2f}", f"{r.voltage_gflops_per_device:.2f}",
+         f"{r.voltage_gflops_max:.2f}", f"{r.voltage_tokens_per_layer:g}", _fmt_bytes(r.voltage_bytes_per_layer),
+         "1", "-", f"{r.voltage_comp_speedup_pct:.2f}%"],
+        ["Prism", f"{r.prism_gflops_total:.2f}", f"{r.prism_gflops_per_device:.2f}", f"{r.prism_gflops_max:.2f}",
+         f"{r.prism_tokens_per_layer:g}", _fmt_bytes(r.prism_bytes_per_layer), cr_s,
+         f"{r.comm_speedup_pct:.2f}%", f"{r.comp_speedup_pct:.2f}%"],
+    ]
+    widths = [max(len(c), *(len(row[k]) for row in rows)) for k, c in enumerate(cols)]
+    line = lambda cells: "  ".join(c.ljust(w) if k == 0 else c.rjust(w) for k, (c, w) in enumerate(zip(cells, widths)))
+    out = [head, line(cols), line(["-" * w for w in widths])] + [line(row) for row in rows]
+    out.append("per device: Voltage GFLOPs " + ", ".join(f"{x:.2f}" for x in r.voltage_gflops_devices)
+               + "; Prism GFLOPs " + ", ".join(f"{x:.2f}" for x in r.prism_gflops_devices)
+               + f"; tokens received Voltage {r.voltage_tokens_devices}, Prism {r.prism_tokens_devices}")
+    if r.prism_causal_tokens_devices is not None:
+        out.append(f"causal model: a Prism device needs only earlier partitions' means, "
+                   f"{r.prism_causal_tokens_devices} tokens/layer (mean {r.prism_causal_tokens_per_layer:g}); "
+                   f"the figures above count all, as the paper does")
+    out.append(f"FLOPs counted (torch.utils.flop_counter on the HF model, per device): {r.counted_terms}. "
+               f"Not counted: {r.not_counted_terms}.")
+    return "\n".join(out)
