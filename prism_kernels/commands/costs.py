@@ -1,0 +1,133 @@
+"""`prism costs`: FLOPs and communication of single device / Voltage / Prism.
+
+    prism costs --model {vit-b16,bert-base,gpt2,TYPE,CONFIG.json} --seq-len N
+                --partitions P (--means M | --cr CR) [--dtype fp32] [--json]
+    prism costs --paper [--json]     (the paper's settings next to its figures)
+
+M is the number of segment means per partition; CR gives m = ceil(n_i / CR)
+per partition (Eq. 16). FLOPs are counted by running each device's share of the
+model (built from its config on the meta device) under torch.utils.flop_counter.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from prism_kernels.costs.comm import DTYPE_BYTES
+    from prism_kernels.costs.model_configs import PRESETS
+
+    p.add_argument("--model", help=f"preset ({', '.join(PRESETS)}), a transformers model type "
+                                   f"(e.g. llama) or a config.json file/directory")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="sequence length N (presets default to the paper's: vit-b16 197, bert-base 256, gpt2 256)")
+    p.add_argument("--partitions", type=int, default=None, help="number of devices P (1 <= P <= N)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--means", type=int, default=None, help="segment means per partition M (1 <= M <= n_i)")
+    g.add_argument("--cr", type=float, default=None, help="compression rate CR >= 1 (m_i = ceil(n_i / CR))")
+    p.add_argument("--dtype", choices=list(DTYPE_BYTES), default="fp32",
+                   help="element type of the hidden states sent (default fp32)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--paper", action="store_true",
+                   help="the paper's settings (SPEC sec. 9) next to the paper's figures")
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("costs", help="FLOPs and communication: single device vs Voltage vs Prism",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=lambda args: run(args, p))
+    return p
+
+
+def _validate(args, p: argparse.ArgumentParser):
+    """Check the arguments; parser.error (exit 2) names the argument and the rule."""
+    from prism_kernels.costs.model_configs import resolve_model
+    from python_ref.partition import partition_sizes
+
+    if args.model is None:
+        p.error("the following argument is required: --model (or use --paper)")
+    try:
+        spec = resolve_model(args.model)
+    except ValueError as e:
+        p.error(f"argument --model: {e}")
+    n = args.seq_len
+    if spec.kind == "vision":
+        if n is not None and n != spec.default_seq_len:
+            p.error(f"argument --seq-len: {spec.name} has {spec.default_seq_len} tokens "
+                    f"(image/patch size, + CLS), got {n}")
+        n = spec.default_seq_len
+    elif n is None:
+        if spec.default_seq_len is None:
+            p.error(f"argument --seq-len: required for model {spec.name!r}")
+        n = spec.default_seq_len
+    if n < 1:
+        p.error(f"argument --seq-len: must be >= 1, got {n}")
+    limit = getattr(spec.config, "max_position_embeddings", None)
+    if spec.kind != "vision" and isinstance(limit, int) and n > limit:
+        p.error(f"argument --seq-len: must be <= {limit} (max positions of {spec.name}), got {n}")
+    if args.partitions is None:
+        p.error("the following argument is required: --partitions")
+    if args.partitions < 1:
+        p.error(f"argument --partitions: must be >= 1, got {args.partitions}")
+    if args.partitions > n:
+        p.error(f"argument --partitions: must be <= the sequence length N = {n} "
+                f"(every device needs at least one token), got {args.partitions}")
+    if args.means is None and args.cr is None:
+        p.error("one of the arguments --means --cr is required")
+    if args.means is not None:
+        smallest = min(partition_sizes(n, args.partitions))
+        if args.means < 1:
+            p.error(f"argument --means: must be >= 1, got {args.means}")
+        if args.means > smallest:
+            p.error(f"argument --means: must be <= the smallest partition size ({smallest} tokens for "
+                    f"N = {n}, P = {args.partitions}), got {args.means}")
+    if args.cr is not None and (not math.isfinite(args.cr) or args.cr < 1):
+        p.error(f"argument --cr: must be a finite number >= 1, got {args.cr:g}")
+    return spec, n
+
+
+def _paper(args) -> int:
+    from prism_kernels.costs.flops import COUNTED_TERMS
+    from prism_kernels.costs.paper import format_comparison, headline_comparison
+
+    rows = headline_comparison()
+    if args.json:
+        print(json.dumps([{"setting": r.setting, "figure": r.metric, "ours": r.ours, "paper": r.paper,
+                           "diff_pct": r.diff_pct} for r in rows]))
+        return 0
+    print("Paper settings (SPEC sec. 9): ours vs the paper's Tables IV-VI")
+    print(format_comparison(rows))
+    print("GPT-2 CR: the paper lists the requested CR (10); ours is achieved, Voltage PDPLC / Prism PDPLC = "
+          "128/13 with m = ceil(128/10) = 13 (Eq. 16). ViT CR: the paper rounds PDPLC 98.5 to 99.")
+    print(f"FLOPs counted: {COUNTED_TERMS}.")
+    return 0
+
+
+def run(args, p: argparse.ArgumentParser) -> int:
+    if args.paper:
+        given = [f"--{k.replace('_', '-')}" for k in ("model", "seq_len", "partitions", "means", "cr")
+                 if getattr(args, k) is not None]
+        if given:
+            p.error(f"argument --paper: takes no setting arguments (got {' '.join(given)})")
+        return _paper(args)
+    from prism_kernels.costs.comm import DTYPE_BYTES
+    from prism_kernels.costs.report import estimate, format_report
+
+    spec, n = _validate(args, p)
+    try:
+        report = estimate(spec, n, args.partitions, num_means=args.means, compression_rate=args.cr,
+                          dtype_bytes=DTYPE_BYTES[args.dtype])
+    except ValueError as e:           # rules checked in the library (none expected after _validate)
+        p.error(str(e))
+    if args.json:
+        d = report.to_dict()
+        d["dtype"] = args.dtype
+        json.dump(d, sys.stdout)
+        print()
+    else:
+        print(format_report(report))
+    return 0
