@@ -1,0 +1,234 @@
+"""Cost model (prism_kernels.costs): the paper's figures (SPEC sec. 9, Tables IV-VI)
+and the structure of the count (P = 1, CR = 1, exact matmul formulas, bytes)."""
+import json
+import math
+
+import pytest
+
+from prism_kernels.costs import (
+    COUNTED_TERMS, device_flops, embedding_flops, estimate, received_tokens, resolve_model,
+    voltage_received_tokens,
+)
+from prism_kernels.costs.paper import PAPER_ROWS
+from python_ref.layout import plan_layout
+from python_ref.partition import partition_sizes
+
+TOL = 0.015   # the issue's bound: within 1.5% of the paper
+
+
+def close(ours, paper, tol=TOL):
+    return abs(ours - paper) <= tol * abs(paper)
+
+
+# ---- SPEC section 9: the headline figures, as quoted there ---------------------------
+
+HEADLINE = [
+    # (model, N, P, means, cr, attribute, paper value)
+    ("vit-b16", 197, 2, 10, None, "single_gflops", 35.15),
+    ("vit-b16", 197, 2, 10, None, "voltage_gflops_per_device", 20.37),
+    ("vit-b16", 197, 3, 10, None, "voltage_gflops_per_device", 15.44),
+    ("vit-b16", 197, 2, 10, None, "prism_gflops_per_device", 17.54),
+    ("vit-b16", 197, 2, 10, None, "compression_rate", 9.90),
+    ("vit-b16", 197, 2, 10, None, "comm_speedup_pct", 89.90),
+    ("bert-base", 256, 2, 1, None, "single_gflops", 45.93),
+    ("bert-base", 256, 2, 1, None, "voltage_gflops_per_device", 26.59),
+    ("bert-base", 256, 2, 1, None, "prism_gflops_per_device", 22.40),
+    ("bert-base", 256, 2, 1, None, "compression_rate", 128.0),
+    ("bert-base", 256, 2, 1, None, "comm_speedup_pct", 99.22),
+    ("gpt2", 256, 2, None, 10, "single_gflops", 65.71),
+    ("gpt2", 256, 2, None, 10, "voltage_gflops_per_device", 36.49),
+    ("gpt2", 256, 3, None, 10, "voltage_gflops_per_device", 26.74),
+    ("gpt2", 256, 2, None, 10, "prism_gflops_per_device", 32.64),
+]
+
+
+@pytest.mark.parametrize("model,n,p,m,cr,attr,paper", HEADLINE)
+def test_headline_figures(model, n, p, m, cr, attr, paper):
+    r = estimate(model, n, p, num_means=m, compression_rate=cr)
+    assert close(getattr(r, attr), paper), (attr, getattr(r, attr), paper)
+
+
+# ---- every row of Tables IV-VI -------------------------------------------------------
+
+def _row_id(r):
+    setting = f"m{r.num_means}" if r.num_means is not None else (f"cr{r.cr:g}" if r.cr else "")
+    return f"{r.table}-{r.model}-{r.strategy}-P{r.num_partitions}-{setting}"
+
+
+def _estimate_row(r):
+    if r.strategy != "prism":
+        return estimate(r.model, r.seq_len, r.num_partitions, num_means=1)
+    if r.num_means is not None:
+        return estimate(r.model, r.seq_len, r.num_partitions, num_means=r.num_means)
+    return estimate(r.model, r.seq_len, r.num_partitions, compression_rate=r.cr)
+
+
+@pytest.mark.parametrize("row", PAPER_ROWS, ids=_row_id)
+def test_paper_table_row(row):
+    r = _estimate_row(row)
+    if row.strategy == "single":
+        figures = {"total": (r.single_gflops, row.gflops_total)}
+    elif row.strategy == "voltage":
+        figures = {"total": (r.voltage_gflops_total, row.gflops_total),
+                   "per device": (r.voltage_gflops_per_device, row.gflops_per_device),
+                   "comp speed-up": (r.voltage_comp_speedup_pct, row.comp_speedup_pct)}
+        if row.pdplc is not None:     # the paper rounds the mean (98.5 -> 99, 131.3 -> 131)
+            figures["PDPLC"] = (r.voltage_tokens_per_layer, row.pdplc)
+    else:
+        figures = {"total": (r.prism_gflops_total, row.gflops_total),
+                   "per device": (r.prism_gflops_per_device, row.gflops_per_device),
+                   "comp speed-up": (r.comp_speedup_pct, row.comp_speedup_pct),
+                   "comm speed-up": (r.comm_speedup_pct, row.comm_speedup_pct)}
+        if row.pdplc is not None:
+            figures["PDPLC"] = (r.prism_tokens_per_layer, row.pdplc)
+            figures["CR"] = (r.compression_rate, row.cr)
+    for name, (ours, paper) in figures.items():
+        assert close(ours, paper), (name, ours, paper)
+
+
+@pytest.mark.parametrize("p", [2, 3])
+def test_gpt2_rows_fit_floor_means(p):
+    """Finding: the paper's GPT-2 GFLOPs fit m_i = floor(n_i / CR) to 0.06%, while SPEC's
+    Eq. 16 (ceil, our default) is off by up to 0.3%. Both are within the 1.5% bound."""
+    sizes = partition_sizes(256, p)
+    for row in (x for x in PAPER_ROWS if x.model == "gpt2" and x.strategy == "prism" and x.num_partitions == p):
+        floor_means = [max(1, math.floor(n / row.cr)) for n in sizes]
+        r = estimate("gpt2", 256, p, num_means=floor_means)
+        assert close(r.prism_gflops_total, row.gflops_total, 0.0006), (row.cr, r.prism_gflops_total)
+
+
+# ---- structure of the count ----------------------------------------------------------
+
+D, L, V = 768, 12, 50257
+
+
+def gpt2_matmul_flops(q, k):
+    """Independent formula (SPEC sec. 9): Q,O 2qD^2 each; K,V 4kD^2; attention 4qkD;
+    FFN 16qD^2; LM head 2qDV."""
+    return L * (2 * q * D * D + 4 * k * D * D + 2 * q * D * D + 4 * q * k * D + 16 * q * D * D) + 2 * q * D * V
+
+
+@pytest.mark.parametrize("q,k", [(256, 256), (128, 256), (128, 141), (85, 103)])
+def test_gpt2_device_flops_equal_matmul_formula(q, k):
+    f = device_flops("gpt2", q, k)
+    assert f.total == gpt2_matmul_flops(q, k)
+    assert f.terms["attention_core"] == L * 4 * q * k * D
+    assert f.terms["head"] == 2 * q * D * V
+
+
+def test_vit_embedding_is_patch_convolution_once():
+    # 196 patches, each a 768 x (3*16*16) product
+    assert embedding_flops("vit-b16").total == 2 * 196 * 768 * 768
+    assert embedding_flops("bert-base").total == 0        # token lookups are not FLOPs
+    r = estimate("vit-b16", 197, 2, num_means=10)
+    assert r.embedding_gflops == pytest.approx(2 * 196 * 768 * 768 / 1e9)
+    # the master (device 0) carries it; the total counts it once
+    assert r.voltage_gflops_total == pytest.approx(sum(r.voltage_gflops_devices))
+
+
+def test_classification_head_only_on_first_device():
+    a = device_flops("bert-base", 128, 256, holds_first_token=True)
+    b = device_flops("bert-base", 128, 256, holds_first_token=False)
+    assert a.total - b.total == 2 * 768 * 768 + 2 * 768 * 2      # pooler + 2-label classifier
+    # an LM head runs on every device's rows regardless
+    assert device_flops("gpt2", 128, 256, holds_first_token=False).terms["head"] == 2 * 128 * D * V
+
+
+def test_one_block_times_layers_equals_full_run():
+    for model, q, k in (("gpt2", 100, 180), ("vit-b16", 66, 86)):
+        assert device_flops(model, q, k) == device_flops(model, q, k, full_run=True)
+
+
+def test_grouped_query_config_and_full_run(tmp_path):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "intermediate_size": 160,
+                               "num_hidden_layers": 3, "num_attention_heads": 8, "num_key_value_heads": 2,
+                               "vocab_size": 1000, "max_position_embeddings": 512}))
+    q, k = 20, 35
+    f = device_flops(str(cfg), q, k)
+    assert f == device_flops(str(tmp_path), q, k, full_run=True)     # directory form too
+    kv = 2 * 8                                                        # 2 KV heads of dim 8
+    per_layer = 2 * q * 64 * 64 + 2 * k * 64 * kv * 2 + 4 * q * k * 64 + 2 * q * 64 * 64 + 3 * 2 * q * 64 * 160
+    assert f.total == 3 * per_layer + 2 * q * 64 * 1000
+    r = estimate(str(cfg), 60, 3, compression_rate=4)
+    assert r.kind == "causal" and r.num_layers == 3 and r.means_per_partition == [5, 5, 5]
+    assert r.prism_causal_tokens_devices == [0, 5, 10]
+
+
+def test_p1_is_single_device():
+    r = estimate("bert-base", 256, 1, num_means=1)
+    assert r.voltage_gflops_per_device == pytest.approx(r.single_gflops)
+    assert r.prism_gflops_per_device == pytest.approx(r.single_gflops)
+    assert r.voltage_tokens_devices == [0] and r.prism_tokens_devices == [0]
+    assert r.compression_rate is None and r.comp_speedup_pct == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("model,n,p", [("gpt2", 256, 3), ("vit-b16", 197, 2), ("bert-base", 100, 7)])
+def test_cr1_prism_equals_voltage(model, n, p):
+    r = estimate(model, n, p, compression_rate=1)
+    assert r.means_per_partition == partition_sizes(n, p)
+    assert r.prism_gflops_devices == r.voltage_gflops_devices
+    assert r.prism_tokens_devices == r.voltage_tokens_devices
+    assert r.compression_rate == 1.0 and r.comm_speedup_pct == 0.0
+
+
+def test_tokens_and_bytes():
+    r = estimate("vit-b16", 197, 3, num_means=[10, 20, 30], dtype_bytes=2)
+    assert r.partition_sizes == [66, 66, 65]
+    assert r.voltage_tokens_devices == [131, 131, 132]
+    assert r.prism_tokens_devices == [50, 40, 30]
+    assert r.prism_bytes_devices == [t * 768 * 2 for t in (50, 40, 30)]
+    assert r.voltage_bytes_per_layer == pytest.approx(sum(r.voltage_tokens_devices) / 3 * 768 * 2)
+    assert r.prism_causal_tokens_devices is None      # encoder: no causal saving
+    assert r.compression_rate == pytest.approx((394 / 3) / 40)
+    assert r.voltage_gflops_max == max(r.voltage_gflops_devices)
+
+
+def test_received_tokens_helpers():
+    plan = plan_layout(10, 3, [2, 1, 3])
+    assert received_tokens(plan) == [4, 5, 3]
+    assert received_tokens(plan_layout(10, 3, [2, 1, 3], causal=True)) == [0, 2, 3]
+    assert voltage_received_tokens([4, 3, 3]) == [6, 7, 7]
+
+
+def test_report_dict_is_json_with_required_keys():
+    d = estimate("gpt2", 64, 2, num_means=4).to_dict()
+    for key in ("single_gflops", "voltage_gflops_per_device", "prism_gflops_per_device",
+                "voltage_tokens_per_layer", "prism_tokens_per_layer", "compression_rate",
+                "comm_speedup_pct", "comp_speedup_pct"):
+        assert key in d
+    assert json.loads(json.dumps(d)) == d
+    assert d["counted_terms"] == COUNTED_TERMS
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(model="gpt2", seq_len=4, num_partitions=5, num_means=1), "num_partitions must be <= n_tokens"),
+    (dict(model="gpt2", seq_len=16, num_partitions=2, num_means=9), "num_segments must be <="),
+    (dict(model="gpt2", seq_len=16, num_partitions=2, num_means=0), "num_segments must be >= 1"),
+    (dict(model="gpt2", seq_len=16, num_partitions=2, compression_rate=0.5), "compression_rate"),
+    (dict(model="gpt2", seq_len=16, num_partitions=2), "exactly one of num_means"),
+    (dict(model="gpt2", seq_len=16, num_partitions=2, num_means=1, compression_rate=2), "exactly one"),
+    (dict(model="vit-b16", seq_len=100, num_partitions=2, num_means=1), "must be 197"),
+    (dict(model="gpt2", seq_len=2000, num_partitions=2, num_means=1), "<= 1024"),
+    (dict(model="no-such-model", seq_len=16, num_partitions=2, num_means=1), "unknown model"),
+    (dict(model="llama", num_partitions=2, num_means=1), "seq_len is required"),
+])
+def test_estimate_rejects_bad_input(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        estimate(**kwargs)
+
+
+def test_resolve_model_forms(tmp_path):
+    assert resolve_model("gpt2").kind == "causal"
+    assert resolve_model("bert-base").kind == "encoder"
+    assert resolve_model("vit-b16").default_seq_len == 197
+    assert resolve_model("llama").kind == "causal"          # AutoConfig.for_model
+    assert resolve_model("bert").kind == "encoder"
+    with pytest.raises(ValueError, match="does not exist"):
+        resolve_model(str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match="no config.json"):
+        resolve_model(str(tmp_path))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"hidden_size": 8}))
+    with pytest.raises(ValueError, match="model_type"):
+        resolve_model(str(bad))
