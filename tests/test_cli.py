@@ -1,0 +1,154 @@
+"""The `prism` command line tool and `prism costs`."""
+import importlib
+import json
+import subprocess
+import sys
+
+import pytest
+
+from prism_kernels import __version__, cli
+from prism_kernels.costs import estimate
+
+
+def run_cli(capsys, *argv):
+    rc = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_no_arguments_prints_help_exit_2(capsys):
+    rc, out, err = run_cli(capsys)
+    assert rc == 2
+    assert "usage: prism" in err and "costs" in err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0
+    assert __version__ in capsys.readouterr().out
+
+
+def test_console_entry_point_no_args():
+    p = subprocess.run([sys.executable, "-m", "prism_kernels.cli"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "usage: prism" in p.stderr
+
+
+def test_commands_list_and_missing_modules_skipped(monkeypatch):
+    assert cli.COMMANDS == ["costs", "demo", "run", "eval"]
+    monkeypatch.setattr(cli, "COMMANDS", ["costs", "zz_not_written_yet"])
+    parser = cli.build_parser()
+    args = parser.parse_args(["costs", "--model", "gpt2", "--partitions", "2", "--means", "1"])
+    assert args.command == "costs"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["zz_not_written_yet"])
+
+
+def test_broken_command_module_is_not_hidden(monkeypatch):
+    real_import = importlib.import_module
+
+    def fake_import(name, *a, **k):
+        if name == "prism_kernels.commands.zz_broken":
+            raise ImportError("zz_broken needs a missing dependency")
+        return real_import(name, *a, **k)
+
+    real_find = importlib.util.find_spec
+    monkeypatch.setattr(cli, "COMMANDS", ["costs", "zz_broken"])
+    monkeypatch.setattr(cli.importlib.util, "find_spec",
+                        lambda name, *a: object() if name.endswith("zz_broken") else real_find(name, *a))
+    monkeypatch.setattr(cli.importlib, "import_module", fake_import)
+    with pytest.raises(ImportError, match="missing dependency"):
+        cli.build_parser()
+
+
+def test_costs_json_matches_api(capsys):
+    rc, out, err = run_cli(capsys, "costs", "--model", "gpt2", "--seq-len", "256", "--partitions", "2",
+                           "--cr", "10", "--json")
+    assert rc == 0
+    d = json.loads(out)
+    r = estimate("gpt2", 256, 2, compression_rate=10)
+    for key in ("single_gflops", "voltage_gflops_per_device", "prism_gflops_per_device",
+                "voltage_tokens_per_layer", "prism_tokens_per_layer", "compression_rate",
+                "comm_speedup_pct", "comp_speedup_pct"):
+        assert d[key] == pytest.approx(getattr(r, key))
+    assert d["prism_gflops_per_device"] == pytest.approx(32.64, rel=0.015)     # paper, Table VI
+    assert d["dtype"] == "fp32" and d["prism_bytes_devices"] == [13 * 768 * 4] * 2
+
+
+def test_costs_dtype_changes_bytes(capsys):
+    rc, out, _ = run_cli(capsys, "costs", "--model", "bert-base", "--partitions", "2", "--means", "1",
+                         "--dtype", "fp16", "--json")
+    d = json.loads(out)
+    assert d["prism_bytes_devices"] == [768 * 2, 768 * 2]
+    assert d["voltage_bytes_devices"] == [128 * 768 * 2] * 2
+
+
+def test_costs_human_table(capsys):
+    rc, out, _ = run_cli(capsys, "costs", "--model", "vit-b16", "--partitions", "2", "--means", "10")
+    assert rc == 0
+    lines = out.splitlines()
+    for label in ("single device", "Voltage", "Prism"):
+        assert any(l.startswith(label) for l in lines), label
+    prism = next(l for l in lines if l.startswith("Prism")).split()
+    assert "17.53" in prism and "9.85" in prism            # paper: 17.54 /device, CR 9.90 (rounded PDPLC)
+    assert "FLOPs counted" in out and "attention core" in out
+
+
+def test_costs_causal_mentions_saving(capsys):
+    rc, out, _ = run_cli(capsys, "costs", "--model", "gpt2", "--seq-len", "30", "--partitions", "3",
+                         "--means", "2")
+    assert "earlier partitions" in out and "[0, 2, 4]" in out
+
+
+def test_costs_config_file_and_model_type(tmp_path, capsys):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 4,
+                               "vocab_size": 100, "n_positions": 128}))
+    rc, out, _ = run_cli(capsys, "costs", "--model", str(cfg), "--seq-len", "40", "--partitions", "2",
+                         "--means", "4", "--json")
+    d = json.loads(out)
+    assert rc == 0 and d["num_layers"] == 2 and d["hidden_size"] == 64 and d["kind"] == "causal"
+
+
+def test_costs_paper(capsys):
+    rc, out, _ = run_cli(capsys, "costs", "--paper", "--json")
+    rows = json.loads(out)
+    figures = {(r["setting"], r["figure"]): r for r in rows}
+    assert figures[("vit-b16 N=197", "single GFLOPs")]["paper"] == 35.15
+    assert figures[("gpt2 N=256", "Voltage P=3 GFLOPs/device")]["paper"] == 26.74
+    for r in rows:
+        if "GFLOPs" in r["figure"] or "speed-up" in r["figure"]:
+            assert abs(r["diff_pct"]) <= 1.5, r
+    rc, out, _ = run_cli(capsys, "costs", "--paper")
+    assert rc == 0 and "35.15" in out and "22.40" in out and "32.64" in out
+
+
+BAD = [
+    (["--model", "gpt2", "--seq-len", "4", "--partitions", "5", "--means", "1"], "--partitions", "<= the sequence length"),
+    (["--model", "gpt2", "--partitions", "0", "--means", "1"], "--partitions", ">= 1"),
+    (["--model", "gpt2", "--partitions", "2", "--means", "0"], "--means", ">= 1"),
+    (["--model", "gpt2", "--seq-len", "16", "--partitions", "3", "--means", "6"], "--means",
+     "smallest partition size (5 tokens"),
+    (["--model", "gpt2", "--partitions", "2", "--cr", "0.5"], "--cr", ">= 1"),
+    (["--model", "gpt2", "--partitions", "2", "--cr", "nan"], "--cr", ">= 1"),
+    (["--model", "nope", "--partitions", "2", "--means", "1"], "--model", "unknown model 'nope'"),
+    (["--model", "gpt2", "--partitions", "2"], "--means --cr", "required"),
+    (["--model", "gpt2", "--partitions", "2", "--means", "1", "--cr", "2"], "--cr", "not allowed"),
+    (["--partitions", "2", "--means", "1"], "--model", "required"),
+    (["--model", "gpt2", "--means", "1"], "--partitions", "required"),
+    (["--model", "vit-b16", "--seq-len", "100", "--partitions", "2", "--means", "1"], "--seq-len", "197"),
+    (["--model", "gpt2", "--seq-len", "0", "--partitions", "1", "--means", "1"], "--seq-len", ">= 1"),
+    (["--model", "gpt2", "--seq-len", "5000", "--partitions", "2", "--means", "1"], "--seq-len", "<= 1024"),
+    (["--model", "llama", "--partitions", "2", "--means", "1"], "--seq-len", "required"),
+    (["--paper", "--model", "gpt2"], "--paper", "no setting arguments"),
+    (["--model", "gpt2", "--partitions", "2", "--means", "x"], "--means", "invalid int"),
+]
+
+
+@pytest.mark.parametrize("argv,arg,rule", BAD, ids=[" ".join(b[0]) for b in BAD])
+def test_costs_bad_input_exit_2(capsys, argv, arg, rule):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["costs", *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert arg in err and rule in err, err
