@@ -9,15 +9,18 @@ log(c) * log2(e), so the inner loop uses exp2 only. Accumulation is fp32 whateve
 the input dtype; the output is normalised once at the end.
 
 Causal masking follows global positions, which are NOT sorted (a device's keys are
-its own rows followed by means of earlier partitions). Each key block therefore
-loads its positions and
-  * is skipped entirely when min(k_pos) > max(q_pos of the query block)
-    (no dot products, no exp);
-  * runs without the 2-D mask when max(k_pos) <= min(q_pos) (fully visible);
-  * applies the elementwise mask only when it straddles the query block.
+its own rows followed by means of earlier partitions). Attention does not depend on
+the order of the key/value rows (Eq. 5), so the wrapper sorts the key *indices* by
+position (a tiny int32 [Nk] permutation; K and V are not copied, the kernel reads
+them through it) and counts, per query, how many sorted keys it sees (nvis). A query
+block then has three ranges of key blocks, with no branch inside any loop:
+  * [0, min nvis): visible to every row of the block -> no mask at all;
+  * [min nvis, max nvis): the elementwise mask column < nvis[row];
+  * [max nvis, Nk): visible to no row of the block -> never loaded, no dot, no exp.
 A query row that sees no key keeps m = -inf and l = 0: its output is written as
 exact zeros and its lse as -inf (no NaN ever reaches the output).
 
+Non-causal: full key blocks run unmasked, the partial last block masked.
 Grouped-query heads: query head h reads kv head h // (H // Hkv); no K/V copy.
 All tensors are addressed through their strides (HF passes transposed views).
 """
@@ -73,24 +76,85 @@ def _prune_configs(configs, named_args, **kwargs):
 
 
 @triton.jit
+def _attn_inner(acc, l_i, m_i, q, k_base, v_base, lc_base, kidx_base, nvis,
+                lo, hi, stride_kn, stride_vn, stride_lcn, qk_scale, offs_n0, d_valid,
+                HAS_COUNTS: tl.constexpr, PERMUTED: tl.constexpr, MASKED: tl.constexpr,
+                CAUSAL_MASK: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """Online-softmax update over key blocks [lo, hi), in exp2 units.
+
+    MASKED: columns >= hi are out (partial last block); CAUSAL_MASK: key column n is
+    visible to query row r iff n < nvis[r] (keys sorted by position). Masked columns
+    are never loaded, so keys no query of the block sees are never read.
+    """
+    LOG2E: tl.constexpr = 1.4426950408889634
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        col_ok = offs_n < hi
+        if PERMUTED:  # sorted-by-position key order -> row of K / V
+            if MASKED:
+                rows = tl.load(kidx_base + offs_n, mask=col_ok, other=0).to(tl.int64)
+            else:
+                rows = tl.load(kidx_base + offs_n).to(tl.int64)
+        else:
+            rows = offs_n.to(tl.int64)
+        k_ptrs = k_base + rows[:, None] * stride_kn
+        v_ptrs = v_base + rows[:, None] * stride_vn
+        if MASKED:
+            k = tl.load(k_ptrs, mask=col_ok[:, None] & d_valid[None, :], other=0.0)
+        elif EVEN_D:
+            k = tl.load(k_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=d_valid[None, :], other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        if HAS_COUNTS:  # + log(c) * log2(e)   (counts already in sorted order)
+            if MASKED:
+                bias = tl.load(lc_base + offs_n * stride_lcn, mask=col_ok, other=float("-inf"))
+            else:
+                bias = tl.load(lc_base + offs_n * stride_lcn)
+            qk = qk * qk_scale + (bias * LOG2E)[None, :]
+        else:
+            qk = qk * qk_scale
+        if CAUSAL_MASK:
+            qk = tl.where(offs_n[None, :] < nvis[:, None], qk, float("-inf"))
+        elif MASKED:
+            if not HAS_COUNTS:
+                qk = tl.where(col_ok[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        # a row with nothing visible so far keeps m = -inf: shift by 0 instead (no NaN)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_safe)
+        p = tl.math.exp2(qk - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if MASKED:
+            v = tl.load(v_ptrs, mask=col_ok[:, None] & d_valid[None, :], other=0.0)
+        elif EVEN_D:
+            v = tl.load(v_ptrs)
+        else:
+            v = tl.load(v_ptrs, mask=d_valid[None, :], other=0.0)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, LC, QP, KP, Out, Lse,
+    Q, K, V, LC, KIDX, NVIS, Out, Lse,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_lcb, stride_lcn,
-    stride_qpb, stride_qpm,
-    stride_kpb, stride_kpn,
+    stride_ib,
+    stride_nvb, stride_nvm,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_lb, stride_lh, stride_lm,
     H, GROUP, Nq, Nk, D_HEAD, qk_scale,
     NQ_KEY, NK_KEY,  # autotune key buckets only
     HAS_COUNTS: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
+    EVEN_D: tl.constexpr,
 ):
-    LOG2E: tl.constexpr = 1.4426950408889634
-    LN2: tl.constexpr = 0.6931471805599453
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
     off_b = (off_bh // H).to(tl.int64)
@@ -105,83 +169,42 @@ def _attn_fwd_kernel(
 
     q_ptrs = (Q + off_b * stride_qb + off_h * stride_qh
               + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd)
+    q = tl.load(q_ptrs, mask=m_valid[:, None] & d_valid[None, :], other=0.0)
     k_base = K + off_b * stride_kb + off_hkv * stride_kh + offs_d[None, :] * stride_kd
     v_base = V + off_b * stride_vb + off_hkv * stride_vh + offs_d[None, :] * stride_vd
-
-    if EVEN_M and EVEN_D:
-        q = tl.load(q_ptrs)
-    else:
-        q = tl.load(q_ptrs, mask=m_valid[:, None] & d_valid[None, :], other=0.0)
-
-    if CAUSAL:
-        qp_ptrs = QP + off_b * stride_qpb + offs_m * stride_qpm
-        if EVEN_M:
-            qpos = tl.load(qp_ptrs)
-            q_max = tl.max(qpos, axis=0)
-            q_min = tl.min(qpos, axis=0)
-        else:
-            qpos = tl.load(qp_ptrs, mask=m_valid, other=0)
-            q_max = tl.max(tl.where(m_valid, qpos, -9223372036854775807), axis=0)
-            q_min = tl.min(tl.where(m_valid, qpos, 9223372036854775807), axis=0)
+    lc_base = LC + off_b * stride_lcb
+    kidx_base = KIDX + off_b * stride_ib
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    for start_n in range(0, Nk, BLOCK_N):
-        offs_n = start_n + offs_n0
-        n_valid = offs_n < Nk
-        run = True
-        partial = False
-        if CAUSAL:
-            kp_ptrs = KP + off_b * stride_kpb + offs_n * stride_kpn
-            if EVEN_N:
-                kpos = tl.load(kp_ptrs)
-                k_min = tl.min(kpos, axis=0)
-                k_max = tl.max(kpos, axis=0)
-            else:
-                kpos = tl.load(kp_ptrs, mask=n_valid, other=9223372036854775807)
-                k_min = tl.min(kpos, axis=0)
-                k_max = tl.max(tl.where(n_valid, kpos, -9223372036854775807), axis=0)
-            run = k_min <= q_max      # some key of the block is visible to some query
-            partial = k_max > q_min   # some (query, key) pair of the block is masked
-        if run:
-            k_ptrs = k_base + offs_n[:, None] * stride_kn
-            v_ptrs = v_base + offs_n[:, None] * stride_vn
-            if EVEN_N and EVEN_D:
-                k = tl.load(k_ptrs)
-            else:
-                k = tl.load(k_ptrs, mask=n_valid[:, None] & d_valid[None, :], other=0.0)
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-            # bias in log2 units: log(c) * log2(e); -inf on keys past Nk
-            if HAS_COUNTS:
-                lc_ptrs = LC + off_b * stride_lcb + offs_n * stride_lcn
-                if EVEN_N:
-                    bias = tl.load(lc_ptrs) * LOG2E
-                else:
-                    bias = tl.load(lc_ptrs, mask=n_valid, other=float("-inf")) * LOG2E
-                qk = qk * qk_scale + bias[None, :]
-            else:
-                qk = qk * qk_scale
-                if not EVEN_N:
-                    qk = tl.where(n_valid[None, :], qk, float("-inf"))
-            if CAUSAL:
-                if partial:
-                    qk = tl.where(kpos[None, :] <= qpos[:, None], qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-            # rows with nothing visible so far keep m = -inf: shift by 0 instead (no NaN)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.math.exp2(m_i - m_safe)
-            p = tl.math.exp2(qk - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            if EVEN_N and EVEN_D:
-                v = tl.load(v_ptrs)
-            else:
-                v = tl.load(v_ptrs, mask=n_valid[:, None] & d_valid[None, :], other=0.0)
-            acc = acc * alpha[:, None]
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
-            m_i = m_new
+    if CAUSAL:
+        # keys are visited in position order; query row r sees the first nvis[r] of them
+        nvis = tl.load(NVIS + off_b * stride_nvb + offs_m * stride_nvm, mask=m_valid, other=0)
+        hi = tl.max(nvis, axis=0)                                   # beyond: no row sees it
+        lo = tl.min(tl.where(m_valid, nvis, Nk), axis=0)            # below: every row sees it
+        full_end = (lo // BLOCK_N) * BLOCK_N
+        acc, l_i, m_i = _attn_inner(
+            acc, l_i, m_i, q, k_base, v_base, lc_base, kidx_base, nvis, 0, full_end,
+            stride_kn, stride_vn, stride_lcn, qk_scale, offs_n0, d_valid,
+            HAS_COUNTS, True, False, False, EVEN_D, DOT_PREC, BLOCK_N)
+        acc, l_i, m_i = _attn_inner(
+            acc, l_i, m_i, q, k_base, v_base, lc_base, kidx_base, nvis, full_end, hi,
+            stride_kn, stride_vn, stride_lcn, qk_scale, offs_n0, d_valid,
+            HAS_COUNTS, True, True, True, EVEN_D, DOT_PREC, BLOCK_N)
+    else:
+        n_full = (Nk // BLOCK_N) * BLOCK_N
+        acc, l_i, m_i = _attn_inner(
+            acc, l_i, m_i, q, k_base, v_base, lc_base, kidx_base, l_i, 0, n_full,
+            stride_kn, stride_vn, stride_lcn, qk_scale, offs_n0, d_valid,
+            HAS_COUNTS, False, False, False, EVEN_D, DOT_PREC, BLOCK_N)
+        acc, l_i, m_i = _attn_inner(
+            acc, l_i, m_i, q, k_base, v_base, lc_base, kidx_base, l_i, n_full, Nk,
+            stride_kn, stride_vn, stride_lcn, qk_scale, offs_n0, d_valid,
+            HAS_COUNTS, False, True, False, EVEN_D, DOT_PREC, BLOCK_N)
 
+    LN2: tl.constexpr = 0.6931471805599453
     has_key = l_i > 0.0
     l_div = tl.where(has_key, l_i, 1.0)
     out = acc / l_div[:, None]
@@ -189,32 +212,45 @@ def _attn_fwd_kernel(
 
     o_ptrs = (Out + off_b * stride_ob + off_h * stride_oh
               + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od)
-    l_ptrs = Lse + off_b * stride_lb + off_h * stride_lh + offs_m * stride_lm
-    if EVEN_M and EVEN_D:
-        tl.store(o_ptrs, out.to(Out.dtype.element_ty))
-    else:
-        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
-    if EVEN_M:
-        tl.store(l_ptrs, lse)
-    else:
-        tl.store(l_ptrs, lse, mask=m_valid)
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
+    tl.store(Lse + off_b * stride_lb + off_h * stride_lh + offs_m * stride_lm, lse, mask=m_valid)
 
-
-_heuristics = triton.heuristics({
-    "EVEN_M": lambda a: a["Nq"] % a["BLOCK_M"] == 0,
-    "EVEN_N": lambda a: a["Nk"] % a["BLOCK_N"] == 0,
-})
 
 if INTERPRET:
-    _attn_fwd = _heuristics(_attn_fwd_kernel)
+    _attn_fwd = _attn_fwd_kernel
 else:
     _attn_fwd = triton.autotune(
         configs=_hopper_configs(),
         key=["NQ_KEY", "NK_KEY", "BLOCK_D", "CAUSAL", "HAS_COUNTS", "DOT_PREC"],
         prune_configs_by={"early_config_prune": _prune_configs},
-    )(_heuristics(_attn_fwd_kernel))
+    )(_attn_fwd_kernel)
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _causal_order(q_pos, k_pos, log_counts):
+    """Visit keys in position order (attention is invariant to permuting key/value
+    rows together, Eq. 5), so that each query row sees a prefix of them.
+
+    Returns kidx int32 [B or 1, Nk] (the K/V row of each sorted key; read by the kernel
+    as an indirection, K/V are never copied), nvis int32 [B, Nq] (how many sorted
+    keys each query sees: #{j : k_pos[j] <= q_pos[i]}) and log_counts in sorted order.
+    Stride-0 batch expansions (the usual case) are sorted once, not B times.
+    """
+    B, Nk = k_pos.shape
+    shared = k_pos.stride(0) == 0 or B == 1
+    kp = k_pos[:1] if shared else k_pos
+    sorted_kp, order = torch.sort(kp, dim=1, stable=True)
+    if shared:
+        nvis = torch.searchsorted(sorted_kp[0], q_pos.contiguous(), right=True)
+    else:
+        nvis = torch.searchsorted(sorted_kp.contiguous(), q_pos.contiguous(), right=True)
+    if log_counts is not None:
+        if shared and log_counts.stride(0) == 0:
+            log_counts = log_counts[:1].gather(1, order).expand(B, Nk)
+        else:
+            log_counts = log_counts.gather(1, order.expand(B, Nk))
+    return order.to(torch.int32).contiguous(), nvis.to(torch.int32), log_counts
 
 
 def attention_triton(q, k, v, log_counts=None, q_pos=None, k_pos=None, scale=None):
@@ -267,24 +303,25 @@ def attention_triton(q, k, v, log_counts=None, q_pos=None, k_pos=None, scale=Non
             qp = qp.unsqueeze(0).expand(B, Nq)
         if kp.dim() == 1:
             kp = kp.unsqueeze(0).expand(B, Nk)
-        if qp.dtype != torch.int64:
-            qp = qp.to(torch.int64)
-        if kp.dtype != torch.int64:
-            kp = kp.to(torch.int64)
         if tuple(qp.shape) != (B, Nq) or tuple(kp.shape) != (B, Nk):
             raise ValueError(f"q_pos must be [B, Nq] and k_pos [B, Nk], got "
                              f"{tuple(qp.shape)} and {tuple(kp.shape)}")
-        qp_strides, kp_strides = (qp.stride(0), qp.stride(1)), (kp.stride(0), kp.stride(1))
+        kidx, nvis, lc_sorted = _causal_order(qp, kp, lc if has_counts else None)
+        if has_counts:
+            lc = lc_sorted
+            lc_strides = (lc.stride(0), lc.stride(1))
+        kidx_stride = kidx.stride(0) if kidx.shape[0] > 1 else 0
+        nvis_strides = (nvis.stride(0), nvis.stride(1))
     else:
-        qp, kp = lse, lse  # dummies, never read
-        qp_strides, kp_strides = (0, 0), (0, 0)
+        kidx, nvis = lse, lse  # dummies, never read
+        kidx_stride, nvis_strides = 0, (0, 0)
 
     block_d = max(16, triton.next_power_of_2(d))
     dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
     args = (
-        q, k, v, lc, qp, kp, out, lse,
+        q, k, v, lc, kidx, nvis, out, lse,
         *q.stride(), *k.stride(), *v.stride(),
-        *lc_strides, *qp_strides, *kp_strides,
+        *lc_strides, kidx_stride, *nvis_strides,
         *out.stride(), *lse.stride(),
         H, H // Hkv, Nq, Nk, d, float(scale) * _LOG2E,
         _bucket(Nq), _bucket(Nk),
