@@ -1,0 +1,10 @@
+"""Prism on several processes / machines with torch.distributed (see docs/distributed.md).
+
+Modules: launch (the `prism run` entry point), comm (point-to-point exchanges with
+deadlines and byte counting), handshake (config check before compute), runtime
+(per-rank block loop), model_adapters (HF families block by block), overlap
+(the attention function; local keys while the means are in flight, LSE merge).
+"""
+from .runtime import MODES, RunConfig, Runtime, expected_recv_bytes, floats_per_row, wire_format
+
+__all__ = ["MODES", "RunConfig", "Runtime", "expected_recv_bytes", "floats_per_row", "wire_format"]

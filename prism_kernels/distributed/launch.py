@@ -1,0 +1,237 @@
+"""`prism run`: the torchrun-launched entry point.
+
+    torchrun --standalone --nproc-per-node 2 -m prism_kernels.distributed --family vit --size tiny --mode prism --cr 10
+    prism run --nproc 2 --family vit --size tiny --mode prism --cr 10      # spawns torchrun itself
+
+Without torchrun, the usual variables work too (RANK, WORLD_SIZE, MASTER_ADDR,
+MASTER_PORT), which is how the tests and the network-namespace benchmark start
+one process per rank.
+
+Exit status: 0 on success; 2 refused before compute (bad configuration, P > N,
+ranks that disagree, wrong world size); 3 a peer died or stalled (the message
+names it); 1 any other error.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from datetime import timedelta
+
+
+def add_arguments(p: argparse.ArgumentParser):
+    p.add_argument("--family", default="bert", choices=("bert", "vit", "dinov2", "gpt2", "llama"),
+                   help="model family (random weights from a config of --size)")
+    p.add_argument("--size", default="tiny", choices=("tiny", "small", "base"),
+                   help="random config: tiny (tests), small, base (ViT-B/16, BERT-base, GPT-2 small)")
+    p.add_argument("--model", default=None, help="a local Hugging Face model directory instead of random weights")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seq-len", type=int, default=None, help="tokens of the random text input")
+    p.add_argument("--text", default=None, help="text to tokenise (needs --model with a tokenizer)")
+    p.add_argument("--mode", default="prism", choices=("prism", "voltage", "single"))
+    p.add_argument("-m", "--num-means", type=int, default=None, help="segment means per partition")
+    p.add_argument("--cr", type=float, default=None, help="compression rate (Eq. 16)")
+    p.add_argument("--means-of", default=None, choices=("block", "kv"),
+                   help="average the block input (paper, default for non-rotary) or the keys/values")
+    p.add_argument("--no-overlap", action="store_true", help="wait for the means before any attention")
+    p.add_argument("--gather", default="head", choices=("head", "all"),
+                   help="what the master collects: what the head needs, or every row")
+    p.add_argument("--partitions", "-P", type=int, default=None,
+                   help="expected number of partitions; must equal the world size")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds before a silent peer is declared stalled")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    p.add_argument("--repeat", type=int, default=1, help="timed inferences")
+    p.add_argument("--warmup", type=int, default=0, help="untimed inferences first")
+    p.add_argument("--out", default=None, help="rank 0 writes outputs, bytes and timings here (torch.save)")
+    p.add_argument("--json", action="store_true", help="rank 0 prints one JSON line of results")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="spawn torchrun with this many processes on this machine (loopback)")
+
+
+def _fail(rank, code, msg):
+    sys.stderr.write(f"prism run: rank {rank}: error: {msg}\n")
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(code)   # never wait on a broken process group
+
+
+def spawn_torchrun(args, argv):
+    """Re-launch this command under torchrun with --nproc processes."""
+    rest = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        rest.append(a)
+    torchrun = shutil.which("torchrun")
+    cmd = ([torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"])
+    cmd += ["--standalone", f"--nproc-per-node={args.nproc}", "-m", "prism_kernels.distributed"] + rest
+    return subprocess.call(cmd)
+
+
+def main(argv=None, args=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if args is None:
+        p = argparse.ArgumentParser(prog="prism run", description=__doc__,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_arguments(p)
+        args = p.parse_args(argv)
+    if args.nproc is not None and "RANK" not in os.environ:
+        return spawn_torchrun(args, argv)
+    return run(args)
+
+
+def run(args) -> int:
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    # refusals that need no communication
+    if args.partitions is not None and args.partitions != world:
+        _fail(rank, 2, f"refused before any compute: --partitions {args.partitions} but the world size is {world}")
+    if not 1 <= world <= 8:
+        _fail(rank, 2, f"refused before any compute: world size {world}; supported: 1 to 8")
+    if args.mode == "prism" and args.num_means is None and args.cr is None:
+        _fail(rank, 2, "refused before any compute: prism mode needs -m/--num-means or --cr")
+
+    import torch
+    import torch.distributed as dist
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=args.timeout))
+    except Exception as e:
+        _fail(rank, 3, f"could not join the process group within {args.timeout:g} s: {str(e).splitlines()[0]}")
+
+    from .comm import Comm, PeerFailure
+    from .handshake import ConfigRefused, handshake
+    from .model_adapters import build_model, make_adapter
+    from .runtime import Runtime, RunConfig
+    from . import overlap
+
+    try:
+        if args.model:
+            import transformers as tf
+            model = tf.AutoModel.from_pretrained(args.model) if args.family in ("bert", "vit", "dinov2") \
+                else tf.AutoModelForCausalLM.from_pretrained(args.model)
+            model.eval()
+        else:
+            model = build_model(args.family, args.size, seed=args.seed)
+        adapter = make_adapter(model)
+        overlap.register()
+        if args.mode == "single":
+            model.set_attn_implementation("sdpa")
+        else:
+            model.set_attn_implementation(overlap.ATTN_NAME)
+        inputs, n_tokens, error = None, None, None
+        if rank == 0:
+            try:
+                if args.text is not None:
+                    if not args.model:
+                        raise ValueError("--text needs --model (a tokenizer)")
+                    import transformers as tf
+                    inputs = tf.AutoTokenizer.from_pretrained(args.model)(args.text, return_tensors="pt")["input_ids"]
+                else:
+                    inputs = adapter.make_input(args.seq_len, seed=args.seed)
+                n_tokens = adapter.embed(inputs).shape[1] if adapter.family in ("vit", "dinov2") else inputs.shape[1]
+            except Exception as e:
+                error = str(e)
+        cfg = RunConfig(mode=args.mode, num_means=args.num_means, compression_rate=args.cr,
+                        means_of=args.means_of, overlap=not args.no_overlap, gather=args.gather)
+        settings = {"mode": cfg.mode, "num_means": cfg.num_means, "cr": cfg.compression_rate,
+                    "means_of": cfg.means_of, "overlap": cfg.overlap, "gather": cfg.gather, "world": world}
+        try:
+            cfg.resolved_means_of(adapter)
+        except ValueError as e:
+            error = error or str(e)
+    except Exception as e:
+        _fail(rank, 2, f"refused before any compute: {type(e).__name__}: {e}")
+
+    try:
+        n_tokens = handshake(model, settings, n_tokens, error, timeout_s=args.timeout)
+        comm = Comm(timeout_s=args.timeout)
+        try:
+            rt = Runtime(adapter, comm, cfg, n_tokens)
+        except ValueError as e:
+            raise ConfigRefused(f"refused before any compute: {e}") from None
+    except ConfigRefused as e:
+        _fail(rank, 2, str(e))
+    except Exception as e:
+        _fail(rank, 3, f"handshake failed (a rank died or is stalled?): {type(e).__name__}: "
+                       f"{str(e).splitlines()[0] if str(e) else ''}")
+
+    times = []
+    result = None
+    try:
+        for it in range(args.warmup + args.repeat):
+            comm.barrier(f"start of run {it}")
+            t0 = time.perf_counter()
+            result = rt.forward(inputs)
+            dt = time.perf_counter() - t0
+            if it >= args.warmup:
+                times.append(dt)
+            if it == 0:
+                first_bytes = dict(comm.bytes.recv)
+        comm.barrier("end")
+    except PeerFailure as e:
+        _fail(rank, 3, str(e))
+    except Exception as e:
+        import traceback
+        traceback.print_exc()
+        _fail(rank, 1, f"{type(e).__name__}: {e}")
+
+    # bytes of one inference, per layer, checked against the cost model
+    layer_bytes = {k[1]: v for k, v in first_bytes.items() if k[0] == "layer"}
+    expected = rt.expected_layer_bytes() if rt.plan is not None else 0
+    bytes_ok = all(v == expected for v in layer_bytes.values()) and \
+        (rt.plan is None or len(layer_bytes) == (len(adapter.blocks()) if rt.sources else 0) or expected == 0)
+    report = {"rank": rank, "world": world, "family": adapter.family, "mode": cfg.mode,
+              "means_of": rt.means_of, "wire": rt.wire, "n_tokens": n_tokens,
+              "means": list(rt.plan.means) if rt.plan is not None and cfg.mode == "prism" else None,
+              "layer_bytes": layer_bytes, "expected_layer_bytes": expected, "bytes_match_cost_model": bytes_ok,
+              "scatter_bytes": first_bytes.get(("scatter", 0), 0), "gather_bytes": first_bytes.get(("gather", 0), 0),
+              "times_s": times}
+    # every rank's bytes, collected on rank 0 (tiny)
+    everyone = [None] * world
+    try:
+        dist.all_gather_object(everyone, report)
+    except Exception as e:
+        _fail(rank, 3, f"final report exchange failed: {e}")
+    if rank == 0:
+        if args.json:
+            summary = {k: report[k] for k in ("world", "family", "mode", "means_of", "wire", "n_tokens", "means")}
+            summary["layer_bytes_per_rank"] = [r["layer_bytes"] for r in everyone]
+            summary["bytes_match_cost_model"] = all(r["bytes_match_cost_model"] for r in everyone)
+            if times:
+                ts = sorted(times)
+                summary["median_s"] = ts[len(ts) // 2]
+                summary["times_s"] = times
+            print(json.dumps(summary), flush=True)
+        else:
+            print(f"prism run: {adapter.family} mode={cfg.mode} P={world} N={n_tokens} "
+                  f"means_of={rt.means_of} wire={rt.wire}")
+            for r in everyone:
+                per = sorted(set(r["layer_bytes"].values()))
+                print(f"  rank {r['rank']}: bytes received per layer {per} (cost model "
+                      f"{r['expected_layer_bytes']}, match={r['bytes_match_cost_model']})")
+            if times:
+                print(f"  latency: median {sorted(times)[len(times) // 2] * 1e3:.1f} ms over {len(times)} runs")
+            if result is not None:
+                print(f"  output {tuple(result['head'].shape)}: {result['head'].reshape(-1)[:4].tolist()}")
+        if args.out:
+            import torch as _t
+            _t.save({"result": result, "reports": everyone, "inputs": inputs}, args.out)
+    try:
+        dist.destroy_process_group()
+    except Exception:
+        pass
+    return 0

@@ -1,0 +1,117 @@
+"""The "prism_distributed" attention function and the overlap of communication
+with computation.
+
+Inside a block, the model's own attention module computes the local q, k, v
+[B, H, n_i, d] (rotary applied at global positions for Llama) and calls the
+function registered here under transformers' AttentionInterface. It
+
+1. starts the exchange of this layer's means if it has not started yet
+   (means of K/V, or of the attention input, for the "kv" variant; the "block"
+   variant and Voltage start theirs before the block, from the block input),
+2. attends to the local keys while the means are in flight (causal by global
+   position in decoder models),
+3. waits for the received rows, turns them into keys/values (pre-norm and K/V
+   projections of the block, or nothing when K/V means came on the wire),
+4. attends to them with the scaling-aware softmax (log-count bias) and
+5. merges the two partial results by their log-sum-exp:
+       lse = logaddexp(l1, l2),  out = o1 exp(l1 - lse) + o2 exp(l2 - lse).
+
+With overlap off, it waits first and runs one prism_attention call over
+[local keys ; received keys]; the tests check both give the same output.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Optional
+
+import torch
+
+import prism_kernels as pk
+
+ATTN_NAME = "prism_distributed"
+
+_local = threading.local()
+
+
+def current():
+    return getattr(_local, "ctx", None)
+
+
+class use_layer:
+    """Context manager: the layer context the attention function reads."""
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+    def __enter__(self):
+        _local.ctx = self.ctx
+        return self.ctx
+
+    def __exit__(self, *exc):
+        _local.ctx = None
+        return False
+
+
+def merge_by_lse(o1: torch.Tensor, l1: torch.Tensor, o2: torch.Tensor, l2: torch.Tensor):
+    """Merge two attention outputs over disjoint key sets ([B,H,n,d], lse [B,H,n])."""
+    lse = torch.logaddexp(l1, l2)
+    # rows where both are -inf (no visible key at all) stay zero
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    w1 = torch.exp(l1 - safe).nan_to_num(0.0).unsqueeze(-1)
+    w2 = torch.exp(l2 - safe).nan_to_num(0.0).unsqueeze(-1)
+    out = o1.to(torch.float32) * w1 + o2.to(torch.float32) * w2
+    return out.to(o1.dtype), lse
+
+
+def prism_distributed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                                **kwargs):
+    ctx = current()
+    if ctx is None:
+        raise RuntimeError("prism_distributed attention called outside the distributed runtime")
+    if ctx.needs_kv_exchange:
+        ctx.start_kv_exchange(key, value)
+    causal = ctx.causal
+    q_pos = ctx.q_pos if causal else None
+    if ctx.overlap:
+        o1, l1 = pk.prism_attention(query, key, value, causal=causal, q_pos=q_pos, k_pos=q_pos,
+                                    scale=scaling, return_lse=True)
+        remote = ctx.receive_kv(query.dtype)
+        if remote is None:
+            out = o1
+        else:
+            kr, vr, cr, pr = remote
+            # received means come from earlier partitions only in causal mode: all visible
+            o2, l2 = pk.prism_attention(query, kr, vr, key_counts=cr, scale=scaling, return_lse=True)
+            out, _ = merge_by_lse(o1, l1, o2, l2)
+    else:
+        remote = ctx.receive_kv(query.dtype)
+        if remote is None:
+            out = pk.prism_attention(query, key, value, causal=causal, q_pos=q_pos, k_pos=q_pos,
+                                     scale=scaling)
+        else:
+            kr, vr, cr, pr = remote
+            ones = torch.ones(key.shape[2], dtype=torch.int64)
+            out = pk.prism_attention(query, torch.cat([key, kr], 2), torch.cat([value, vr], 2),
+                                     key_counts=torch.cat([ones, cr]), causal=causal, q_pos=q_pos,
+                                     k_pos=torch.cat([q_pos, pr]) if causal else None, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _no_mask(*args, **kwargs):
+    return None
+
+
+_registered = False
+
+
+def register():
+    """Register the attention function (and a mask function, without which
+    transformers refuses the name) under ATTN_NAME. Idempotent."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+    AttentionInterface.register(ATTN_NAME, prism_distributed_attention)
+    AttentionMaskInterface.register(ATTN_NAME, _no_mask)
+    _registered = True
