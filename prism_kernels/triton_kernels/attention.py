@@ -26,6 +26,7 @@ All tensors are addressed through their strides (HF passes transposed views).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -138,7 +139,7 @@ def _attn_inner(acc, l_i, m_i, q, k_base, v_base, lc_base, kidx_base, nvis,
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "GROUP", "Nq", "Nk", "D_HEAD", "NQ_KEY", "NK_KEY"])
 def _attn_fwd_kernel(
     Q, K, V, LC, KIDX, NVIS, Out, Lse,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -226,6 +227,23 @@ else:
     )(_attn_fwd_kernel)
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
+
+# When set (see `fixed_config`), CUDA launches use this config instead of autotuning.
+_FIXED_CONFIG = None
+
+
+@contextlib.contextmanager
+def fixed_config(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2):
+    """Launch with one fixed config instead of autotuning (CUDA only; the
+    interpreter always uses INTERPRET_CONFIG). Saves compile time when checking
+    many shapes and dtypes, e.g. in benchmarks/gpu_check.py."""
+    global _FIXED_CONFIG
+    prev = _FIXED_CONFIG
+    _FIXED_CONFIG = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps, num_stages=num_stages)
+    try:
+        yield
+    finally:
+        _FIXED_CONFIG = prev
 
 
 def _causal_order(q_pos, k_pos, log_counts):
@@ -331,6 +349,13 @@ def attention_triton(q, k, v, log_counts=None, q_pos=None, k_pos=None, scale=Non
     if INTERPRET:
         grid = (triton.cdiv(Nq, INTERPRET_CONFIG["BLOCK_M"]), B * H)
         _attn_fwd[grid](*args, **meta, **INTERPRET_CONFIG)
+    elif _FIXED_CONFIG is not None:
+        cfg = dict(_FIXED_CONFIG)
+        if block_d >= 256 or (block_d >= 128 and q.dtype == torch.float32):
+            cfg.update(BLOCK_M=64, BLOCK_N=32, num_stages=2)  # shared-memory bound
+        grid = (triton.cdiv(Nq, cfg["BLOCK_M"]), B * H)
+        with torch.cuda.device(dev):
+            _attn_fwd_kernel[grid](*args, **meta, **cfg)
     else:
         grid = lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), B * H)  # noqa: E731
         with torch.cuda.device(dev):

@@ -22,7 +22,7 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "m", "base", "rem", "rows_per_split"])
 def _segment_means_kernel(
     X, Out, Ws,
     stride_xl, stride_xn, stride_xd,
