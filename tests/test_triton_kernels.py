@@ -151,9 +151,10 @@ def test_causal_per_batch_positions_fp32():
 
 
 def test_masked_key_blocks_are_skipped():
-    # The first 128 keys (whole key blocks for every BLOCK_N in {16, 32, 64, 128}) sit
-    # after every query: the kernel must skip those blocks without reading them, so NaN
-    # stored there never reaches the output (a kernel that only masked would give NaN).
+    # The first 128 keys sit after every query (in storage order they come first, and
+    # span whole key blocks for any BLOCK_N). No query sees them, so the kernel must
+    # never read them: NaN stored there must not reach the output (a kernel that
+    # loaded and merely masked them would give 0 * NaN = NaN).
     B, H, Nq, d = 1, 2, 20, 16
     Nk = 128 + 20
     q = torch.randn(B, H, Nq, d, device=DEV)
