@@ -232,3 +232,15 @@ def test_resolve_model_forms(tmp_path):
     bad.write_text(json.dumps({"hidden_size": 8}))
     with pytest.raises(ValueError, match="model_type"):
         resolve_model(str(bad))
+
+
+def test_other_architectures():
+    # DistilBERT names its projections k_lin/v_lin; ELECTRA embeds narrower than its hidden size
+    for mt in ("distilbert", "electra"):
+        r = estimate(mt, 64, 2, num_means=4)
+        assert r.kind == "encoder" and r.prism_gflops_per_device < r.voltage_gflops_per_device
+        assert r.prism_tokens_devices == [4, 4]
+    # DeiT: CLS + distillation token, N = 196 + 2, taken from the embedding module
+    assert estimate("deit", None, 2, num_means=1).seq_len == 198
+    with pytest.raises(ValueError, match="encoder-decoder"):
+        estimate("t5", 64, 2, num_means=1)

@@ -54,21 +54,11 @@ def _validate(args, p: argparse.ArgumentParser):
         spec = resolve_model(args.model)
     except ValueError as e:
         p.error(f"argument --model: {e}")
-    n = args.seq_len
-    if spec.kind == "vision":
-        if n is not None and n != spec.default_seq_len:
-            p.error(f"argument --seq-len: {spec.name} has {spec.default_seq_len} tokens "
-                    f"(image/patch size, + CLS), got {n}")
-        n = spec.default_seq_len
-    elif n is None:
-        if spec.default_seq_len is None:
-            p.error(f"argument --seq-len: required for model {spec.name!r}")
-        n = spec.default_seq_len
-    if n < 1:
-        p.error(f"argument --seq-len: must be >= 1, got {n}")
-    limit = getattr(spec.config, "max_position_embeddings", None)
-    if spec.kind != "vision" and isinstance(limit, int) and n > limit:
-        p.error(f"argument --seq-len: must be <= {limit} (max positions of {spec.name}), got {n}")
+    from prism_kernels.costs.report import resolve_seq_len
+    try:
+        n = resolve_seq_len(spec, args.seq_len)
+    except ValueError as e:
+        p.error(f"argument {'--seq-len' if str(e).startswith('seq_len') else '--model'}: {e}")
     if args.partitions is None:
         p.error("the following argument is required: --partitions")
     if args.partitions < 1:

@@ -82,7 +82,7 @@ def _project_received(module, batch: int, rows: int, kv_heads: int, k_dim: int, 
     def heads(t, d):
         return t.view(batch, rows, kv_heads, d).transpose(1, 2)
 
-    for kname, vname in (("k_proj", "v_proj"), ("key", "value")):
+    for kname, vname in (("k_proj", "v_proj"), ("key", "value"), ("k_lin", "v_lin")):
         kmod, vmod = getattr(module, kname, None), getattr(module, vname, None)
         if isinstance(kmod, torch.nn.Module) and isinstance(vmod, torch.nn.Module) and hasattr(kmod, "weight"):
             x = like.new_empty(batch, rows, _linear_in_features(kmod))
@@ -106,7 +106,7 @@ def _project_received(module, batch: int, rows: int, kv_heads: int, k_dim: int, 
             return heads(k, k_dim), heads(v, v_dim)
     raise ValueError(
         f"cost model: cannot find the K/V projections of attention module {type(module).__name__} "
-        f"(looked for k_proj/v_proj, key/value, c_attn, qkv_proj, query_key_value, Wqkv)")
+        f"(looked for k_proj/v_proj, key/value, k_lin/v_lin, c_attn, qkv_proj, query_key_value, Wqkv)")
 
 
 def _cost_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
@@ -156,10 +156,13 @@ def _meta_model_cached(key: str, spec: ModelSpec):
     with torch.device("meta"):
         try:
             model = auto.from_config(config, attn_implementation=ATTN_IMPLEMENTATION)
-        except ValueError:
-            if spec.kind != "encoder":
-                raise
-            model = transformers.AutoModel.from_config(config, attn_implementation=ATTN_IMPLEMENTATION)
+        except (ValueError, TypeError, KeyError):
+            # no task head class for this model type: the base model (no head counted)
+            try:
+                model = transformers.AutoModel.from_config(config, attn_implementation=ATTN_IMPLEMENTATION)
+            except Exception as e:
+                raise ValueError(f"cost model: cannot build model type {config.model_type!r} with a custom "
+                                 f"attention implementation ({type(e).__name__}: {e})") from e
     model.eval()
     if len(_MODELS) >= 16:
         _MODELS.pop(next(iter(_MODELS)))
@@ -200,7 +203,22 @@ def _run(spec: ModelSpec, m: torch.nn.Module, rows: int):
             del emb.forward
     else:
         kwargs = {"use_cache": False} if spec.kind == "causal" else {}
-        m(inputs_embeds=torch.empty(1, rows, hidden, device="meta"), **kwargs)
+        width = getattr(m.get_input_embeddings(), "embedding_dim", hidden)   # ELECTRA: embedding < hidden
+        m(inputs_embeds=torch.empty(1, rows, width, device="meta"), **kwargs)
+
+
+def vision_seq_len(model) -> int:
+    """N of a vision model: rows its embedding module makes of one image (ViT: patches + CLS)."""
+    spec = resolve_model(model)
+    if spec.kind != "vision":
+        raise ValueError(f"{spec.name} is not a vision model")
+    m = meta_model(spec)
+    try:
+        with torch.no_grad():
+            return int(m.base_model.embeddings(_pixel_values(spec.config)).shape[1])
+    except Exception as e:
+        raise ValueError(f"cost model: {spec.name} is not a ViT-like model (one embedding module making "
+                         f"a token sequence): {type(e).__name__}: {e}") from e
 
 
 def _op_name(op) -> str:
@@ -277,6 +295,11 @@ def _device_flops_cached(key: str, spec: ModelSpec, q_rows: int, kv_rows: int, h
     t1, t2 = _EXTRA_ROWS.set(kv_rows - q_rows), _CALLS.set(calls)
     try:
         terms = _count(spec, m, q_rows, full_run)
+    except ValueError:
+        raise
+    except Exception as e:       # the model's forward does not fit this way of counting
+        raise ValueError(f"cost model: cannot run model type {spec.config.model_type!r} this way "
+                         f"({type(e).__name__}: {e})") from e
     finally:
         _EXTRA_ROWS.reset(t1)
         _CALLS.reset(t2)

@@ -99,6 +99,9 @@ def model_kind(config: PretrainedConfig) -> str:
 
 
 def spec_from_config(config: PretrainedConfig, name: Optional[str] = None) -> ModelSpec:
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"model: encoder-decoder models ({config.model_type}) are not supported: "
+                         f"Prism partitions one self-attention stack")
     kind = model_kind(config)
     default_n = _vision_seq_len(config) if kind == "vision" else None
     return ModelSpec(name or getattr(config, "model_type", "model"), config, kind, default_n)

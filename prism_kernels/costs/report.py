@@ -17,7 +17,7 @@ from python_ref.layout import plan_layout
 from python_ref.partition import partition_sizes
 
 from .comm import bytes_for, received_tokens, voltage_received_tokens
-from .flops import COUNTED_TERMS, NOT_COUNTED_TERMS, device_flops, embedding_flops
+from .flops import COUNTED_TERMS, NOT_COUNTED_TERMS, device_flops, embedding_flops, vision_seq_len
 from .model_configs import resolve_model
 
 
@@ -70,13 +70,19 @@ class CostReport:
         return asdict(self)
 
 
-def _default_seq_len(spec, seq_len):
+def resolve_seq_len(model, seq_len: Optional[int] = None) -> int:
+    """N for `model`: the given seq_len checked, or the preset's / vision model's own.
+
+    Raises ValueError ("seq_len ...") when it is missing, < 1, beyond the model's
+    positions, or differs from a vision model's fixed token count.
+    """
+    spec = resolve_model(model)
     if spec.kind == "vision":
-        n = spec.default_seq_len
+        n = vision_seq_len(spec)
         if seq_len is not None and seq_len != n:
             raise ValueError(
-                f"seq_len of {spec.name} is fixed by its image and patch sizes: must be {n} "
-                f"(patches + CLS), got {seq_len}")
+                f"seq_len of {spec.name} is fixed by its image size: must be {n} "
+                f"(tokens its embedding makes of one image), got {seq_len}")
         return n
     if seq_len is None:
         if spec.default_seq_len is None:
@@ -85,9 +91,7 @@ def _default_seq_len(spec, seq_len):
     if isinstance(seq_len, bool) or not isinstance(seq_len, numbers.Integral) or seq_len < 1:
         raise ValueError(f"seq_len must be an integer >= 1, got {seq_len!r}")
     limit = getattr(spec.config, "max_position_embeddings", None)
-    if isinstance(limit, int) and spec.kind != "causal" and seq_len > limit:
-        raise ValueError(f"seq_len must be <= {limit} (max_position_embeddings of {spec.name}), got {seq_len}")
-    if isinstance(limit, int) and spec.kind == "causal" and seq_len > limit:
+    if isinstance(limit, int) and seq_len > limit:
         raise ValueError(f"seq_len must be <= {limit} (max positions of {spec.name}), got {seq_len}")
     return int(seq_len)
 
@@ -107,7 +111,7 @@ def estimate(model, seq_len: Optional[int] = None, num_partitions: int = 2,
     Raises ValueError naming the argument and the rule on bad input.
     """
     spec = resolve_model(model)
-    n = _default_seq_len(spec, seq_len)
+    n = resolve_seq_len(spec, seq_len)
     if isinstance(dtype_bytes, bool) or not isinstance(dtype_bytes, numbers.Integral) or dtype_bytes < 1:
         raise ValueError(f"dtype_bytes must be an integer >= 1, got {dtype_bytes!r}")
     sizes = partition_sizes(n, num_partitions)
