@@ -50,30 +50,30 @@ def _bucket(n: int) -> int:
 
 
 def _hopper_configs():
-    cfgs = []
-    for bm, bn, w, s in [
-        (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4),
-        (64, 64, 4, 3), (128, 32, 4, 4), (64, 128, 4, 3), (64, 32, 4, 2),
-    ]:
-        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s))
-    return cfgs
+    # FlashAttention-2-style tiles for sm_90 (wgmma wants BLOCK_M a multiple of 64 per
+    # warp group). Kept short: every config is one compile per kernel variant.
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3),
+                                 (64, 64, 4, 3), (64, 128, 4, 3), (64, 32, 4, 2)]]
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """Drop configs that cannot fit shared memory / registers for wide heads."""
+    """Keep the configs that fit shared memory / registers for this head dim and dtype."""
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
+    fp32 = kwargs.get("DOT_PREC", named_args.get("DOT_PREC")) == "ieee"
     nq = named_args.get("Nq", 1 << 30)
     keep = []
     for c in configs:
-        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if block_d >= 256 and (bm * bn > 64 * 64 or c.num_stages > 2):
-            continue
+        bm, bn, st = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages
+        small = bm * bn <= 64 * 64 and st <= 2
+        if (block_d >= 256 or (fp32 and block_d >= 128)) != small:
+            continue  # wide rows: only the small tile; otherwise not the small tile
         if block_d == 128 and bm * bn > 128 * 64 and c.num_warps < 8:
             continue
         if nq <= 64 and bm > 64:  # tiny query sets: more programs beat bigger tiles
             continue
         keep.append(c)
-    return keep or [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2)]
+    return keep or [configs[-1]]
 
 
 @triton.jit
