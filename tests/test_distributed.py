@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,10 +30,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(world, argv, *, env_per_rank=None, timeout=120, module="prism_kernels.distributed"):
+def launch(world, argv, *, env_per_rank=None, timeout=120, module="prism_kernels.distributed", hang_ok=()):
     """Start `world` ranks of `python -m module argv`; returns [(rc, out, err)] and wall time."""
     port = free_port()
-    procs = []
+    procs, files = [], []
     t0 = time.monotonic()
     for r in range(world):
         env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r),
@@ -44,19 +45,32 @@ def launch(world, argv, *, env_per_rank=None, timeout=120, module="prism_kernels
             extra = dict(env_per_rank[r])
             a += extra.pop("_args", [])
             env.update(extra)
+        fo, fe = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        files.append((fo, fe))
         procs.append(subprocess.Popen([sys.executable, "-m", module] + a, cwd=ROOT, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    results = []
+                                      stdout=fo, stderr=fe, text=True))
     deadline = time.monotonic() + timeout
-    for p in procs:
-        try:
-            out, err = p.communicate(timeout=max(1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
+    ended = [None] * world
+    while time.monotonic() < deadline and any(e is None for e in ended):
+        for r, p in enumerate(procs):
+            if ended[r] is None and p.poll() is not None:
+                ended[r] = time.time()
+        if hang_ok and all(ended[r] is not None for r in range(world) if r not in hang_ok):
+            break
+        time.sleep(0.05)
+    results = []
+    for r, p in enumerate(procs):
+        if p.poll() is None:
             p.kill()
-            out, err = p.communicate()
-            results.append((None, out, err))
-            continue
-        results.append((p.returncode, out, err))
+        p.wait()
+        fo, fe = files[r]
+        fo.seek(0)
+        fe.seek(0)
+        out, err = fo.read(), fe.read()
+        fo.close()
+        fe.close()
+        results.append((p.returncode if ended[r] is not None else None, out, err))
+    launch.ended = ended
     return results, time.monotonic() - t0
 
 

@@ -112,6 +112,9 @@ def _maybe_fault(rank: int, layer: int):
         return
     kind, r, L, secs = f
     if r == rank and L == layer:
+        import sys
+        sys.stderr.write(f"PRISM_FAULT {kind} rank {rank} layer {layer} at {time.time():.3f}\n")
+        sys.stderr.flush()
         if kind == "die":
             os._exit(17)
         if kind == "stall":

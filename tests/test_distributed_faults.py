@@ -1,0 +1,74 @@
+"""Faults and bad configuration in the multi-process runtime: a rank that dies or
+stalls makes every other rank exit within the set timeout naming it; mismatched
+models/configs, P > N and a wrong world size are refused before any compute."""
+from __future__ import annotations
+
+import re
+
+from test_distributed import launch
+
+TIMEOUT = 5          # --timeout given to the ranks (seconds)
+GRACE = 10           # scheduling slack on a loaded 2-core machine
+BASE = ["--family", "bert", "--seq-len", "12", "-m", "2", "--timeout", str(TIMEOUT)]
+
+
+def _fault_time(err):
+    m = re.search(r"PRISM_FAULT \w+ rank \d+ layer \d+ at ([0-9.]+)", err)
+    assert m, err[-2000:]
+    return float(m.group(1))
+
+
+def test_dead_rank_is_named_and_others_exit():
+    res, _ = launch(3, BASE, env_per_rank={1: {"PRISM_FAULT": "die:rank=1:layer=1"}}, timeout=90)
+    ended = launch.ended
+    assert res[1][0] == 17
+    t_fault = _fault_time(res[1][2])
+    for r in (0, 2):
+        rc, out, err = res[r]
+        assert rc == 3, err[-2000:]
+        assert "rank 1 died" in err, err[-2000:]
+        assert ended[r] - t_fault < TIMEOUT + GRACE
+
+
+def test_stalled_rank_is_named_and_others_exit():
+    res, _ = launch(3, BASE, env_per_rank={2: {"PRISM_FAULT": "stall:rank=2:layer=1:seconds=120"}},
+                    timeout=90, hang_ok=(2,))
+    ended = launch.ended
+    assert res[2][0] is None          # still asleep when the others had left; killed by the test
+    t_fault = _fault_time(res[2][2])
+    for r in (0, 1):
+        rc, out, err = res[r]
+        assert rc == 3, err[-2000:]
+        assert "rank 2 stalled" in err, err[-2000:]
+        assert TIMEOUT - 1 < ended[r] - t_fault < TIMEOUT + GRACE
+
+
+def test_different_model_or_config_refused_before_compute():
+    res, _ = launch(3, BASE, env_per_rank={1: {"_args": ["--seed", "1"]},          # other weights
+                                           2: {"_args": ["--size", "small"]}},     # other config
+                    timeout=90)
+    for rc, out, err in res:
+        assert rc == 2, err[-2000:]
+        assert "refused before any compute" in err
+        assert "rank 1 differs from rank 0 in weights" in err
+        assert "rank 2 differs from rank 0 in config" in err
+        assert "bytes received" not in out
+
+
+def test_different_settings_refused():
+    res, _ = launch(2, BASE, env_per_rank={1: {"_args": ["-m", "3"]}}, timeout=90)
+    for rc, out, err in res:
+        assert rc == 2 and "rank 1 differs from rank 0 in settings" in err, err[-2000:]
+
+
+def test_more_partitions_than_tokens_refused():
+    res, _ = launch(3, ["--family", "bert", "--seq-len", "2", "-m", "1", "--timeout", str(TIMEOUT)], timeout=90)
+    for rc, out, err in res:
+        assert rc == 2, err[-2000:]
+        assert "3 partitions (world size) for 2 tokens" in err
+
+
+def test_wrong_world_size_refused():
+    res, _ = launch(2, BASE + ["--partitions", "3"], timeout=60)
+    for rc, out, err in res:
+        assert rc == 2 and "--partitions 3 but the world size is 2" in err, err[-2000:]
