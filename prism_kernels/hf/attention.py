@@ -79,43 +79,86 @@ def mean_positions(offset: int, sizes: Sequence[int], device=None) -> torch.Tens
     return torch.tensor(sizes, dtype=torch.int64, device=device).cumsum(0) + (offset - 1)
 
 
+class Compaction:
+    """Batch rows sorted by real length (longest first), each row's real tokens first, in order.
+
+    Groups of equal length are then contiguous row ranges, so every group's
+    tensors are views; tensors are gathered once per layer (cached by identity).
+    """
+
+    def __init__(self, key_valid: Optional[torch.Tensor], B: int, N: int, device):
+        self.identity = key_valid is None
+        if self.identity:
+            self.perm = torch.arange(B, device=device)
+            self.tokens = torch.arange(N, device=device).expand(B, N)
+            self.lengths = [N] * B
+        else:
+            lengths = key_valid.sum(-1)
+            self.perm = torch.sort(lengths, descending=True, stable=True).indices
+            # a stable sort of the pad flags puts each row's real tokens first, in their order
+            order = torch.sort((~key_valid).to(torch.int8), dim=-1, stable=True).indices
+            self.tokens = order.index_select(0, self.perm)
+            self.lengths = lengths.index_select(0, self.perm).tolist()
+        self._cache = {}
+
+    def compact(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """t with rows permuted and, along `dim`, real tokens first."""
+        if self.identity:
+            return t
+        key = (id(t), dim)
+        if key not in self._cache:
+            t2 = t.index_select(0, self.perm)
+            shape = [1] * t2.dim()
+            shape[0], shape[dim] = self.tokens.shape
+            sizes = [t2.shape[k] if k not in (0, dim) else -1 for k in range(t2.dim())]
+            self._cache[key] = (t, t2.gather(dim, self.tokens.reshape(shape).expand(*sizes)))
+        return self._cache[key][1]
+
+    def groups(self) -> List["Group"]:
+        out, r0 = [], 0
+        B = len(self.lengths)
+        while r0 < B:
+            L = self.lengths[r0]
+            r1 = r0
+            while r1 < B and self.lengths[r1] == L:
+                r1 += 1
+            if L > 0:          # an all-padding row has nothing to compute: its output stays zero
+                out.append(Group(self, r0, r1, L))
+            r0 = r1
+        return out
+
+    def restore(self, compact_out: torch.Tensor) -> torch.Tensor:
+        """[B, N, ...] in compacted coordinates -> original rows and token positions."""
+        if self.identity:
+            return compact_out
+        result = torch.zeros_like(compact_out)
+        result[self.perm[:, None], self.tokens] = compact_out
+        return result
+
+
 @dataclass
 class Group:
-    """Sequences of one real length L: one partition plan."""
-    rows: torch.Tensor               # [Bg] batch rows
-    tokens: torch.Tensor             # [Bg, L] token index of each real token, in order
+    """Sequences of one real length L (rows r0:r1 of the compaction): one partition plan."""
+    compaction: Compaction
+    r0: int
+    r1: int
     L: int
-    compact: bool                    # False: rows == all, tokens == arange (no gather needed)
+
+    @property
+    def size(self) -> int:
+        return self.r1 - self.r0
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """Original batch rows of the group."""
+        return self.compaction.perm[self.r0:self.r1]
 
     def take(self, t: torch.Tensor, dim: int) -> torch.Tensor:
-        """Rows of this group, real tokens only, along `dim` (the token axis)."""
-        if not self.compact:
-            return t
-        t = t.index_select(0, self.rows)
-        shape = [1] * t.dim()
-        shape[0], shape[dim] = self.tokens.shape
-        idx = self.tokens.reshape(shape).expand(*[t.shape[k] if k not in (0, dim) else -1
-                                                  for k in range(t.dim())])
-        return t.gather(dim, idx)
+        """This group's rows of t, real tokens only along `dim` (a view of the compaction)."""
+        return self.compaction.compact(t, dim)[self.r0:self.r1].narrow(dim, 0, self.L)
 
 
-def make_groups(key_valid: Optional[torch.Tensor], B: int, N: int, device) -> List[Group]:
-    if key_valid is None:
-        return [Group(torch.arange(B, device=device),
-                      torch.arange(N, device=device).expand(B, N), N, False)]
-    lengths = key_valid.sum(-1)
-    # stable sort puts each row's real tokens first, in their order
-    order = torch.sort((~key_valid).to(torch.int8), dim=-1, stable=True).indices
-    groups = []
-    for L in sorted(set(lengths.tolist())):
-        if L == 0:
-            continue     # an all-padding row: nothing to compute, its output stays zero
-        rows = (lengths == L).nonzero().flatten()
-        groups.append(Group(rows, order.index_select(0, rows)[:, :L], int(L), True))
-    return groups
-
-
-MeansFn = Callable[[Group, int, int, int], Tuple[torch.Tensor, torch.Tensor]]
+MeansFn = Callable[["Group", int, int, int], Tuple[torch.Tensor, torch.Tensor]]
 """(group, offset_j, n_j, m_j) -> (k_means, v_means) [Bg, Hkv, m_j, d]; block-output variant."""
 
 
@@ -130,12 +173,13 @@ def simulate_prism(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     group, for accounting.
     """
     B, H, N, d = query.shape
+    Hkv = key.shape[1]
     dev = query.device
     backend = config.backend
-    groups = make_groups(key_valid, B, N, dev)
+    comp = Compaction(key_valid, B, N, dev)
 
-    items = []   # (group, q, k, v, counts, q_pos, k_pos, token index [Bg, n_i])
-    for g in groups:
+    items = []   # (group, q, k, v, counts, q_pos, k_pos, offset)
+    for g in comp.groups():
         q, k, v = g.take(query, 2), g.take(key, 2), g.take(value, 2)
         P = min(config.num_partitions, g.L)
         sizes = partition_sizes(g.L, P)
@@ -158,38 +202,46 @@ def simulate_prism(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
             lpos = torch.arange(o, o + n, device=dev)
             kt, vt, cnt, kpos = assemble_device_kv(k[:, :, o:o + n], v[:, :, o:o + n], lpos,
                                                    [blocks[j] for j in dv.sources])
-            items.append((g, q[:, :, o:o + n], kt, vt, cnt, lpos, kpos, g.tokens[:, o:o + n]))
+            items.append((g, q[:, :, o:o + n], kt, vt, cnt, lpos, kpos, o))
 
     if not items:
         return query.new_zeros(B, N, H, d)
 
+    # stack every device of every sequence into the batch dimension
     nq = max(it[1].shape[2] for it in items)
     nk = max(it[2].shape[2] for it in items)
     use_pos = causal or any(it[2].shape[2] != nk for it in items)
-    qs, ks, vs, cs, qps, kps = [], [], [], [], [], []
-    for g, q, k, v, cnt, qpos, kpos, _ in items:
-        Bg, pq, pk = q.shape[0], nq - q.shape[2], nk - k.shape[2]
-        qs.append(F.pad(q, (0, 0, 0, pq)))
-        ks.append(F.pad(k, (0, 0, 0, pk)))
-        vs.append(F.pad(v, (0, 0, 0, pk)))
-        cs.append(F.pad(cnt, (0, pk), value=1).expand(Bg, nk))
-        if use_pos:
-            real_q = qpos if causal else torch.full_like(qpos, BIG)
-            real_k = kpos if causal else torch.zeros_like(kpos)
-            qps.append(F.pad(real_q, (0, pq), value=-1).expand(Bg, nq))
-            kps.append(F.pad(real_k, (0, pk), value=BIG + 1).expand(Bg, nk))
-    out = prism_attention(
-        torch.cat(qs), torch.cat(ks), torch.cat(vs), key_counts=torch.cat(cs),
-        causal=use_pos, q_pos=torch.cat(qps) if use_pos else None,
-        k_pos=torch.cat(kps) if use_pos else None, scale=scale, backend=backend)
-
-    result = query.new_zeros(B, N, H, d)
+    Btot = sum(it[0].size for it in items)
+    q_all = query.new_zeros(Btot, H, nq, d)
+    k_all = key.new_zeros(Btot, Hkv, nk, d)
+    v_all = value.new_zeros(Btot, Hkv, nk, d)
+    c_all = torch.ones(Btot, nk, dtype=torch.int64, device=dev)
+    if use_pos:
+        qp_all = torch.full((Btot, nq), -1, dtype=torch.int64, device=dev)       # padded query: sees nothing
+        kp_all = torch.full((Btot, nk), BIG + 1, dtype=torch.int64, device=dev)  # padded key: seen by none
     b0 = 0
-    for g, q, *_, tok in items:
-        Bg, n = q.shape[0], q.shape[2]
-        result[g.rows[:, None], tok] = out[b0:b0 + Bg, :, :n].transpose(1, 2)
-        b0 += Bg
-    return result
+    for g, q, k, v, cnt, qpos, kpos, _ in items:
+        b1, n, m = b0 + g.size, q.shape[2], k.shape[2]
+        q_all[b0:b1, :, :n] = q
+        k_all[b0:b1, :, :m] = k
+        v_all[b0:b1, :, :m] = v
+        c_all[b0:b1, :m] = cnt
+        if use_pos:
+            qp_all[b0:b1, :n] = qpos if causal else BIG
+            kp_all[b0:b1, :m] = kpos if causal else 0
+        b0 = b1
+    out = prism_attention(q_all, k_all, v_all, key_counts=c_all, causal=use_pos,
+                          q_pos=qp_all if use_pos else None, k_pos=kp_all if use_pos else None,
+                          scale=scale, backend=backend)
+
+    # back to tokens: compacted coordinates first, then one scatter to the original layout
+    res = query.new_zeros(B, N, H, d)
+    b0 = 0
+    for g, q, *_, o in items:
+        b1, n = b0 + g.size, q.shape[2]
+        res[g.r0:g.r1, o:o + n] = out[b0:b1, :, :n].transpose(1, 2)
+        b0 = b1
+    return comp.restore(res)
 
 
 def get_prism_config(module) -> PrismConfig:
