@@ -4,6 +4,7 @@
     python benchmarks/gpu_check.py                 # GPU: check fp32/bf16/fp16, then benchmark
     python benchmarks/gpu_check.py --interpret     # CPU, Triton interpreter: check only, tiny shapes
     python benchmarks/gpu_check.py --out DIR       # where results go (default benchmarks/results)
+    python benchmarks/gpu_check.py --compile-only  # no GPU: compile the kernels for sm_90, run nothing
 
 Part 1, check: for every case and dtype, fresh random inputs (a new seed per run,
 printed), the allocator poisoned with NaN before each kernel call (the kernels
@@ -248,6 +249,63 @@ def _fmt_check(r):
             f"lse {r['lse_err']:.2e}  {status}")
 
 
+# ---------------------------------------------------------------- compile only
+
+# (dtype, d, causal, counts, BLOCK_M, BLOCK_N, num_warps, num_stages)
+COMPILE_VARIANTS = [
+    ("bf16", 128, True, True, 128, 64, 8, 3), ("bf16", 64, False, True, 128, 128, 8, 3),
+    ("fp16", 80, False, False, 64, 64, 4, 3), ("fp32", 128, True, True, 64, 32, 4, 2),
+    ("bf16", 256, True, True, 64, 32, 4, 2),
+]
+
+
+def compile_only(variants=COMPILE_VARIANTS, arch=90, log=print):
+    """Compile the kernels down to a cubin for sm_<arch> without a GPU (nothing runs).
+
+    Catches what the interpreter cannot: Triton front-end / MLIR / ptxas errors on the
+    real compile path. Needs TRITON_INTERPRET unset. Returns a list of (variant, error).
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from prism_kernels.triton_kernels.attention import _attn_fwd_kernel
+    from prism_kernels.triton_kernels.segment_means import _segment_means_kernel
+
+    target = GPUTarget("cuda", arch, 32)
+
+    def signature(fn, ptrs, constexprs):
+        return {a: ("constexpr" if a in constexprs else ptrs.get(a, "fp32" if a == "qk_scale" else "i32"))
+                for a in fn.arg_names}
+
+    failures = []
+    for var in variants:
+        dt, d, causal, counts, bm, bn, warps, stages = var
+        block_d = max(16, triton.next_power_of_2(d))
+        ce = dict(HAS_COUNTS=counts, CAUSAL=causal, DOT_PREC="ieee" if dt == "fp32" else "tf32",
+                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, EVEN_D=(block_d == d))
+        ptrs = dict(Q="*" + dt, K="*" + dt, V="*" + dt, Out="*" + dt, Lse="*fp32", LC="*fp32",
+                    KIDX="*i32" if causal else "*fp32", NVIS="*i32" if causal else "*fp32")
+        t = time.time()
+        try:
+            triton.compile(ASTSource(_attn_fwd_kernel, signature(_attn_fwd_kernel, ptrs, ce), constexprs=ce),
+                           target=target, options=dict(num_warps=warps, num_stages=stages))
+            log(f"  compiled attention {var} for sm_{arch} in {time.time() - t:.1f} s")
+        except Exception as e:  # noqa: BLE001 - reported
+            failures.append((var, f"{type(e).__name__}: {e}"))
+            log(f"  FAILED attention {var}: {type(e).__name__}: {str(e)[:500]}")
+    for split in (1, 8):
+        ce = dict(SPLIT=split, BLOCK_R=32, BLOCK_D=256)
+        ptrs = dict(X="*bf16", Out="*bf16", Ws="*fp32")
+        try:
+            triton.compile(ASTSource(_segment_means_kernel, signature(_segment_means_kernel, ptrs, ce),
+                                     constexprs=ce), target=target, options=dict(num_warps=8))
+            log(f"  compiled segment_means SPLIT={split} for sm_{arch}")
+        except Exception as e:  # noqa: BLE001 - reported
+            failures.append((("segment_means", split), f"{type(e).__name__}: {e}"))
+            log(f"  FAILED segment_means SPLIT={split}: {type(e).__name__}: {str(e)[:500]}")
+    return failures
+
+
 # ---------------------------------------------------------------- benchmark
 
 # (label, B, H, Hkv, d, N_total, P, means per partition, device index, causal)
@@ -482,8 +540,19 @@ def main(argv=None):
     ap.add_argument("--budget", type=float, default=280.0,
                     help="seconds of work before remaining benchmarks are skipped")
     ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--compile-only", action="store_true",
+                    help="no GPU needed: compile the kernels for sm_90 (or --arch) and stop")
+    ap.add_argument("--arch", type=int, default=90, help="with --compile-only: the sm_ version")
     args = ap.parse_args(argv)
     t0 = time.time()
+
+    if args.compile_only:
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            print("--compile-only needs TRITON_INTERPRET unset")
+            return 2
+        failures = compile_only(arch=args.arch)
+        print(f"{'FAILED' if failures else 'all compiled'} in {time.time() - t0:.0f} s")
+        return 1 if failures else 0
 
     if args.interpret or not torch.cuda.is_available():
         if os.environ.get("TRITON_INTERPRET") != "1":
