@@ -423,9 +423,8 @@ def bench_attention_shape(shape, device, deadline, flex):
             block_mask = create_block_mask(mask_mod, None, None, Nq, Nk, device=device)
         except Exception as e:
             row["flex_note"] = f"block mask error: {e}"[:80]
-    if time.time() < deadline:
-        record("flex", lambda: flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask,
-                                              scale=scale, enable_gqa=(H != Hkv)))
+    record("flex", lambda: flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask,
+                                          scale=scale, enable_gqa=(H != Hkv)))
 
     # SDPA baselines need K/V expanded to H heads (done outside the timing)
     ke = k.repeat_interleave(H // Hkv, dim=1) if H != Hkv else k
