@@ -292,3 +292,27 @@ def test_errors():
     with torch.no_grad(), pytest.raises(NotImplementedError, match="use_cache=False"):
         out = model(input_ids=_ids(1, 6), use_cache=True)
         model(input_ids=_ids(1, 1), cache=out.past_key_values)
+
+
+# ---------------------------------------------------------------- gradients (fine-tuning with Prism in the loop)
+
+@pytest.mark.parametrize("averaging", ["attention_input", "block_output"])
+def test_gradients_flow_through_the_means(averaging):
+    """At CR=1 (P=3) every parameter gradient equals the stock model's; means must not cut the graph."""
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=64, n_layer=2, n_head=4,
+                                       initializer_range=0.2, bos_token_id=0, eos_token_id=0,
+                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).train()
+    ids = _ids(2, 15)
+    am = torch.ones_like(ids)
+    am[1, 11:] = 0
+
+    def grads():
+        model.zero_grad()
+        model(input_ids=ids, attention_mask=am, labels=ids.masked_fill(am == 0, -100)).loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    ref = grads()
+    phf.enable_prism(model, num_partitions=3, compression_rate=1.0, averaging=averaging)
+    got = grads()
+    assert torch.allclose(got, ref, atol=1e-5 * ref.abs().max(), rtol=0)

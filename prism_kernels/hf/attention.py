@@ -41,6 +41,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+import python_ref
 from python_ref.layout import plan_layout
 from python_ref.partition import partition_sizes, segment_sizes
 
@@ -72,6 +73,17 @@ def assemble_device_kv(local_k: torch.Tensor, local_v: torch.Tensor, local_posit
         counts.append(c.to(torch.int64))
         positions.append(p.to(torch.int64))
     return torch.cat(ks, 2), torch.cat(vs, 2), torch.cat(counts), torch.cat(positions)
+
+
+def differentiable_segment_means(x: torch.Tensor, m: int, backend: str):
+    """prism_kernels.segment_means, or the pure-PyTorch reference when a gradient is needed.
+
+    The prism::segment_means op has no autograd kernel (its backward would be
+    silently dropped); the reference is the same computation in plain torch ops.
+    """
+    if torch.is_grad_enabled() and x.requires_grad:
+        return python_ref.segment_means(x, m)
+    return segment_means(x, m, backend=backend)
 
 
 def mean_positions(offset: int, sizes: Sequence[int], device=None) -> torch.Tensor:
@@ -191,8 +203,8 @@ def simulate_prism(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
         for j in sorted({s for dv in plan.devices for s in dv.sources}):
             o, n, m = plan.offsets[j], plan.sizes[j], plan.means[j]
             if means_fn is None:
-                km, counts = segment_means(k[:, :, o:o + n], m, backend=backend)
-                vm, _ = segment_means(v[:, :, o:o + n], m, backend=backend)
+                km, counts = differentiable_segment_means(k[:, :, o:o + n], m, backend)
+                vm, _ = differentiable_segment_means(v[:, :, o:o + n], m, backend)
             else:
                 km, vm = means_fn(g, o, n, m)
                 counts = torch.tensor(segment_sizes(n, m), dtype=torch.int64, device=dev)
@@ -274,7 +286,7 @@ def prism_attention_forward(module, query, key, value, attention_mask, dropout: 
     means_fn = None
     if config.averaging == "block_output":
         from .block_output import make_means_fn
-        means_fn = make_means_fn(module, key.shape[1])
+        means_fn = make_means_fn(module, key.shape[1], config.backend)
     plans = getattr(module, "_prism_plans", None)
     out = simulate_prism(query, key, value, config=config, causal=causal, scale=scaling,
                          key_valid=key_valid, means_fn=means_fn, plans=plans)

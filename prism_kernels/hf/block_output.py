@@ -31,7 +31,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from ..api import segment_means
+from .attention import differentiable_segment_means
 
 
 def _split_heads(t: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -132,7 +132,7 @@ def _rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
-def make_means_fn(module, num_kv_heads: int):
+def make_means_fn(module, num_kv_heads: int, backend: str = "auto"):
     """(group, offset, n, m) -> (k_means, v_means) [Bg, Hkv, m, d] from the stashed block input."""
     stash = getattr(module, "_prism_stash", None)
     if not stash or "x" not in stash:
@@ -147,6 +147,9 @@ def make_means_fn(module, num_kv_heads: int):
         if rot is None:
             raise RuntimeError("block_output averaging for a rotary model needs position_embeddings")
         cos, sin = (t.expand(B, N, t.shape[-1]) for t in rot)
+
+    def segment_means(t, m):
+        return differentiable_segment_means(t, m, backend)
 
     def means_fn(g, o, n, m):
         xm, _ = segment_means(g.take(x, 1)[:, o:o + n], m)          # means of the block input
