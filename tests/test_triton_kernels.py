@@ -138,15 +138,24 @@ def test_fully_masked_rows_are_zero_with_neg_inf_lse(dtype):
     assert torch.isfinite(lse[0]).all()
 
 
-def test_causal_per_batch_positions_fp32():
-    # different positions per batch row (not stride-0), non-monotone keys
+@pytest.mark.parametrize("per_batch_pos,per_batch_counts", [(True, True), (True, False), (False, True)])
+def test_causal_positions_and_counts_per_batch_or_shared_fp32(per_batch_pos, per_batch_counts):
+    # random, non-monotone positions; each of positions / counts either differs per
+    # batch row or is one row expanded with stride 0 (the kernel sorts keys once then)
     B, H, Nq, Nk, d = 2, 2, 21, 30, 16
     q = torch.randn(B, H, Nq, d, device=DEV)
     k = torch.randn(B, H, Nk, d, device=DEV)
     v = torch.randn(B, H, Nk, d, device=DEV)
-    qp = torch.stack([torch.randperm(40, device=DEV)[:Nq] for _ in range(B)])
-    kp = torch.stack([torch.randperm(40, device=DEV)[:Nk] for _ in range(B)])
-    lc = torch.randint(1, 5, (B, Nk), device=DEV).float().log()
+    if per_batch_pos:
+        qp = torch.stack([torch.randperm(40, device=DEV)[:Nq] for _ in range(B)])
+        kp = torch.stack([torch.randperm(40, device=DEV)[:Nk] for _ in range(B)])
+    else:
+        qp = torch.randperm(40, device=DEV)[:Nq][None].expand(B, Nq)
+        kp = torch.randperm(40, device=DEV)[:Nk][None].expand(B, Nk)
+    if per_batch_counts:
+        lc = torch.randint(1, 5, (B, Nk), device=DEV).float().log()
+    else:
+        lc = torch.randint(1, 5, (Nk,), device=DEV).float().log()[None].expand(B, Nk)
     _check(q, k, v, lc, qp, kp)
 
 
