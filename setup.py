@@ -16,10 +16,10 @@ if os.environ.get("PRISM_SKIP_CPP") != "1":
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
     sources = sorted(glob.glob("csrc/*.cpp"))
-    base = ["-O3", "-fopenmp", "-std=c++17", "-fno-math-errno"]
+    base = ["-O3", "-fopenmp", "-std=c++20", "-fno-math-errno", "-Wno-unknown-pragmas"]
     link = ["-fopenmp"]
     if os.environ.get("PRISM_SANITIZE") == "1":
-        base = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-fopenmp", "-std=c++17"]
+        base = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-fopenmp", "-std=c++20"]
         link += ["-fsanitize=address,undefined"]
     # CPU_CAPABILITY_* is what at::vec keys its specialisations on.
     variants = {

@@ -1,0 +1,387 @@
+// prism::attention on CPU: scaling-aware attention, flash-style.
+//
+//   out = softmax(q k^T * scale + log_counts [+ causal -inf]) v,   lse = logsumexp(...)
+//
+// One task per (batch, head, query block) under at::parallel_for. Each task
+// walks the key blocks with an online softmax (running max m, running sum l,
+// unnormalised accumulator acc), so the extra memory is one score tile and one
+// accumulator per thread: O(q_block * (k_block + d)), never Nq x Nk.
+//  * The log-count bias is a [B, Nk] vector read once per key block and added
+//    to the score tile; no bias matrix, no mask matrix, no duplicated rows.
+//  * Causal (Eq. 17): key j is visible to query i iff k_pos[j] <= q_pos[i].
+//    Positions are arbitrary (means sit after the local rows), so per key block
+//    we precompute min/max k_pos: a block with min k_pos > max q_pos of the
+//    query block is skipped whole, a block with max k_pos <= min q_pos needs no
+//    mask, only the remaining (diagonal) blocks are masked element-wise.
+//  * GEMMs (scores and P.V) go to BLAS (sgemm_/dgemm_) on strided rows, so the
+//    transposed views Hugging Face passes (stride(-1) == 1, any row stride) are
+//    read in place. bf16/fp16 tiles are widened to fp32 in per-thread buffers.
+//  * Softmax arithmetic is vectorised with at::vec at this variant's ISA.
+#include "common.h"
+
+#include <algorithm>
+#include <vector>
+
+namespace prism {
+namespace {
+
+using at::vec::Vectorized;
+
+template <typename T>
+inline Vectorized<T> vexp(const Vectorized<T>& x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return x.exp_u20();  // ~20 ulp, exp(-inf) = 0; plenty below the fp32 tolerance
+  } else {
+    return x.exp();
+  }
+}
+
+// s[j] += bias[j]
+template <typename T>
+inline void add_bias(T* s, const T* bias, int64_t n) {
+  using V = Vectorized<T>;
+  int64_t j = 0;
+  for (; j + V::size() <= n; j += V::size())
+    (V::loadu(s + j) + V::loadu(bias + j)).store(s + j);
+  for (; j < n; ++j) s[j] += bias[j];
+}
+
+template <typename T>
+inline T row_max(const T* s, int64_t n) {
+  using V = Vectorized<T>;
+  T mx = -std::numeric_limits<T>::infinity();
+  int64_t j = 0;
+  if (n >= V::size()) {
+    V vm = V(mx);
+    for (; j + V::size() <= n; j += V::size()) vm = at::vec::maximum(vm, V::loadu(s + j));
+    mx = at::vec::vec_reduce_all<T>([](V& a, V& b) { return at::vec::maximum(a, b); }, vm);
+  }
+  for (; j < n; ++j) mx = std::max(mx, s[j]);
+  return mx;
+}
+
+// s[j] = exp(s[j] - m); returns the sum.
+template <typename T>
+inline T exp_sum(T* s, T m, int64_t n) {
+  using V = Vectorized<T>;
+  const V vm(m);
+  V vsum(T(0));
+  int64_t j = 0;
+  for (; j + V::size() <= n; j += V::size()) {
+    V e = vexp(V::loadu(s + j) - vm);
+    e.store(s + j);
+    vsum = vsum + e;
+  }
+  T sum = 0;
+  if (j > 0) sum = at::vec::vec_reduce_all<T>([](V& a, V& b) { return a + b; }, vsum);
+  for (; j < n; ++j) {
+    s[j] = std::exp(s[j] - m);
+    sum += s[j];
+  }
+  return sum;
+}
+
+template <typename T>
+inline void scale_row(T* x, T a, int64_t n) {
+  using V = Vectorized<T>;
+  const V va(a);
+  int64_t j = 0;
+  for (; j + V::size() <= n; j += V::size()) (V::loadu(x + j) * va).store(x + j);
+  for (; j < n; ++j) x[j] *= a;
+}
+
+template <typename src_t, typename dst_t>
+inline void convert_rows(const src_t* src, int64_t ld_src, dst_t* dst, int64_t rows, int64_t d) {
+  for (int64_t r = 0; r < rows; ++r) at::vec::convert(src + r * ld_src, dst + r * d, d);
+}
+
+struct Blocks {
+  int64_t q_block, k_block;
+};
+
+inline Blocks choose_blocks(int64_t Nq, int64_t Nk) {
+  // Small query blocks keep enough (b, h, q-block) tasks for the threads and
+  // the score tile in L1/L2; long key blocks make the GEMMs efficient.
+  int64_t qb = Nq >= 768 ? 128 : (Nq >= 192 ? 64 : 32);
+  int64_t kb = Nk >= 512 ? 512 : Nk;
+  return {std::min(qb, Nq), kb};
+}
+
+template <typename scalar_t, typename acc_t>
+void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                      const at::Tensor* bias, const at::Tensor* q_pos, const at::Tensor* k_pos,
+                      acc_t scale, at::Tensor& out, at::Tensor& lse) {
+  constexpr bool kReduced = !std::is_same_v<scalar_t, acc_t>;
+  const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), d = q.size(3);
+  const int64_t Hkv = k.size(1), Nk = k.size(2);
+  const int64_t group = H / Hkv;
+  const Blocks blk = choose_blocks(Nq, Nk);
+  const int64_t qB = blk.q_block, kB = blk.k_block;
+  const int64_t nQB = (Nq + qB - 1) / qB, nKB = (Nk + kB - 1) / kB;
+
+  const scalar_t* qd = q.const_data_ptr<scalar_t>();
+  const scalar_t* kd = k.const_data_ptr<scalar_t>();
+  const scalar_t* vd = v.const_data_ptr<scalar_t>();
+  const int64_t qsB = q.stride(0), qsH = q.stride(1), qsN = q.stride(2);
+  const int64_t ksB = k.stride(0), ksH = k.stride(1), ksN = k.stride(2);
+  const int64_t vsB = v.stride(0), vsH = v.stride(1), vsN = v.stride(2);
+
+  const acc_t* bd = bias ? bias->const_data_ptr<acc_t>() : nullptr;
+  const int64_t bsB = bias ? bias->stride(0) : 0;
+  const bool causal = q_pos != nullptr;
+  const int64_t* qpd = causal ? q_pos->const_data_ptr<int64_t>() : nullptr;
+  const int64_t* kpd = causal ? k_pos->const_data_ptr<int64_t>() : nullptr;
+  const int64_t qpsB = causal ? q_pos->stride(0) : 0, kpsB = causal ? k_pos->stride(0) : 0;
+
+  // Per (batch, key block): min and max key position.
+  std::vector<int64_t> kmin, kmax;
+  if (causal) {
+    kmin.resize(B * nKB);
+    kmax.resize(B * nKB);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t kb = 0; kb < nKB; ++kb) {
+        const int64_t* p = kpd + b * kpsB + kb * kB;
+        const int64_t n = std::min(kB, Nk - kb * kB);
+        int64_t lo = p[0], hi = p[0];
+        for (int64_t j = 1; j < n; ++j) {
+          lo = std::min(lo, p[j]);
+          hi = std::max(hi, p[j]);
+        }
+        kmin[b * nKB + kb] = lo;
+        kmax[b * nKB + kb] = hi;
+      }
+  }
+
+  scalar_t* od = out.data_ptr<scalar_t>();
+  acc_t* ld = lse.data_ptr<acc_t>();
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+
+  at::parallel_for(0, B * H * nQB, 1, [&](int64_t begin, int64_t end) {
+    Scratch<acc_t> s_buf(qB * kB), acc_buf(qB * d), m_buf(qB), l_buf(qB);
+    Scratch<acc_t> qc_buf(kReduced ? qB * d : 0), kc_buf(kReduced ? kB * d : 0),
+        vc_buf(kReduced ? kB * d : 0);
+    acc_t* S = s_buf.get();
+    acc_t* acc = acc_buf.get();
+    acc_t* mrow = m_buf.get();
+    acc_t* lrow = l_buf.get();
+
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t qb = task % nQB;
+      const int64_t h = (task / nQB) % H;
+      const int64_t b = task / (nQB * H);
+      const int64_t hk = h / group;
+      const int64_t i0 = qb * qB;
+      const int64_t rows = std::min(qB, Nq - i0);
+
+      const scalar_t* qsrc = qd + b * qsB + h * qsH + i0 * qsN;
+      const acc_t* Q;
+      int64_t ldq;
+      if constexpr (kReduced) {
+        convert_rows(qsrc, qsN, qc_buf.get(), rows, d);
+        Q = qc_buf.get();
+        ldq = d;
+      } else {
+        Q = qsrc;
+        ldq = qsN;
+      }
+
+      const int64_t* qp = causal ? qpd + b * qpsB + i0 : nullptr;
+      int64_t qmax = 0, qmin = 0;
+      if (causal) {
+        qmax = qmin = qp[0];
+        for (int64_t r = 1; r < rows; ++r) {
+          qmax = std::max(qmax, qp[r]);
+          qmin = std::min(qmin, qp[r]);
+        }
+      }
+
+      std::fill(acc, acc + rows * d, acc_t(0));
+      std::fill(mrow, mrow + rows, neg_inf);
+      std::fill(lrow, lrow + rows, acc_t(0));
+
+      for (int64_t kb = 0; kb < nKB; ++kb) {
+        bool need_mask = false;
+        if (causal) {
+          if (kmin[b * nKB + kb] > qmax) continue;  // whole block in the future
+          need_mask = kmax[b * nKB + kb] > qmin;
+        }
+        const int64_t j0 = kb * kB;
+        const int64_t cols = std::min(kB, Nk - j0);
+        const scalar_t* ksrc = kd + b * ksB + hk * ksH + j0 * ksN;
+        const scalar_t* vsrc = vd + b * vsB + hk * vsH + j0 * vsN;
+        const acc_t *K, *Vp;
+        int64_t ldk, ldv;
+        if constexpr (kReduced) {
+          convert_rows(ksrc, ksN, kc_buf.get(), cols, d);
+          convert_rows(vsrc, vsN, vc_buf.get(), cols, d);
+          K = kc_buf.get();
+          Vp = vc_buf.get();
+          ldk = ldv = d;
+        } else {
+          K = ksrc;
+          Vp = vsrc;
+          ldk = ksN;
+          ldv = vsN;
+        }
+
+        // S = scale * Q K^T   (rows x cols, ld cols)
+        gemm_abt<acc_t>(rows, cols, d, scale, Q, ldq, K, ldk, S, cols);
+
+        const acc_t* bias_row = bd ? bd + b * bsB + j0 : nullptr;
+        const int64_t* kp = causal ? kpd + b * kpsB + j0 : nullptr;
+        bool any = false;
+        for (int64_t r = 0; r < rows; ++r) {
+          acc_t* s = S + r * cols;
+          if (bias_row) add_bias(s, bias_row, cols);
+          if (need_mask) {
+            const int64_t qi = qp[r];
+            for (int64_t j = 0; j < cols; ++j)
+              if (kp[j] > qi) s[j] = neg_inf;
+          }
+          const acc_t mx = row_max(s, cols);
+          const acc_t m_old = mrow[r];
+          const acc_t m_new = std::max(m_old, mx);
+          if (m_new == neg_inf) {  // nothing visible yet in this row
+            std::fill(s, s + cols, acc_t(0));
+            continue;
+          }
+          any = true;
+          const acc_t sum = exp_sum(s, m_new, cols);
+          if (m_old != m_new && m_old != neg_inf) {
+            const acc_t alpha = std::exp(m_old - m_new);
+            lrow[r] *= alpha;
+            scale_row(acc + r * d, alpha, d);
+          }
+          lrow[r] += sum;
+          mrow[r] = m_new;
+        }
+        if (any) gemm_acc_pv<acc_t>(rows, cols, d, S, cols, Vp, ldv, acc, d);
+      }
+
+      // Normalise and write out; rows with no visible key get zeros, lse = -inf.
+      scalar_t* o = od + ((b * H + h) * Nq + i0) * d;
+      acc_t* lo = ld + (b * H + h) * Nq + i0;
+      for (int64_t r = 0; r < rows; ++r) {
+        acc_t* a = acc + r * d;
+        if (lrow[r] > acc_t(0)) {
+          scale_row(a, acc_t(1) / lrow[r], d);
+          lo[r] = mrow[r] + std::log(lrow[r]);
+        } else {
+          std::fill(a, a + d, acc_t(0));
+          lo[r] = neg_inf;
+        }
+        at::vec::convert(a, o + r * d, d);
+      }
+    }
+  });
+}
+
+at::Tensor last_dim_contiguous(const at::Tensor& t) {
+  return t.stride(-1) == 1 ? t : t.contiguous();
+}
+
+// [B, N] vector: element stride 1 (batch stride may be 0 from an expand).
+at::Tensor rows_contiguous(const at::Tensor& t, at::ScalarType dtype) {
+  at::Tensor r = t.scalar_type() == dtype ? t : t.to(dtype);
+  return r.stride(1) == 1 ? r : r.contiguous();
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                 const at::Tensor& v_in,
+                                                 const std::optional<at::Tensor>& log_counts,
+                                                 const std::optional<at::Tensor>& q_pos,
+                                                 const std::optional<at::Tensor>& k_pos,
+                                                 double scale) {
+  TORCH_CHECK(q_in.dim() == 4 && k_in.dim() == 4 && v_in.dim() == 4,
+              "prism::attention: q, k and v must be 4-D [B, H, N, d], got q ", q_in.sizes(),
+              ", k ", k_in.sizes(), ", v ", v_in.sizes());
+  TORCH_CHECK(q_in.scalar_type() == k_in.scalar_type() && q_in.scalar_type() == v_in.scalar_type(),
+              "prism::attention: q, k and v must share one dtype, got ", q_in.scalar_type(), ", ",
+              k_in.scalar_type(), ", ", v_in.scalar_type());
+  const auto dtype = q_in.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 ||
+                  dtype == at::kHalf,
+              "prism::attention: q must be float32, float64, bfloat16 or float16, got ", dtype);
+  const int64_t B = q_in.size(0), H = q_in.size(1), Nq = q_in.size(2), d = q_in.size(3);
+  const int64_t Hkv = k_in.size(1), Nk = k_in.size(2);
+  TORCH_CHECK(k_in.size(0) == B && v_in.size(0) == B,
+              "prism::attention: q, k and v must share the batch size B (dim 0)");
+  TORCH_CHECK(v_in.size(1) == Hkv && v_in.size(2) == Nk,
+              "prism::attention: k and v must share [B, Hkv, Nk], got k ", k_in.sizes(), " and v ",
+              v_in.sizes());
+  TORCH_CHECK(k_in.size(3) == d && v_in.size(3) == d,
+              "prism::attention: q, k and v must share the head dimension d (dim 3)");
+  TORCH_CHECK(Hkv > 0 && H % Hkv == 0,
+              "prism::attention: query heads H must be a multiple of key/value heads Hkv, got H=",
+              H, ", Hkv=", Hkv);
+  TORCH_CHECK(q_pos.has_value() == k_pos.has_value(),
+              "prism::attention: q_pos and k_pos must be given together (causal) or both be None");
+  TORCH_CHECK(std::isfinite(scale), "prism::attention: scale must be finite, got ", scale);
+
+  const auto acc_type = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = at::empty({B, H, Nq, d}, q_in.options());
+  at::Tensor lse = at::empty({B, H, Nq}, q_in.options().dtype(acc_type));
+  if (out.numel() == 0) {
+    lse.fill_(-std::numeric_limits<double>::infinity());
+    return {out, lse};
+  }
+  if (Nk == 0) {
+    out.zero_();
+    lse.fill_(-std::numeric_limits<double>::infinity());
+    return {out, lse};
+  }
+
+  // stride(-1) == 1 is read in place (any other strides); otherwise copy.
+  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in),
+                   v = last_dim_contiguous(v_in);
+
+  at::Tensor bias;
+  if (log_counts.has_value()) {
+    const auto& lc = *log_counts;
+    TORCH_CHECK(lc.dim() == 2 && lc.size(0) == B && lc.size(1) == Nk,
+                "prism::attention: log_counts must have shape [B, Nk] = [", B, ", ", Nk, "], got ",
+                lc.sizes());
+    TORCH_CHECK(at::isFloatingType(lc.scalar_type()),
+                "prism::attention: log_counts must be a float tensor, got ", lc.scalar_type());
+    bias = rows_contiguous(lc, acc_type);
+  }
+  at::Tensor qp, kp;
+  if (q_pos.has_value()) {
+    TORCH_CHECK(q_pos->dim() == 2 && q_pos->size(0) == B && q_pos->size(1) == Nq,
+                "prism::attention: q_pos must have shape [B, Nq] = [", B, ", ", Nq, "], got ",
+                q_pos->sizes());
+    TORCH_CHECK(k_pos->dim() == 2 && k_pos->size(0) == B && k_pos->size(1) == Nk,
+                "prism::attention: k_pos must have shape [B, Nk] = [", B, ", ", Nk, "], got ",
+                k_pos->sizes());
+    TORCH_CHECK(q_pos->scalar_type() == at::kLong && k_pos->scalar_type() == at::kLong,
+                "prism::attention: q_pos and k_pos must be int64, got ", q_pos->scalar_type(),
+                " and ", k_pos->scalar_type());
+    qp = rows_contiguous(*q_pos, at::kLong);
+    kp = rows_contiguous(*k_pos, at::kLong);
+  }
+  const at::Tensor* bptr = bias.defined() ? &bias : nullptr;
+  const at::Tensor* qpp = qp.defined() ? &qp : nullptr;
+  const at::Tensor* kpp = kp.defined() ? &kp : nullptr;
+
+  switch (dtype) {
+    case at::kFloat:
+      attention_kernel<float, float>(q, k, v, bptr, qpp, kpp, (float)scale, out, lse);
+      break;
+    case at::kDouble:
+      attention_kernel<double, double>(q, k, v, bptr, qpp, kpp, scale, out, lse);
+      break;
+    case at::kBFloat16:
+      attention_kernel<at::BFloat16, float>(q, k, v, bptr, qpp, kpp, (float)scale, out, lse);
+      break;
+    case at::kHalf:
+      attention_kernel<at::Half, float>(q, k, v, bptr, qpp, kpp, (float)scale, out, lse);
+      break;
+    default:
+      TORCH_CHECK(false, "unreachable");
+  }
+  return {out, lse};
+}
+
+}  // namespace prism
