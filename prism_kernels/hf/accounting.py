@@ -26,8 +26,6 @@ import contextlib
 from dataclasses import dataclass
 from typing import Dict, List
 
-import torch
-
 
 @dataclass(frozen=True)
 class DeviceRecord:

@@ -39,7 +39,6 @@ from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 
 import python_ref
 from python_ref.layout import plan_layout
