@@ -137,6 +137,19 @@ def simulate(family, inputs, P, *, num_means=None, cr=None, means_of="kv"):
             h.remove()
 
 
+def hf_simulation(family, inputs, P, *, num_means=None, cr=None, means_of="kv"):
+    """prism_kernels.hf.enable_prism (another module of this project), when it exists."""
+    try:
+        import prism_kernels.hf as phf
+    except ImportError:
+        return None
+    from prism_kernels.distributed.model_adapters import build_model, make_adapter
+    model = build_model(family, "tiny", seed=0)
+    phf.enable_prism(model, num_partitions=P, num_means=num_means, compression_rate=cr,
+                     averaging="attention_input" if means_of == "kv" else "block_output")
+    return make_adapter(model).stock_forward(inputs)
+
+
 def stock(family, inputs):
     from prism_kernels.distributed.model_adapters import build_model, make_adapter
     model = build_model(family, "tiny", seed=0)
@@ -210,6 +223,10 @@ def test_outputs_equal_simulation_and_stock(run_scenarios):
                                             means_of=means_of)
             close(r["hidden"], sim_hidden)
             close(r["head"], sim_head)
+            hf = hf_simulation(fam, inputs, P, num_means=s.get("num_means"), cr=s.get("cr"), means_of=means_of)
+            if hf is not None:     # the project's one-process simulation (prism_kernels.hf), same P and m
+                close(r["hidden"], hf[0])
+                close(r["head"], hf[1])
             # and prism with these means really differs from the stock model
             assert (r["hidden"] - ref_hidden).abs().max() > 1e-3, s["name"]
 
@@ -257,15 +274,19 @@ def test_wire_choice(run_scenarios):
             assert rep["wire"] == "hidden"
 
 
-def test_overlap_equals_no_overlap():
-    # covered inside the P=2 scenarios: the non-overlapped runs must equal the overlapped ones
-    pass
+def test_overlap_equals_no_overlap(run_scenarios):
+    P, scen, results = run_scenarios
+    pairs = [("bert_prism", "bert_noverlap"), ("gpt2_prism", "gpt2_noverlap")]
+    if P != 2:
+        pytest.skip("the no-overlap scenarios run with P = 2")
+    for a, b in pairs:
+        close(results[a]["hidden"], results[b]["hidden"])
 
 
 def test_cli_torchrun_and_json(tmp_path):
     """`prism run --nproc 2` spawns torchrun; rank 0 prints JSON with the byte check."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, "-m", "prism_kernels.distributed", "--nproc", "2", "--family", "gpt2",
+    p = subprocess.run([sys.executable, "-m", "prism_kernels.cli", "run", "--nproc", "2", "--family", "gpt2",
                         "--seq-len", "11", "--mode", "prism", "-m", "2", "--json", "--repeat", "2"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -285,3 +306,27 @@ def test_one_process():
     assert rc == 0, err[-2000:]
     d = json.loads([l for l in out.splitlines() if l.startswith("{")][-1])
     assert d["world"] == 1 and d["bytes_match_cost_model"]
+
+
+def test_merge_by_lse_equals_one_attention():
+    """Attending to local keys and to received means separately, then merging by
+    log-sum-exp, equals one scaling-aware attention over all keys (incl. causal)."""
+    import prism_kernels as pk
+    from prism_kernels.distributed.overlap import merge_by_lse
+    g = torch.Generator().manual_seed(0)
+    B, H, Hkv, n, r, d = 2, 4, 2, 5, 3, 8
+    q = torch.randn(B, H, n, d, generator=g)
+    kl, vl = torch.randn(B, Hkv, n, d, generator=g), torch.randn(B, Hkv, n, d, generator=g)
+    kr, vr = torch.randn(B, Hkv, r, d, generator=g), torch.randn(B, Hkv, r, d, generator=g)
+    counts = torch.tensor([4, 3, 3])
+    qpos = torch.arange(10, 10 + n)
+    rpos = torch.tensor([3, 6, 9])
+    for causal in (False, True):
+        kw = dict(causal=True, q_pos=qpos, k_pos=qpos) if causal else {}
+        o1, l1 = pk.prism_attention(q, kl, vl, return_lse=True, **kw)
+        o2, l2 = pk.prism_attention(q, kr, vr, key_counts=counts, return_lse=True)
+        merged, _ = merge_by_lse(o1, l1, o2, l2)
+        kw_all = dict(causal=True, q_pos=qpos, k_pos=torch.cat([qpos, rpos])) if causal else {}
+        full = pk.prism_attention(q, torch.cat([kl, kr], 2), torch.cat([vl, vr], 2),
+                                  key_counts=torch.cat([torch.ones(n, dtype=torch.int64), counts]), **kw_all)
+        close(merged, full)

@@ -59,20 +59,28 @@ def _fail(rank, code, msg):
     os._exit(code)   # never wait on a broken process group
 
 
-def spawn_torchrun(args, argv):
-    """Re-launch this command under torchrun with --nproc processes."""
-    rest = []
-    skip = False
-    for a in argv:
-        if skip:
-            skip = False
+def args_to_argv(args):
+    """The command-line flags that reproduce `args` (without --nproc)."""
+    p = argparse.ArgumentParser(add_help=False)
+    add_arguments(p)
+    out = []
+    for act in p._actions:
+        if not act.option_strings or act.dest == "nproc":
             continue
-        if a == "--nproc":
-            skip = True
+        val = getattr(args, act.dest, act.default)
+        if val == act.default:
             continue
-        if a.startswith("--nproc="):
-            continue
-        rest.append(a)
+        flag = act.option_strings[-1] if act.option_strings[-1].startswith("--") else act.option_strings[0]
+        if isinstance(act, argparse._StoreTrueAction):
+            out.append(flag)
+        else:
+            out += [flag, str(val)]
+    return out
+
+
+def spawn_torchrun(args):
+    """Re-launch this command under torchrun with --nproc processes (loopback)."""
+    rest = args_to_argv(args)
     torchrun = shutil.which("torchrun")
     cmd = ([torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"])
     cmd += ["--standalone", f"--nproc-per-node={args.nproc}", "-m", "prism_kernels.distributed"] + rest
@@ -87,7 +95,7 @@ def main(argv=None, args=None):
         add_arguments(p)
         args = p.parse_args(argv)
     if args.nproc is not None and "RANK" not in os.environ:
-        return spawn_torchrun(args, argv)
+        return spawn_torchrun(args)
     return run(args)
 
 

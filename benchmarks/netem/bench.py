@@ -1,0 +1,146 @@
+"""Latency of single / voltage / prism (P = 2) over an emulated edge link (paper Fig. 5).
+
+Run through run_latency.sh (root), which creates two network namespaces joined by a
+veth pair; this driver reshapes the link with `tc` for every bandwidth, starts rank 0
+in the first namespace and rank 1 in the second (`ip netns exec`), one torch thread
+per rank pinned to its own core (taskset; rank r on CPU r), batch 1, and reads rank 0's JSON line (median of --repeat timed runs after
+--warmup). Traffic only crosses the veth pair inside the namespaces it made.
+
+Writes benchmarks/results/latency_<tag>.csv and .md (with the run conditions).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+MODELS = {
+    # name: (family, size, extra args, prism args)
+    "vit-b16": ("vit", "base", [], ["-m", "10"]),          # N = 197; 10 means per partition (paper: CR 9.9)
+    "bert-base": ("bert", "base", ["--seq-len", "256"], ["-m", "1"]),   # N = 256; 1 mean (paper: CR 128)
+}
+
+
+def sh(cmd, check=True):
+    return subprocess.run(cmd, check=check, capture_output=True, text=True)
+
+
+def shape(ns, dev, mbit, delay_ms):
+    """Egress shaping of one veth end: optional netem delay, then a token bucket."""
+    sh(["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", dev, "root"], check=False)
+    rate_bytes = mbit * 1e6 / 8
+    burst = max(32_000, int(rate_bytes / 250))            # 4 ms of traffic
+    tbf = ["tbf", "rate", f"{mbit}mbit", "burst", str(burst), "latency", "400ms"]
+    if delay_ms:
+        sh(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "handle", "1:",
+            "netem", "delay", f"{delay_ms}ms"])
+        sh(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "parent", "1:", "handle", "2:"] + tbf)
+    else:
+        sh(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root"] + tbf)
+
+
+def run_ranks(args, model, mode, world):
+    fam, size, extra, prism_args = MODELS[model]
+    cmd_args = ["--family", fam, "--size", size, "--mode", mode, "--threads", "1", "--json",
+                "--repeat", str(args.repeat), "--warmup", str(args.warmup), "--timeout", "300"] + extra
+    if mode == "prism":
+        cmd_args += prism_args
+    port = str(args.port)
+    procs = []
+    for r in range(world):
+        ns, dev = (args.ns0, args.dev0) if r == 0 else (args.ns1, args.dev1)
+        env = {"PATH": os.environ["PATH"], "RANK": str(r), "WORLD_SIZE": str(world), "LOCAL_RANK": str(r),
+               "MASTER_ADDR": args.addr0, "MASTER_PORT": port, "GLOO_SOCKET_IFNAME": dev,
+               "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+               "HOME": os.environ.get("HOME", "/root")}
+        cmd = ["ip", "netns", "exec", ns, "env", "-i"] + [f"{k}={v}" for k, v in env.items()] + \
+              ["taskset", "-c", str(r % (os.cpu_count() or 1)), "nice", "-n", "5", sys.executable, "-m", "prism_kernels.distributed"] + cmd_args
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = []
+    for p in procs:
+        try:
+            o, e = p.communicate(timeout=900)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        outs.append((p.returncode, o, e))
+    args.port += 1
+    rc, o, e = outs[0]
+    if rc != 0 or any(x[0] != 0 for x in outs):
+        raise RuntimeError(f"{model} {mode} failed: " + " | ".join(x[2][-800:] for x in outs))
+    return json.loads([l for l in o.splitlines() if l.startswith("{")][-1])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ns0", required=True)
+    ap.add_argument("--ns1", required=True)
+    ap.add_argument("--dev0", required=True)
+    ap.add_argument("--dev1", required=True)
+    ap.add_argument("--addr0", required=True)
+    ap.add_argument("--port", type=int, default=29611)
+    ap.add_argument("--bandwidths", default="50,100,200,500,1000")
+    ap.add_argument("--delay-ms", type=float, default=0.0)
+    ap.add_argument("--models", default="vit-b16,bert-base")
+    ap.add_argument("--repeat", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--tag", default="fig5")
+    args = ap.parse_args()
+
+    import torch
+    out_dir = ROOT / "benchmarks" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path = out_dir / f"latency_{args.tag}.csv"
+    cpu = platform.processor() or ""
+    try:
+        cpu = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")][0]
+    except Exception:
+        pass
+    cond = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads_per_rank": 1,
+            "batch": 1, "delay_ms": args.delay_ms, "repeat": args.repeat, "warmup": args.warmup}
+    rows = []
+    fields = ["model", "mode", "P", "bandwidth_mbit", "delay_ms", "median_ms", "min_ms", "max_ms", "runs",
+              "wire", "bytes_per_layer_rank0", "bytes_per_layer_rank1", "loadavg_before", "loadavg_after",
+              "cpu", "torch"]
+    bws = [int(b) for b in args.bandwidths.split(",")]
+    for model in args.models.split(","):
+        # single device at the start and at the end (the machine's load drifts)
+        plan = [("single", None)] + [(m, bw) for bw in bws for m in ("voltage", "prism")] + [("single", None)]
+        for mode, bw in plan:
+            if bw is not None:
+                shape(args.ns0, args.dev0, bw, args.delay_ms)
+                shape(args.ns1, args.dev1, bw, args.delay_ms)
+            la0 = os.getloadavg()[0]
+            d = run_ranks(args, model, mode, 1 if mode == "single" else 2)
+            la1 = os.getloadavg()[0]
+            ts = [t * 1e3 for t in d["times_s"]]
+            lb = d.get("layer_bytes_per_rank", [{}])
+            row = {"model": model, "mode": mode, "P": d["world"], "bandwidth_mbit": bw if bw else "",
+                   "delay_ms": args.delay_ms if bw else "", "median_ms": round(sorted(ts)[len(ts) // 2], 2),
+                   "min_ms": round(min(ts), 2), "max_ms": round(max(ts), 2), "runs": len(ts),
+                   "wire": d.get("wire") if mode != "single" else "",
+                   "bytes_per_layer_rank0": max(lb[0].values(), default=0) if lb else 0,
+                   "bytes_per_layer_rank1": max(lb[1].values(), default=0) if len(lb) > 1 else "",
+                   "loadavg_before": round(la0, 2), "loadavg_after": round(la1, 2),
+                   "cpu": cpu, "torch": torch.__version__}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            with open(csv_path, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=fields)
+                w.writeheader()
+                w.writerows(rows)
+    (out_dir / f"latency_{args.tag}.json").write_text(json.dumps({"conditions": cond, "rows": rows}, indent=1))
+    print(f"wrote {csv_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Paper Fig. 5: latency of single / voltage / prism (P = 2) over an emulated edge link.
+# Run as root from the repository root:
+#     sudo benchmarks/netem/run_latency.sh [--bandwidths 50,100,200,500,1000] [--delay-ms 0]
+#                                          [--models vit-b16,bert-base] [--repeat 6] [--tag fig5]
+# Creates two network namespaces (pk_ns0, pk_ns1) joined by a veth pair (10.213.0.1 <-> 10.213.0.2),
+# shapes both ends with tc (tbf, optional netem delay), runs one rank in each, and removes
+# everything on exit. No traffic leaves these namespaces. Results: benchmarks/results/latency_<tag>.{csv,json,md,png}
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+if [[ $EUID -ne 0 ]]; then echo "run as root (needs ip netns and tc)" >&2; exit 1; fi
+PY=${PYTHON:-/work/venv/bin/python}
+NS0=pk_ns0; NS1=pk_ns1; DEV0=pk_veth0; DEV1=pk_veth1; A0=10.213.0.1; A1=10.213.0.2
+cleanup() {
+  ip netns del "$NS0" 2>/dev/null || true
+  ip netns del "$NS1" 2>/dev/null || true
+  ip link del "$DEV0" 2>/dev/null || true
+}
+trap cleanup EXIT INT TERM
+cleanup
+ip netns add "$NS0"
+ip netns add "$NS1"
+ip link add "$DEV0" type veth peer name "$DEV1"
+ip link set "$DEV0" netns "$NS0"
+ip link set "$DEV1" netns "$NS1"
+ip -n "$NS0" addr add "$A0/24" dev "$DEV0"
+ip -n "$NS1" addr add "$A1/24" dev "$DEV1"
+for ns in "$NS0" "$NS1"; do ip -n "$ns" link set lo up; done
+ip -n "$NS0" link set "$DEV0" up
+ip -n "$NS1" link set "$DEV1" up
+ip netns exec "$NS0" ping -c 1 -W 2 "$A1" >/dev/null 2>&1 || echo "warning: ping $A1 failed (no ping binary?)" >&2
+TAG=fig5
+ARGS=("$@")
+for ((i = 0; i < ${#ARGS[@]}; i++)); do [[ "${ARGS[$i]}" == "--tag" ]] && TAG="${ARGS[$((i + 1))]}"; done
+"$PY" benchmarks/netem/bench.py --ns0 "$NS0" --ns1 "$NS1" --dev0 "$DEV0" --dev1 "$DEV1" --addr0 "$A0" "$@"
+"$PY" benchmarks/netem/plot.py --tag "$TAG"
