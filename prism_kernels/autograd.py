@@ -71,3 +71,25 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 torch.library.register_autograd("prism::attention", _backward, setup_context=_setup_context)
+
+
+# segment_means is linear: every token of segment s receives grad_means[s] / c_s.
+def _means_setup_context(ctx, inputs, output):
+    x, num_segments = inputs
+    _, counts = output
+    ctx.save_for_backward(counts)
+    ctx.x_dtype = x.dtype
+    ctx.n = x.shape[-2]
+
+
+def _means_backward(ctx, grad_means, grad_counts):
+    (counts,) = ctx.saved_tensors
+    if grad_means is None:
+        return None, None
+    acc = torch.float64 if grad_means.dtype == torch.float64 else torch.float32
+    scaled = grad_means.to(acc) / counts.to(acc).unsqueeze(-1)
+    return scaled.repeat_interleave(counts, dim=-2, output_size=ctx.n).to(ctx.x_dtype), None
+
+
+torch.library.register_autograd("prism::segment_means", _means_backward,
+                                setup_context=_means_setup_context)

@@ -25,3 +25,9 @@ def test_gradcheck_fp64(causal, with_lse):
         return out, lse.masked_fill(torch.isinf(lse), 0.0)
 
     assert torch.autograd.gradcheck(f, (q, k, v, counts))
+
+
+@pytest.mark.parametrize("n,m", [(7, 3), (5, 5), (6, 1)])
+def test_segment_means_gradcheck(n, m):
+    x = torch.randn(2, n, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: pk.segment_means(x, m)[0], (x,))
