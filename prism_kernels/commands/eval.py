@@ -1,0 +1,120 @@
+"""`prism eval`: accuracy of Prism on real pretrained models and real data.
+
+    prism eval --task minilm-spam [--partitions 2 3] [--cr 1 2 4 ...]
+               [--averaging block_output attention_input] [--limit N] [--out DIR]
+    prism eval --task finetune-minilm-brown ...     (fine-tuning with Prism in the loop)
+
+Needs the cache filled by `bash benchmarks/accuracy/fetch_data.sh`. Every
+finished cell is stored in DIR/accuracy_<task>.json at once, so an interrupted
+run resumes where it stopped; the Markdown table and the plot
+(DIR/accuracy_<task>.md / .png) are rewritten after every cell.
+Also runnable as `python -m prism_kernels.commands.eval`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_OUT = Path("benchmarks") / "results"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from prism_kernels.eval.tasks import AVERAGINGS, DEFAULT_CRS, TASKS
+    from prism_kernels.eval.finetune import FINETUNE_TASKS
+
+    choices = sorted(TASKS) + sorted(FINETUNE_TASKS)
+    p.add_argument("--task", required=True, nargs="+", choices=choices + ["all"],
+                   help="task(s) to run; 'all' = every sweep task")
+    p.add_argument("--partitions", type=int, nargs="+", default=[2, 3], help="P values (default: 2 3)")
+    p.add_argument("--cr", type=float, nargs="+", default=None,
+                   help=f"compression rates (default: {' '.join(f'{c:g}' for c in DEFAULT_CRS)} plus the "
+                        "paper's settings for the task's family); 1 = Voltage")
+    p.add_argument("--averaging", nargs="+", default=list(AVERAGINGS), choices=list(AVERAGINGS))
+    p.add_argument("--limit", type=int, default=None,
+                   help="test examples (classification) or 256-token windows (smollm2-austen)")
+    p.add_argument("--all-averaging-cells", action="store_true",
+                   help="post-LN models (BERT): run the second averaging at every CR, not only at "
+                        "CR 8 and 64 (for BERT the two variants are the same computation)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
+    p.add_argument("--fresh", action="store_true", help="discard cached cells of these tasks first")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("eval", help="accuracy of Prism vs exact on real models and data",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=run, handler=run)
+    return p
+
+
+def run_sweep(name: str, args) -> Path:
+    from tqdm.auto import tqdm
+
+    from prism_kernels.eval.report import write_report
+    from prism_kernels.eval.store import ResultStore
+    from prism_kernels.eval.tasks import get_task, sweep_cells
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    store_path = args.out / f"accuracy_{name}.json"
+    if args.fresh and store_path.exists():
+        store_path.unlink()
+    store = ResultStore(store_path)
+    task = get_task(name, limit=args.limit, seed=args.seed, progress=not args.no_progress)
+    from prism_kernels.eval.tasks import POST_LN_SECONDARY_CRS
+
+    crs = args.cr or task.default_crs()
+    secondary = None
+    if task.post_ln and not args.all_averaging_cells:
+        secondary = [c for c in crs if c in POST_LN_SECONDARY_CRS] or crs[-1:]
+    cells = sweep_cells(args.partitions, crs, args.averaging, secondary)
+    desc = task.describe()
+    if store.meta and any(store.meta.get(k) != v for k, v in desc.items() if k in store.meta):
+        changed = {k: (store.meta.get(k), v) for k, v in desc.items() if k in store.meta and store.meta.get(k) != v}
+        raise SystemExit(f"{store_path} holds results of other settings {changed}; "
+                         f"use --fresh or another --out")
+    todo = [c for c in cells if c.key not in store]
+    print(f"[{name}] {len(cells) - len(todo)} of {len(cells)} cells cached in {store_path}", flush=True)
+    if todo:
+        task.setup()
+        store.set_meta(**task.describe())
+        for cell in tqdm(todo, desc=name, disable=args.no_progress, dynamic_ncols=True):
+            res = task.evaluate(cell)
+            store.put(cell.key, res)
+            write_report(store, args.out, name)
+            tqdm.write(f"[{name}] {cell.key}: " + ", ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items()))
+    md, _ = write_report(store, args.out, name)
+    print(f"[{name}] table: {md}", flush=True)
+    return md
+
+
+def run(args) -> int:
+    import torch
+
+    from prism_kernels.eval.finetune import FINETUNE_TASKS, run_finetune
+    from prism_kernels.eval.tasks import TASKS
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = sorted(TASKS) if "all" in args.task else args.task
+    for name in names:
+        if name in FINETUNE_TASKS:
+            run_finetune(name, args)
+        else:
+            run_sweep(name, args)
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="prism eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

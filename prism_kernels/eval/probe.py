@@ -1,0 +1,57 @@
+"""Linear probes: logistic regression on standardised features (scikit-learn).
+The regularisation strength is chosen by cross-validation on the training
+features only; the test set is never seen while fitting."""
+from __future__ import annotations
+
+import numpy as np
+
+
+class LinearProbe:
+    def __init__(self, Cs=(0.01, 0.1, 1.0, 10.0), folds: int = 3, seed: int = 0, max_iter: int = 3000):
+        self.Cs, self.folds, self.seed, self.max_iter = tuple(Cs), folds, seed, max_iter
+
+    def fit(self, x, y) -> "LinearProbe":
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.model_selection import StratifiedKFold, cross_val_score
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        x, y = np.asarray(x, dtype=np.float64), np.asarray(y)
+
+        def make(C):
+            return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=self.max_iter))
+
+        if len(self.Cs) > 1:
+            min_class = np.bincount(y).min() if y.dtype.kind in "iu" else self.folds
+            folds = max(2, min(self.folds, int(min_class)))
+            cv = StratifiedKFold(folds, shuffle=True, random_state=self.seed)
+            scores = [cross_val_score(make(C), x, y, cv=cv).mean() for C in self.Cs]
+            self.C_ = self.Cs[int(np.argmax(scores))]
+            self.cv_scores_ = dict(zip(self.Cs, map(float, scores)))
+        else:
+            self.C_ = self.Cs[0]
+            self.cv_scores_ = {}
+        self.model_ = make(self.C_).fit(x, y)
+        return self
+
+    def predict(self, x) -> np.ndarray:
+        return self.model_.predict(np.asarray(x, dtype=np.float64))
+
+    def score(self, x, y) -> float:
+        return float((self.predict(x) == np.asarray(y)).mean())
+
+    def torch_linear(self):
+        """The fitted probe (scaler folded in) as a torch.nn.Linear (float32)."""
+        import torch
+
+        scaler, lr = self.model_[0], self.model_[-1]
+        W = lr.coef_ / scaler.scale_[None, :]
+        b = lr.intercept_ - (lr.coef_ * scaler.mean_ / scaler.scale_).sum(1)
+        if W.shape[0] == 1:  # binary: two logits [0, z]
+            W = np.concatenate([np.zeros_like(W), W])
+            b = np.concatenate([np.zeros(1), b])
+        lin = torch.nn.Linear(W.shape[1], W.shape[0])
+        with torch.no_grad():
+            lin.weight.copy_(torch.from_numpy(W))
+            lin.bias.copy_(torch.from_numpy(b))
+        return lin

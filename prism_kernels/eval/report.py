@@ -1,0 +1,136 @@
+"""Tables (Markdown) and plots (metric against CR, the paper's Fig. 4) from a
+task's result store."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+METRIC_LABELS = {
+    "accuracy": "probe accuracy", "macro_f1": "macro F1", "cosine_mean": "cosine to exact",
+    "bpc": "bits per character", "next_word_accuracy": "next-word accuracy", "token_ppl": "token perplexity",
+}
+
+
+def _fmt(v, metric):
+    if v is None:
+        return ""
+    if metric in ("accuracy", "macro_f1", "next_word_accuracy"):
+        return f"{100 * v:.2f}"
+    if metric in ("cosine_mean", "cosine_min"):
+        return f"{v:.4f}"
+    if metric in ("bpc",):
+        return f"{v:.4f}"
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def _parse(key: str) -> dict:
+    parts = key.split("|")
+    out = {"method": parts[0]}
+    for p in parts[1:]:
+        k, v = p.split("=", 1)
+        out[k] = v
+    out["P"] = int(out["P"])
+    out["CR"] = None if out["CR"] == "-" else float(out["CR"])
+    out["avg"] = None if out["avg"] == "-" else out["avg"]
+    return out
+
+
+def rows(cells: dict) -> list[dict]:
+    order = {"exact": 0, "voltage": 1, "prism": 2}
+    rs = [{**_parse(k), "res": v} for k, v in cells.items()]
+    rs.sort(key=lambda r: (r["P"] if r["method"] != "exact" else 0, order[r["method"]],
+                           r["avg"] or "", r["CR"] or 0))
+    return rs
+
+
+def metrics_of(meta: dict) -> list[str]:
+    if meta.get("primary") == "bpc":
+        return ["bpc", "next_word_accuracy", "token_ppl"]
+    return ["accuracy", "macro_f1", "cosine_mean"]
+
+
+def markdown_table(meta: dict, cells: dict) -> str:
+    ms = metrics_of(meta)
+    exact = cells.get("exact|P=1|CR=-|avg=-")
+    head = ["method", "P", "averaging", "CR", "eff. CR"] + [METRIC_LABELS[m] + (" (%)" if m in (
+        "accuracy", "macro_f1", "next_word_accuracy") else "") for m in ms]
+    if exact:
+        head.append(f"Δ {METRIC_LABELS[ms[0]]}")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows(cells):
+        res = r["res"]
+        line = [r["method"], str(r["P"]), r["avg"] or "", "" if r["CR"] is None else f"{r['CR']:g}",
+                "" if "effective_cr" not in res else f"{res['effective_cr']:.2f}"]
+        line += [_fmt(res.get(m), m) for m in ms]
+        if exact:
+            d = res.get(ms[0], math.nan) - exact[ms[0]]
+            line.append(f"{100 * d:+.2f}" if ms[0] != "bpc" else f"{d:+.4f}")
+        lines.append("| " + " | ".join(line) + " |")
+    return "\n".join(lines)
+
+
+def describe_meta(meta: dict) -> str:
+    skip = {"task", "higher_is_better", "primary"}
+    return ", ".join(f"{k}={v}" for k, v in meta.items() if k not in skip and v is not None)
+
+
+def write_report(store, out_dir, task_name: str) -> tuple[Path, Path | None]:
+    out_dir = Path(out_dir)
+    meta, cells = store.meta, store.cells()
+    md = [f"# Accuracy under Prism: `{task_name}`", "",
+          f"Model: {meta.get('model')}. Data: {meta.get('dataset')}.", "",
+          f"Settings: {describe_meta(meta)}.", "",
+          "exact = the stock model on one device; voltage = P devices exchanging full hidden states "
+          "(run as Prism with one mean per token, CR = 1); prism = segment means at the nominal "
+          "compression rate CR (m_j = ceil(n_j / CR), Eq. 16); eff. CR = Voltage / Prism tokens "
+          "received per device per layer, averaged over devices and test sequences.", "",
+          markdown_table(meta, cells), ""]
+    png = None
+    try:
+        png = plot(meta, cells, out_dir / f"accuracy_{task_name}.png", task_name)
+        md += [f"![{task_name}](accuracy_{task_name}.png)", ""]
+    except Exception as e:  # plotting is optional
+        md += [f"(plot failed: {e})", ""]
+    path = out_dir / f"accuracy_{task_name}.md"
+    path.write_text("\n".join(md))
+    return path, png
+
+
+def plot(meta: dict, cells: dict, path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ms = metrics_of(meta)[:2]
+    rs = rows(cells)
+    exact = cells.get("exact|P=1|CR=-|avg=-")
+    fig, axes = plt.subplots(1, len(ms), figsize=(5.2 * len(ms), 3.8))
+    styles = {"block_output": "-", "attention_input": "--"}
+    colors = {2: "tab:blue", 3: "tab:orange", 4: "tab:green"}
+    for ax, m in zip(axes, ms):
+        scale = 100 if m in ("accuracy", "macro_f1", "next_word_accuracy") else 1
+        for p in sorted({r["P"] for r in rs if r["method"] != "exact"}):
+            volt = [r for r in rs if r["method"] == "voltage" and r["P"] == p]
+            for avg in ("block_output", "attention_input"):
+                pts = [(1.0, volt[0]["res"][m])] if volt else []
+                pts += [(r["CR"], r["res"][m]) for r in rs
+                        if r["method"] == "prism" and r["P"] == p and r["avg"] == avg]
+                if len(pts) < 2:
+                    continue
+                xs, ys = zip(*sorted(pts))
+                ax.plot(xs, [scale * y for y in ys], styles[avg], marker="o", ms=3,
+                        color=colors.get(p, None), label=f"Prism P={p}, {avg}")
+        if exact:
+            ax.axhline(scale * exact[m], color="k", lw=1, ls=":", label="exact / Voltage")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("compression rate CR (CR = 1: Voltage)")
+        ax.set_ylabel(METRIC_LABELS[m] + (" (%)" if scale == 100 else ""))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    n = meta.get("n_test") or meta.get("scored_chars")
+    fig.suptitle(f"{title}: {meta.get('model', '')}" + (f" (n={n})" if n else ""), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

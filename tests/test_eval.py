@@ -1,0 +1,289 @@
+"""Fast tests of the accuracy-evaluation tooling (prism_kernels.eval): metrics,
+probes, the resumable store, the R data reader, loaders' helpers, sweeps and
+reports on synthetic data. Tests that need the fetched data are skipped when the
+cache is absent (run benchmarks/accuracy/fetch_data.sh to enable them)."""
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from prism_kernels.eval import data as D
+from prism_kernels.eval import metrics as Mx
+from prism_kernels.eval.paths import data_dir, pkg_dir
+from prism_kernels.eval.probe import LinearProbe
+from prism_kernels.eval.rdata import read_lazyload_db, unserialize
+from prism_kernels.eval.store import ResultStore
+from prism_kernels.eval.tasks import Cell, effective_cr, sweep_cells
+
+
+# ------------------------------------------------------------------ metrics
+
+def test_accuracy_and_macro_f1():
+    assert Mx.accuracy([0, 1, 1, 0], [0, 1, 0, 0]) == 0.75
+    # class 0: tp=2 fp=1 fn=0 -> 0.8; class 1: tp=1 fp=0 fn=1 -> 2/3
+    assert Mx.macro_f1([0, 1, 1, 0], [0, 1, 0, 0]) == pytest.approx((0.8 + 2 / 3) / 2)
+    assert Mx.macro_f1([2, 2], [2, 2]) == 1.0
+    with pytest.raises(ValueError):
+        Mx.accuracy([], [])
+
+
+def test_cosine_to_reference():
+    a = np.array([[1.0, 0.0], [1.0, 1.0]])
+    b = np.array([[2.0, 0.0], [-1.0, -1.0]])
+    np.testing.assert_allclose(Mx.cosine_to_reference(a, b), [1.0, -1.0])
+
+
+def test_bits_per_character_uniform():
+    # a uniform distribution over 2 tokens: 1 bit per token; 2 characters per token
+    V, T = 2, 9
+    logits = torch.zeros(T, V)
+    ids = torch.randint(0, V, (T,))
+    nll = Mx.token_nll(logits, ids)
+    assert nll.shape == (T - 1,)
+    torch.testing.assert_close(nll, torch.full((T - 1,), math.log(2), dtype=torch.float64))
+    assert Mx.bits_per_character(float(nll.sum()), 2 * (T - 1)) == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        Mx.bits_per_character(1.0, 0)
+
+
+def test_next_word_hits_teacher_forced():
+    ids = torch.tensor([5, 1, 2, 3, 4, 6])
+    # words start at 0, 1, 3, 5: scored words are [1,3) and [3,5); the last one is cut
+    logits = torch.full((6, 8), -10.0)
+    for pos, nxt in enumerate([1, 2, 3, 7, 6, 0]):  # position 3 predicts 7, not 4
+        logits[pos, nxt] = 10.0
+    hits, scored = Mx.next_word_hits(logits, ids, [0, 1, 3, 5])
+    assert (hits, scored) == (1, 2)
+
+
+# ------------------------------------------------------------------ probe
+
+def test_linear_probe_separable_and_torch_export():
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(3, 8)) * 5
+    y = rng.integers(0, 3, 300)
+    x = centers[y] + rng.normal(size=(300, 8))
+    probe = LinearProbe(Cs=(0.1, 1.0), folds=3).fit(x[:200], y[:200])
+    assert probe.score(x[200:], y[200:]) > 0.97
+    assert probe.C_ in (0.1, 1.0) and len(probe.cv_scores_) == 2
+    lin = probe.torch_linear()
+    pred = lin(torch.tensor(x[200:], dtype=torch.float32)).argmax(-1).numpy()
+    assert (pred == probe.predict(x[200:])).mean() > 0.99
+
+
+def test_linear_probe_binary_torch_export():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 200)
+    x = rng.normal(size=(200, 4)) + 4 * y[:, None]
+    probe = LinearProbe(Cs=(1.0,)).fit(x, y)
+    lin = probe.torch_linear()
+    assert lin.out_features == 2
+    pred = lin(torch.tensor(x, dtype=torch.float32)).argmax(-1).numpy()
+    np.testing.assert_array_equal(pred, probe.predict(x))
+
+
+# ------------------------------------------------------------------ store
+
+def test_result_store_resumes(tmp_path):
+    path = tmp_path / "r.json"
+    s = ResultStore(path)
+    s.set_meta(task="t", n_test=3)
+    s.put("a", {"accuracy": 0.5})
+    s2 = ResultStore(path)
+    assert "a" in s2 and s2.get("a") == {"accuracy": 0.5} and s2.meta["n_test"] == 3
+    s2.put("b", {"accuracy": 1.0})
+    assert set(ResultStore(path).cells()) == {"a", "b"}
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+# ------------------------------------------------------------------ R reader
+
+def _xdr_str(s: str) -> bytes:
+    b = s.encode()
+    return struct.pack(">ii", 9 | (1 << 15), len(b)) + b  # CHARSXP, UTF8 flag
+
+
+def _xdr_strsxp(values, names=None) -> bytes:
+    flags = 16 | ((1 << 9) if names else 0)
+    out = struct.pack(">ii", flags, len(values)) + b"".join(_xdr_str(v) for v in values)
+    if names:
+        out += struct.pack(">i", 2 | (1 << 10))          # LISTSXP with tag
+        out += struct.pack(">i", 1) + _xdr_str("names")  # SYMSXP
+        out += _xdr_strsxp(names)
+        out += struct.pack(">i", 254)                    # end of pairlist
+    return out
+
+
+def _xdr(obj: bytes) -> bytes:
+    return b"X\n" + struct.pack(">iii", 3, 0x040201, 0x030500) + struct.pack(">i", 5) + b"UTF-8" + obj
+
+
+def test_rdata_character_vector_with_names():
+    obj = unserialize(_xdr(_xdr_strsxp(["a", "bé"], names=["x", "y"])))
+    assert obj.value == ["a", "bé"]
+    assert obj.attributes["names"].value == ["x", "y"]
+
+
+def test_rdata_lazyload_db(tmp_path):
+    books = {"emma": ["EMMA", "", "line two"], "persuasion": ["P"]}
+    blob, index = b"", {}
+    for name, lines in books.items():
+        payload = _xdr(_xdr_strsxp(lines))
+        chunk = struct.pack(">I", len(payload)) + zlib.compress(payload)
+        index[name] = (len(blob), len(chunk))
+        blob += chunk
+    (tmp_path / "Rdata.rdb").write_bytes(blob)
+
+    def intsxp(vals):
+        return struct.pack(">ii", 13, len(vals)) + b"".join(struct.pack(">i", v) for v in vals)
+
+    names = list(index)
+    variables = (struct.pack(">ii", 19 | (1 << 9), len(names)) + b"".join(intsxp(index[n]) for n in names)
+                 + struct.pack(">i", 2 | (1 << 10)) + struct.pack(">i", 1) + _xdr_str("names")
+                 + _xdr_strsxp(names) + struct.pack(">i", 254))
+    top = (struct.pack(">ii", 19 | (1 << 9), 1) + variables
+           + struct.pack(">i", 2 | (1 << 10)) + struct.pack(">i", 1) + _xdr_str("names")
+           + _xdr_strsxp(["variables"]) + struct.pack(">i", 254))
+    (tmp_path / "Rdata.rdx").write_bytes(gzip.compress(_xdr(top)))
+    db = read_lazyload_db(tmp_path / "Rdata")
+    assert {k: v.value for k, v in db.items()} == books
+
+
+# ------------------------------------------------------------------ loader helpers
+
+def test_email_text_strips_headers_and_html():
+    raw = "From: a@b\nSubject: Win money\nX-Spam: yes\n\n<html><b>Click</b> &amp; win</html>\n"
+    assert D.email_text(raw) == "Win money. Click & win"
+
+
+def test_brown_plain():
+    assert D.brown_plain("The/at jury/nn said/vbd ``/`` no/at ''/'' ./.") == 'The jury said " no ".'
+
+
+def test_take_stratified_keeps_proportions():
+    y = np.array([0] * 70 + [1] * 30)
+    idx = D._take_stratified(y, 20, np.random.default_rng(0))
+    assert len(idx) == 20 and len(set(idx)) == 20
+    assert np.bincount(y[idx]).tolist() == [14, 6]
+
+
+def test_read_idx_roundtrip(tmp_path):
+    arr = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    raw = b"\x00\x00\x08\x03" + b"".join(struct.pack(">I", d) for d in arr.shape) + arr.tobytes()
+    p = tmp_path / "x-idx3-ubyte.gz"
+    p.write_bytes(gzip.compress(raw))
+    np.testing.assert_array_equal(D._read_idx(p), arr)
+
+
+def test_digits_split_is_disjoint():
+    s = D.load_digits(n_test=100, seed=0)
+    assert len(s.y_test) == 100 and len(s.y_train) == 1797 - 100
+    assert s.x_train.shape[1:] == (8, 8) and 0 <= s.x_train.min() and s.x_train.max() <= 1
+    tr = {x.tobytes() for x in s.x_train}
+    # digits has a few exact duplicate images; nearly all test images are unseen
+    assert sum(x.tobytes() in tr for x in s.x_test) < 5
+
+
+# ------------------------------------------------------------------ sweeps
+
+def test_sweep_cells_and_keys():
+    cells = sweep_cells((2, 3), (1, 2, 8), ("attention_input", "block_output"))
+    assert cells[0] == Cell("exact")
+    assert len(cells) == 1 + 2 * (1 + 2 * 2)
+    assert Cell("prism", 2, 8.0, "block_output").key == "prism|P=2|CR=8|avg=block_output"
+    post_ln = sweep_cells((2,), (1, 2, 8), ("attention_input", "block_output"), secondary_crs=(8,))
+    assert [c.key for c in post_ln if c.averaging == "block_output"] == ["prism|P=2|CR=8|avg=block_output"]
+
+
+def test_effective_cr():
+    # BERT-like, N=256, P=2, CR=10: n=128, m=13 -> 128/13
+    assert effective_cr(256, 2, 10.0) == pytest.approx(128 / 13)
+    assert effective_cr(256, 2, 1.0) == 1.0
+    # causal, P=3: device 0 needs nothing; device 1 gets means of 0, device 2 of 0 and 1
+    sizes, m = [86, 85, 85], [9, 9, 9]
+    want = np.mean([86 / 9, (86 + 85) / 18])
+    assert effective_cr(256, 3, 10.0, causal=True) == pytest.approx(want)
+
+
+def test_report_table_and_plot(tmp_path):
+    from prism_kernels.eval.report import markdown_table, write_report
+
+    s = ResultStore(tmp_path / "accuracy_t.json")
+    s.set_meta(task="t", model="m", dataset="d", primary="accuracy", n_test=10, seed=0)
+    s.put("exact|P=1|CR=-|avg=-", {"accuracy": 0.9, "macro_f1": 0.8, "cosine_mean": 1.0})
+    s.put("voltage|P=2|CR=-|avg=-", {"accuracy": 0.9, "macro_f1": 0.8, "cosine_mean": 1.0, "effective_cr": 1.0})
+    for cr, acc in ((2, 0.85), (8, 0.7)):
+        for avg in ("attention_input", "block_output"):
+            s.put(f"prism|P=2|CR={cr}|avg={avg}", {"accuracy": acc, "macro_f1": acc, "cosine_mean": 0.9,
+                                                  "effective_cr": float(cr)})
+    table = markdown_table(s.meta, s.cells())
+    assert table.splitlines()[2].startswith("| exact | 1 |")
+    assert "| 90.00 |" in table and "-20.00" in table
+    md, png = write_report(s, tmp_path, "t")
+    assert md.exists() and png is not None and png.stat().st_size > 1000
+
+
+# ------------------------------------------------------------------ Prism in a tiny model
+
+def test_prism_mode_on_tiny_bert():
+    phf = pytest.importorskip("prism_kernels.hf")
+    from transformers import BertConfig, BertModel
+
+    from prism_kernels.eval.tasks import prism_mode
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=64, attn_implementation="eager")
+    model = BertModel(cfg, add_pooling_layer=False).eval()
+    ids = torch.randint(0, 50, (2, 24))
+    with torch.no_grad():
+        exact = model(input_ids=ids).last_hidden_state
+        with prism_mode(model, Cell("voltage", 3)):
+            volt = model(input_ids=ids).last_hidden_state
+        with prism_mode(model, Cell("prism", 2, 6.0, "attention_input")):
+            prism = model(input_ids=ids).last_hidden_state
+        after = model(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(volt, exact, atol=1e-5, rtol=1e-5)
+    assert (prism - exact).abs().max() > 1e-4
+    torch.testing.assert_close(after, exact)
+
+
+# ------------------------------------------------------------------ real data (cache)
+
+needs_spam = pytest.mark.skipif(not (data_dir("spam-assassin") / "data").exists(),
+                                reason="SpamAssassin not fetched (bash benchmarks/accuracy/fetch_data.sh)")
+needs_austen = pytest.mark.skipif(not data_dir("janeaustenr").exists(),
+                                  reason="janeaustenr not fetched (bash benchmarks/accuracy/fetch_data.sh)")
+needs_brown = pytest.mark.skipif(not data_dir("brown").exists(),
+                                 reason="Brown corpus not fetched (bash benchmarks/accuracy/fetch_data.sh)")
+
+
+@needs_spam
+def test_spam_split_disjoint():
+    s = D.load_spam(n_train=200, n_test=50, seed=0)
+    assert len(s.x_test) == 50 and len(s.x_train) == 200
+    assert not set(s.x_test) & set(s.x_train)
+    assert 0.2 < s.y_test.mean() < 0.4
+
+
+@needs_brown
+def test_brown_split_by_document():
+    s = D.load_brown(n_test=60, seed=0)
+    assert len(s.classes) == 15 and len(s.x_test) == 60
+    assert not set(s.x_test) & set(s.x_train)
+
+
+@needs_austen
+def test_austen_books():
+    books = D.load_austen_books()
+    assert set(books) == set(D.AUSTEN_BOOKS)
+    assert "It is a truth universally acknowledged" in books["prideprejudice"]
+    t = D.austen_text("persuasion", 3000)
+    assert 1000 < len(t) <= 3000 and not t.startswith("\n")
