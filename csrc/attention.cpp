@@ -20,6 +20,7 @@
 #include "common.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <vector>
 
 namespace prism {
@@ -95,17 +96,26 @@ inline void convert_rows(const src_t* src, int64_t ld_src, dst_t* dst, int64_t r
   for (int64_t r = 0; r < rows; ++r) at::vec::convert(src + r * ld_src, dst + r * d, d);
 }
 
-struct Blocks {
-  int64_t q_block, k_block;
-};
+}  // namespace
 
-inline Blocks choose_blocks(int64_t Nq, int64_t Nk) {
+Blocks choose_blocks(int64_t Nq, int64_t Nk, bool causal) {
   // Small query blocks keep enough (b, h, q-block) tasks for the threads and
   // the score tile in L1/L2; long key blocks make the GEMMs efficient.
-  int64_t qb = Nq >= 768 ? 128 : (Nq >= 192 ? 64 : 32);
+  // PRISM_ATTN_QBLOCK / PRISM_ATTN_KBLOCK override them (tuning only).
+  static const int64_t env_q = [] { const char* e = std::getenv("PRISM_ATTN_QBLOCK"); return e ? std::atoll(e) : 0; }();
+  static const int64_t env_k = [] { const char* e = std::getenv("PRISM_ATTN_KBLOCK"); return e ? std::atoll(e) : 0; }();
+  int64_t qb = Nq >= 768 ? 128 : 64;
   int64_t kb = Nk >= 512 ? 512 : Nk;
-  return {std::min(qb, Nq), kb};
+  if (causal) {
+    // Finer key blocks let whole future blocks be skipped.
+    kb = Nk >= 1024 ? 256 : 64;
+  }
+  if (env_q > 0) qb = env_q;
+  if (env_k > 0) kb = env_k;
+  return {std::max<int64_t>(1, std::min(qb, Nq)), std::max<int64_t>(1, std::min(kb, Nk))};
 }
+
+namespace {
 
 template <typename scalar_t, typename acc_t>
 void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -115,7 +125,7 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), d = q.size(3);
   const int64_t Hkv = k.size(1), Nk = k.size(2);
   const int64_t group = H / Hkv;
-  const Blocks blk = choose_blocks(Nq, Nk);
+  const Blocks blk = choose_blocks(Nq, Nk, q_pos != nullptr);
   const int64_t qB = blk.q_block, kB = blk.k_block;
   const int64_t nQB = (Nq + qB - 1) / qB, nKB = (Nk + kB - 1) / kB;
 
@@ -235,8 +245,7 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
           if (bias_row) add_bias(s, bias_row, cols);
           if (need_mask) {
             const int64_t qi = qp[r];
-            for (int64_t j = 0; j < cols; ++j)
-              if (kp[j] > qi) s[j] = neg_inf;
+            for (int64_t j = 0; j < cols; ++j) s[j] = kp[j] > qi ? neg_inf : s[j];
           }
           const acc_t mx = row_max(s, cols);
           const acc_t m_old = mrow[r];

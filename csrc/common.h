@@ -100,6 +100,12 @@ struct Scratch {
   T* get() { return p.get(); }
 };
 
+struct Blocks {
+  int64_t q_block, k_block;
+};
+// Query / key block sizes of the attention kernel for these lengths.
+Blocks choose_blocks(int64_t Nq, int64_t Nk, bool causal);
+
 const char* capability();  // "DEFAULT", "AVX2" or "AVX512": what this variant was compiled for
 
 }  // namespace prism

@@ -39,5 +39,10 @@ TORCH_LIBRARY_IMPL(prism, CPU, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "prism CPU kernels (registered as the CPU implementation of the prism ops)";
   m.def("capability", &prism::capability, "ISA this variant was compiled for");
+  m.def("block_sizes", [](int64_t nq, int64_t nk, bool causal) {
+    auto b = prism::choose_blocks(nq, nk, causal);
+    return std::make_pair(b.q_block, b.k_block);
+  }, "(query block, key block) the attention kernel uses for Nq, Nk, causal",
+        py::arg("nq"), py::arg("nk"), py::arg("causal") = false);
   m.def("has_blas", &prism::have_blas, "whether sgemm_/dgemm_ were found (else portable loops)");
 }
