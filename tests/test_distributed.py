@@ -234,6 +234,10 @@ def test_outputs_equal_simulation_and_stock(run_scenarios):
 def test_bytes_per_layer_equal_cost_model(run_scenarios):
     from python_ref.layout import plan_layout
     from prism_kernels.distributed.model_adapters import build_config
+    try:
+        import prism_kernels.costs.comm as costs
+    except ImportError:
+        costs = None
     P, scen, results = run_scenarios
     for s in scen:
         reps = results[s["name"]]["reports"]
@@ -255,6 +259,14 @@ def test_bytes_per_layer_equal_cost_model(run_scenarios):
                 tokens = sum(ms[j] for j in range(P) if j != i and (s["family"] not in ("gpt2", "llama") or j < i))
             width = D if rep["wire"] == "hidden" else 2 * Hkv * (D // H)
             want = tokens * width * 4
+            if costs is not None:   # the project's cost model (`prism costs`), where it applies
+                causal = s["family"] in ("gpt2", "llama")
+                if s["mode"] == "prism":
+                    plan = plan_layout(sum(sizes), P, rep["means"], causal=causal)
+                    assert costs.received_tokens(plan)[i] == tokens, (s["name"], i)
+                elif not causal:
+                    assert costs.voltage_received_tokens(sizes)[i] == tokens, (s["name"], i)
+                assert costs.bytes_for(tokens, width, 4) == want
             assert rep["expected"] == want, (s["name"], i)
             if tokens == 0:
                 assert all(v == 0 for v in rep["layer_bytes"].values()), (s["name"], i)

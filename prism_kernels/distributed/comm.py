@@ -63,6 +63,13 @@ class Pending:
         self.recvs = recvs      # [(peer, work, tensor)]
 
     def wait(self) -> Dict[int, torch.Tensor]:
+        t_start = time.perf_counter()
+        try:
+            return self._wait()
+        finally:
+            self.comm.wait_s += time.perf_counter() - t_start
+
+    def _wait(self) -> Dict[int, torch.Tensor]:
         deadline = time.monotonic() + self.comm.timeout_s
         out = {}
         stalled, dead = [], []
@@ -101,6 +108,7 @@ class Comm:
         self.timeout_s = float(timeout_s)
         self.group = group
         self.bytes = ByteCounter()
+        self.wait_s = 0.0          # time spent blocked in Pending.wait (reset by the caller)
         self._tag = 0
 
     @staticmethod

@@ -46,6 +46,8 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument("--repeat", type=int, default=1, help="timed inferences")
     p.add_argument("--warmup", type=int, default=0, help="untimed inferences first")
+    p.add_argument("--interleave-single", action="store_true",
+                   help="also time the stock model on rank 0 alone before every run (same load conditions)")
     p.add_argument("--out", default=None, help="rank 0 writes outputs, bytes and timings here (torch.save)")
     p.add_argument("--json", action="store_true", help="rank 0 prints one JSON line of results")
     p.add_argument("--nproc", type=int, default=None,
@@ -177,16 +179,27 @@ def run(args) -> int:
         _fail(rank, 3, f"handshake failed (a rank died or is stalled?): {type(e).__name__}: "
                        f"{str(e).splitlines()[0] if str(e) else ''}")
 
-    times = []
+    times, waits, single_times = [], [], []
     result = None
     try:
         for it in range(args.warmup + args.repeat):
             comm.barrier(f"start of run {it}")
+            if args.interleave_single and cfg.mode != "single":
+                if rank == 0:
+                    model.set_attn_implementation("sdpa")
+                    t0 = time.perf_counter()
+                    adapter.stock_forward(inputs)
+                    if it >= args.warmup:
+                        single_times.append(time.perf_counter() - t0)
+                    model.set_attn_implementation(overlap.ATTN_NAME)
+                comm.barrier(f"after the single-device run {it}")
+            comm.wait_s = 0.0
             t0 = time.perf_counter()
             result = rt.forward(inputs)
             dt = time.perf_counter() - t0
             if it >= args.warmup:
                 times.append(dt)
+                waits.append(comm.wait_s)
             if it == 0:
                 first_bytes = dict(comm.bytes.recv)
         comm.barrier("end")
@@ -207,7 +220,7 @@ def run(args) -> int:
               "means": list(rt.plan.means) if rt.plan is not None and cfg.mode == "prism" else None,
               "layer_bytes": layer_bytes, "expected_layer_bytes": expected, "bytes_match_cost_model": bytes_ok,
               "scatter_bytes": first_bytes.get(("scatter", 0), 0), "gather_bytes": first_bytes.get(("gather", 0), 0),
-              "times_s": times}
+              "times_s": times, "wait_s": waits}
     # every rank's bytes, collected on rank 0 (tiny)
     everyone = [None] * world
     try:
@@ -223,6 +236,12 @@ def run(args) -> int:
                 ts = sorted(times)
                 summary["median_s"] = ts[len(ts) // 2]
                 summary["times_s"] = times
+                if single_times:
+                    summary["single_times_s"] = single_times
+                    summary["single_median_s"] = sorted(single_times)[len(single_times) // 2]
+                # per rank: median time blocked waiting for peers (the rest is compute)
+                summary["median_wait_s_per_rank"] = [sorted(r["wait_s"])[len(r["wait_s"]) // 2]
+                                                     if r["wait_s"] else 0.0 for r in everyone]
             print(json.dumps(summary), flush=True)
         else:
             print(f"prism run: {adapter.family} mode={cfg.mode} P={world} N={n_tokens} "
