@@ -39,6 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
     p.add_argument("--fresh", action="store_true", help="discard cached cells of these tasks first")
+    p.add_argument("--report-only", action="store_true",
+                   help="only rewrite the tables and plots from the stored cells")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
@@ -63,6 +65,10 @@ def run_sweep(name: str, args) -> Path:
     if args.fresh and store_path.exists():
         store_path.unlink()
     store = ResultStore(store_path)
+    if args.report_only:
+        md, _ = write_report(store, args.out, name)
+        print(f"[{name}] table: {md}", flush=True)
+        return md
     task = get_task(name, limit=args.limit, seed=args.seed, progress=not args.no_progress)
     from prism_kernels.eval.tasks import POST_LN_SECONDARY_CRS
 

@@ -120,7 +120,7 @@ def run_finetune(name: str, args) -> None:
             ("prism_probe_refit", "Prism, probe refitted on Prism train features")]
     if layers:
         rows.append(("prism_finetuned", f"Prism, last {layers} layers + probe fine-tuned with Prism"))
-    todo = [k for k, _ in rows if k not in store]
+    todo = [] if getattr(args, "report_only", False) else [k for k, _ in rows if k not in store]
     if todo:
         task.setup()
         store.set_meta(**task.describe(), setting=cell.key, finetune_layers=layers, finetune_epochs=epochs)

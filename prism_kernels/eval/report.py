@@ -101,8 +101,9 @@ def plot(meta: dict, cells: dict, path: Path, title: str) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401
 
-    ms = metrics_of(meta)[:2]
+    ms = ["bpc", "next_word_accuracy"] if meta.get("primary") == "bpc" else ["accuracy", "cosine_mean"]
     rs = rows(cells)
     exact = cells.get("exact|P=1|CR=-|avg=-")
     fig, axes = plt.subplots(1, len(ms), figsize=(5.2 * len(ms), 3.8))
@@ -124,6 +125,7 @@ def plot(meta: dict, cells: dict, path: Path, title: str) -> Path:
         if exact:
             ax.axhline(scale * exact[m], color="k", lw=1, ls=":", label="exact / Voltage")
         ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.set_xlabel("compression rate CR (CR = 1: Voltage)")
         ax.set_ylabel(METRIC_LABELS[m] + (" (%)" if scale == 100 else ""))
         ax.grid(alpha=0.3)

