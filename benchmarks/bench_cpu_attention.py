@@ -178,20 +178,28 @@ def block_sizes(Nq, Nk):
 
 
 def check_agreement(fns):
+    """Max abs difference of every method's output against fused; drops a
+    method that raises (e.g. an inductor compile error) from `fns`."""
     ref = fns["fused"]().double()
     bad = {}
-    for name, fn in fns.items():
+    for name in list(fns):
         if name in ("fused", "full", "mm"):
             continue
-        diff = (fn().double() - ref).abs().max().item()
+        try:
+            diff = (fns[name]().double() - ref).abs().max().item()
+        except Exception as e:  # noqa: BLE001
+            print(f"  {name} failed: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
+            bad[name] = "failed"
+            del fns[name]
+            continue
         if not diff < 1e-3:
             bad[name] = diff
     return bad
 
 
 def dup_too_big(s, x):
-    # duplicated_attention materialises [H, Nq, N] scores (several copies): skip past ~1 GiB.
-    return s["H"] * x["Nq"] * s["N"] * 4 > 2**30
+    # duplicated_attention materialises [H, Nq, N] scores (several copies): skip past 256 MiB.
+    return s["H"] * x["Nq"] * s["N"] * 4 > 2**28
 
 
 def run_timings(shapes, threads_list, args):

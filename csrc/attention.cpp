@@ -93,7 +93,7 @@ inline void scale_row(T* x, T a, int64_t n) {
 
 template <typename src_t, typename dst_t>
 inline void convert_rows(const src_t* src, int64_t ld_src, dst_t* dst, int64_t rows, int64_t d) {
-  for (int64_t r = 0; r < rows; ++r) at::vec::convert(src + r * ld_src, dst + r * d, d);
+  for (int64_t r = 0; r < rows; ++r) widen(src + r * ld_src, dst + r * d, d);
 }
 
 }  // namespace

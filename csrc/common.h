@@ -100,6 +100,34 @@ struct Scratch {
   T* get() { return p.get(); }
 };
 
+// dst[j] = float(src[j]) for bf16 / fp16, vectorised.
+template <typename scalar_t>
+inline void widen(const scalar_t* src, float* dst, int64_t n) {
+  using Vr = at::vec::Vectorized<scalar_t>;
+  using Vf = at::vec::Vectorized<float>;
+  int64_t j = 0;
+  for (; j + Vr::size() <= n; j += Vr::size()) {
+    auto [a, b] = at::vec::convert_to_float<scalar_t>(Vr::loadu(src + j));
+    a.store(dst + j);
+    b.store(dst + j + Vf::size());
+  }
+  for (; j < n; ++j) dst[j] = static_cast<float>(src[j]);
+}
+
+// acc[j] += float(src[j]) for bf16 / fp16, vectorised.
+template <typename scalar_t>
+inline void add_widened(float* acc, const scalar_t* src, int64_t n) {
+  using Vr = at::vec::Vectorized<scalar_t>;
+  using Vf = at::vec::Vectorized<float>;
+  int64_t j = 0;
+  for (; j + Vr::size() <= n; j += Vr::size()) {
+    auto [a, b] = at::vec::convert_to_float<scalar_t>(Vr::loadu(src + j));
+    (Vf::loadu(acc + j) + a).store(acc + j);
+    (Vf::loadu(acc + j + Vf::size()) + b).store(acc + j + Vf::size());
+  }
+  for (; j < n; ++j) acc[j] += static_cast<float>(src[j]);
+}
+
 struct Blocks {
   int64_t q_block, k_block;
 };

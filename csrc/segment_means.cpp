@@ -55,10 +55,9 @@ void segment_means_kernel(const at::Tensor& x, int64_t m, at::Tensor& out) {
   scalar_t* od = out.data_ptr<scalar_t>();
 
   at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
-    Scratch<acc_t> tot_buf(chunk), part_buf(chunk), row_buf(chunk);
+    Scratch<acc_t> tot_buf(chunk), part_buf(chunk);
     acc_t* tot = tot_buf.get();
     acc_t* part = part_buf.get();
-    acc_t* row = row_buf.get();
     for (int64_t t = begin; t < end; ++t) {
       const int64_t c = t % nC;
       const int64_t seg = (t / nC) % m;
@@ -84,8 +83,7 @@ void segment_means_kernel(const at::Tensor& x, int64_t m, at::Tensor& out) {
           const scalar_t* xr = src + r * sn;
           if (sd == 1) {
             if constexpr (kReduced) {
-              at::vec::convert(xr, row, w);
-              add_row(dst, row, w);
+              add_widened(dst, xr, w);
             } else {
               add_row(dst, xr, w);
             }
