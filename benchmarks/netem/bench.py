@@ -49,10 +49,14 @@ def shape(ns, dev, mbit, delay_ms):
 
 def run_ranks(args, model, mode, world):
     fam, size, extra, prism_args = MODELS[model]
-    cmd_args = ["--family", fam, "--size", size, "--mode", mode, "--threads", "1", "--json",
+    no_overlap = mode.endswith("-nooverlap")
+    mode = mode.replace("-nooverlap", "")
+    cmd_args = ["--family", fam, "--size", size, "--mode", mode, "--threads", "1", "--json", "--interleave-single",
                 "--repeat", str(args.repeat), "--warmup", str(args.warmup), "--timeout", "300"] + extra
     if mode == "prism":
         cmd_args += prism_args
+    if no_overlap:
+        cmd_args.append("--no-overlap")
     port = str(args.port)
     procs = []
     for r in range(world):
@@ -94,6 +98,9 @@ def main():
     ap.add_argument("--repeat", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--tag", default="fig5")
+    ap.add_argument("--modes", default="voltage,prism",
+                    help="P = 2 modes per bandwidth; a -nooverlap suffix runs with --no-overlap")
+    ap.add_argument("--no-single", action="store_true", help="skip the standalone single-device launch")
     args = ap.parse_args()
 
     import torch
@@ -105,16 +112,21 @@ def main():
         cpu = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")][0]
     except Exception:
         pass
-    cond = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads_per_rank": 1,
+    cpu_probe = out_dir / f"latency_{args.tag}_cpu.json"
+    cond = {"cpu_scaling": json.loads(cpu_probe.read_text()) if cpu_probe.exists() else None, "cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads_per_rank": 1,
             "batch": 1, "delay_ms": args.delay_ms, "repeat": args.repeat, "warmup": args.warmup}
     rows = []
     fields = ["model", "mode", "P", "bandwidth_mbit", "delay_ms", "median_ms", "min_ms", "max_ms", "runs",
+              "single_median_ms", "change_vs_single_pct", "wait_ms_rank0", "wait_ms_rank1",
               "wire", "bytes_per_layer_rank0", "bytes_per_layer_rank1", "loadavg_before", "loadavg_after",
               "cpu", "torch"]
     bws = [int(b) for b in args.bandwidths.split(",")]
     for model in args.models.split(","):
-        # single device at the start and at the end (the machine's load drifts)
-        plan = [("single", None)] + [(m, bw) for bw in bws for m in ("voltage", "prism")] + [("single", None)]
+        # every voltage / prism launch also times the stock model alone on rank 0 before each
+        # of its runs (--interleave-single), so each P = 2 figure has a single-device figure
+        # taken under the same machine load; a standalone single run starts each model.
+        plan = ([] if args.no_single else [("single", None)]) + \
+            [(m, bw) for bw in bws for m in args.modes.split(",")]
         for mode, bw in plan:
             if bw is not None:
                 shape(args.ns0, args.dev0, bw, args.delay_ms)
@@ -127,6 +139,11 @@ def main():
             row = {"model": model, "mode": mode, "P": d["world"], "bandwidth_mbit": bw if bw else "",
                    "delay_ms": args.delay_ms if bw else "", "median_ms": round(sorted(ts)[len(ts) // 2], 2),
                    "min_ms": round(min(ts), 2), "max_ms": round(max(ts), 2), "runs": len(ts),
+                   "single_median_ms": round(d["single_median_s"] * 1e3, 2) if "single_median_s" in d else "",
+                   "change_vs_single_pct": round(100 * (d["median_s"] / d["single_median_s"] - 1), 1)
+                   if "single_median_s" in d else "",
+                   "wait_ms_rank0": round(d["median_wait_s_per_rank"][0] * 1e3, 1) if mode != "single" else "",
+                   "wait_ms_rank1": round(d["median_wait_s_per_rank"][1] * 1e3, 1) if mode != "single" else "",
                    "wire": d.get("wire") if mode != "single" else "",
                    "bytes_per_layer_rank0": max(lb[0].values(), default=0) if lb else 0,
                    "bytes_per_layer_rank1": max(lb[1].values(), default=0) if len(lb) > 1 else "",

@@ -30,22 +30,30 @@ def main():
           "Two network namespaces joined by a veth pair shaped with tc tbf (both directions), "
           "one process per namespace, one torch thread per rank, batch 1, random weights, fp32. "
           "Median of the timed runs (end to end on rank 0: embed, scatter, blocks, gather, head). "
-          "Single device: mean of the medians measured at the start and at the end of the sweep. "
-          "'vs single' is the latency change (negative = faster).", ""]
+          "Every P = 2 launch also times the stock model alone on rank 0 (same machine, same load) "
+          "before each of its runs; 'change vs single' compares the two medians of that launch "
+          "(negative = faster). The single device in its own launch is the dashed line.", ""]
     if cond:
-        md += ["Conditions: " + ", ".join(f"{k}={v}" for k, v in cond.items()), ""]
+        md += ["Conditions: " + ", ".join(f"{k}={v}" for k, v in cond.items() if k != "cpu_scaling"), ""]
     for ax, model in zip(axes[0], models):
-        single = [float(r["median_ms"]) for r in rows if r["model"] == model and r["mode"] == "single"]
-        single = sum(single) / len(single) if single else None   # mean of the start and end runs
+        mrows = [r for r in rows if r["model"] == model]
+        alone = [float(r["median_ms"]) for r in mrows if r["mode"] == "single"]
         series = defaultdict(list)
-        for r in rows:
-            if r["model"] == model and r["mode"] != "single":
-                series[r["mode"]].append((int(r["bandwidth_mbit"]), float(r["median_ms"])))
+        singles = []
+        for r in mrows:
+            if r["mode"] != "single":
+                bw = int(r["bandwidth_mbit"])
+                series[r["mode"]].append((bw, float(r["median_ms"]), float(r["single_median_ms"]),
+                                          float(r["change_vs_single_pct"])))
+                singles.append((bw, float(r["single_median_ms"])))
         for mode, pts in series.items():
             pts.sort()
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{mode} (P=2)")
-        if single is not None:
-            ax.axhline(single, color="gray", linestyle="--", label="single device")
+        singles.sort()
+        ax.plot([s[0] for s in singles], [s[1] for s in singles], "x", color="gray",
+                label="single device (timed in the same launches)")
+        if alone:
+            ax.axhline(alone[0], color="gray", linestyle="--", label="single device (own launch)")
         ax.set_xscale("log")
         bws = sorted({p[0] for pts in series.values() for p in pts})
         ax.set_xticks(bws)
@@ -53,19 +61,31 @@ def main():
         ax.set_xlabel("bandwidth (Mbit/s)")
         ax.set_ylabel("latency (ms)")
         ax.set_title(model)
-        ax.legend()
-        md += [f"## {model}", "", "| bandwidth (Mbit/s) | single (ms) | voltage P=2 (ms) | prism P=2 (ms) | "
-               "prism vs single | voltage vs single |", "|---|---|---|---|---|---|"]
-        v = dict(series.get("voltage", []))
-        p = dict(series.get("prism", []))
+        ax.legend(fontsize=7)
+        md += [f"## {model}", "",
+               f"Single device in its own launch: {alone[0]:.1f} ms." if alone else "", "",
+               "| bandwidth (Mbit/s) | mode (P = 2) | latency (ms) | single device, same launch (ms) | "
+               "change vs single | time blocked waiting, rank 0 / rank 1 (ms) |",
+               "|---|---|---|---|---|---|"]
+        waits = {(int(r["bandwidth_mbit"]), r["mode"]): (r["wait_ms_rank0"], r["wait_ms_rank1"]) for r in mrows
+                 if r["mode"] != "single"}
         for bw in bws:
-            pv, vv = p.get(bw), v.get(bw)
-            red = f"{100 * (pv / single - 1):+.1f}%" if pv and single else ""
-            vred = f"{100 * (vv / single - 1):+.1f}%" if vv and single else ""
-            md.append(f"| {bw} | {single:.1f} | {vv:.1f} | {pv:.1f} | {red} | {vred} |")
+            for mode, pts in series.items():
+                for p in pts:
+                    if p[0] == bw:
+                        w = waits[(bw, mode)]
+                        md.append(f"| {bw} | {mode} | {p[1]:.1f} | {p[2]:.1f} | {p[3]:+.1f}% | {w[0]} / {w[1]} |")
         md.append("")
-        loads = [float(r["loadavg_before"]) for r in rows if r["model"] == model]
+        loads = [float(r["loadavg_before"]) for r in mrows]
         md += [f"Load average (1 min) before the runs: {min(loads):.2f} to {max(loads):.2f}.", ""]
+    cpu = cond.get("cpu_scaling") if cond else None
+    if cpu:
+        md += ["## What P = 2 can gain on this machine (benchmarks/netem/cpu_scaling.py)", "",
+               f"{cpu['family']}-{cpu['size']} blocks on {cpu['half_rows']} of {cpu['tokens']} tokens: "
+               f"{cpu['half_alone_ms']} ms in one process alone, {cpu['half_two_processes_ms']} ms in two processes "
+               f"at once (CPU 0 and CPU 1); the whole model in one process {cpu['full_one_process_ms']} ms. "
+               f"Two concurrent processes each run {cpu['slowdown_when_both_cpus_busy']}x slower, so even with "
+               f"a free network the best P = 2 latency change is {-cpu['best_possible_p2_latency_cut_pct']:+.1f}%.", ""]
     fig.tight_layout()
     fig.savefig(res / f"latency_{args.tag}.png", dpi=120)
     (res / f"latency_{args.tag}.md").write_text("\n".join(md))

@@ -32,5 +32,7 @@ ip netns exec "$NS0" ping -c 1 -W 2 "$A1" >/dev/null 2>&1 || echo "warning: ping
 TAG=fig5
 ARGS=("$@")
 for ((i = 0; i < ${#ARGS[@]}; i++)); do [[ "${ARGS[$i]}" == "--tag" ]] && TAG="${ARGS[$((i + 1))]}"; done
+# how much two concurrent ranks can gain on this CPU at all (recorded with the results)
+nice -n 5 "$PY" benchmarks/netem/cpu_scaling.py --reps 3 --out "benchmarks/results/latency_${TAG}_cpu.json" || true
 "$PY" benchmarks/netem/bench.py --ns0 "$NS0" --ns1 "$NS1" --dev0 "$DEV0" --dev1 "$DEV1" --addr0 "$A0" "$@"
 "$PY" benchmarks/netem/plot.py --tag "$TAG"
