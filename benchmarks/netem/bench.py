@@ -40,8 +40,11 @@ def shape(ns, dev, mbit, delay_ms):
     burst = max(32_000, int(rate_bytes / 250))            # 4 ms of traffic
     tbf = ["tbf", "rate", f"{mbit}mbit", "burst", str(burst), "latency", "400ms"]
     if delay_ms:
-        sh(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "handle", "1:",
-            "netem", "delay", f"{delay_ms}ms"])
+        r = sh(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "handle", "1:",
+                "netem", "delay", f"{delay_ms}ms"], check=False)
+        if r.returncode != 0:
+            raise SystemExit(f"--delay-ms needs the netem qdisc (kernel module sch_netem), which this "
+                             f"kernel lacks: {r.stderr.strip()}")
         sh(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "parent", "1:", "handle", "2:"] + tbf)
     else:
         sh(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root"] + tbf)
