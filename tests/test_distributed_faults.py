@@ -56,10 +56,10 @@ def test_different_model_or_config_refused_before_compute():
 
 
 def test_more_partitions_than_tokens_refused():
-    res, _ = launch(3, ["--family", "bert", "--seq-len", "2", "-m", "1", "--timeout", str(TIMEOUT)], timeout=90)
+    res, _ = launch(2, ["--family", "bert", "--seq-len", "1", "-m", "1", "--timeout", str(TIMEOUT)], timeout=90)
     for rc, out, err in res:
         assert rc == 2, err[-2000:]
-        assert "3 partitions (world size) for 2 tokens" in err
+        assert "2 partitions (world size) for 1 tokens" in err
 
 
 def test_wrong_world_size_refused():
