@@ -145,7 +145,13 @@ def make_flex(s, x, cache):
             def mask_mod(b, h, qi, ki):
                 return kp[b, ki] <= qp[b, qi]
             bm = create_block_mask(mask_mod, 1, None, x["Nq"], x["Nk"], device="cpu")
-        compiled = cache.setdefault("_compiled", torch.compile(flex_attention))
+        # dynamic=False: one static compile per shape (automatic dynamic shapes hit an
+        # inductor CPU codegen error on the 2nd shape in torch 2.13).
+        import torch._dynamo
+        for knob in ("recompile_limit", "cache_size_limit"):  # one compile per shape and thread count
+            if hasattr(torch._dynamo.config, knob):
+                setattr(torch._dynamo.config, knob, 64)
+        compiled = cache.setdefault("_compiled", torch.compile(flex_attention, dynamic=False))
         fn = lambda: compiled(q, k, v, score_mod=score_mod, block_mask=bm, scale=scale)
         fn()  # compile now, outside any timing
     except Exception as e:  # noqa: BLE001 - report, do not abort the benchmark

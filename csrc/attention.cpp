@@ -28,6 +28,22 @@ namespace {
 
 using at::vec::Vectorized;
 
+// Rows are handed to BLAS with the row stride as leading dimension, which must
+// be >= d: read in place when stride(-1) == 1 and rows do not overlap (any
+// batch / head / row strides, e.g. transposed views); otherwise copy.
+at::Tensor rows_readable(const at::Tensor& t) {
+  const int64_t d = t.size(-1);
+  const bool last_ok = t.stride(-1) == 1 || d == 1;
+  const bool rows_ok = t.size(-2) <= 1 || t.stride(-2) >= d;
+  return last_ok && rows_ok ? t : t.contiguous();
+}
+
+// Leading dimension for BLAS: a single row may carry any stride.
+inline int64_t row_ld(const at::Tensor& t) {
+  return t.size(-2) <= 1 ? t.size(-1) : t.stride(-2);
+}
+
+
 template <typename T>
 inline Vectorized<T> vexp(const Vectorized<T>& x) {
   if constexpr (std::is_same_v<T, float>) {
@@ -132,9 +148,9 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   const scalar_t* qd = q.const_data_ptr<scalar_t>();
   const scalar_t* kd = k.const_data_ptr<scalar_t>();
   const scalar_t* vd = v.const_data_ptr<scalar_t>();
-  const int64_t qsB = q.stride(0), qsH = q.stride(1), qsN = q.stride(2);
-  const int64_t ksB = k.stride(0), ksH = k.stride(1), ksN = k.stride(2);
-  const int64_t vsB = v.stride(0), vsH = v.stride(1), vsN = v.stride(2);
+  const int64_t qsB = q.stride(0), qsH = q.stride(1), qsN = row_ld(q);
+  const int64_t ksB = k.stride(0), ksH = k.stride(1), ksN = row_ld(k);
+  const int64_t vsB = v.stride(0), vsH = v.stride(1), vsN = row_ld(v);
 
   const acc_t* bd = bias ? bias->const_data_ptr<acc_t>() : nullptr;
   const int64_t bsB = bias ? bias->stride(0) : 0;
@@ -285,10 +301,6 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   });
 }
 
-at::Tensor last_dim_contiguous(const at::Tensor& t) {
-  return t.stride(-1) == 1 ? t : t.contiguous();
-}
-
 // [B, N] vector: element stride 1 (batch stride may be 0 from an expand).
 at::Tensor rows_contiguous(const at::Tensor& t, at::ScalarType dtype) {
   at::Tensor r = t.scalar_type() == dtype ? t : t.to(dtype);
@@ -343,8 +355,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q_in, const a
   }
 
   // stride(-1) == 1 is read in place (any other strides); otherwise copy.
-  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in),
-                   v = last_dim_contiguous(v_in);
+  at::Tensor q = rows_readable(q_in), k = rows_readable(k_in), v = rows_readable(v_in);
 
   at::Tensor bias;
   if (log_counts.has_value()) {

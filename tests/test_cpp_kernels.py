@@ -174,6 +174,24 @@ def test_stride0_expanded_inputs_and_batch_positions():
     assert_close(out, ref, torch.float32)
 
 
+def test_degenerate_strides():
+    """Stride-0 rows (expand over N), size-1 rows with a stride < d, d with
+    stride > 1: read correctly (in place or through the copy fallback)."""
+    k = torch.randn(1, 2, 1, 32).expand(1, 2, 7, 32)            # row stride 0
+    v = torch.randn(1, 2, 7, 32)
+    q = torch.randn(1, 2, 32, 1).transpose(2, 3)                 # Nq = 1, row stride 1 < d
+    assert q.stride(-2) < q.shape[-1] and k.stride(-2) == 0
+    c = torch.arange(1, 8)
+    out = pk.prism_attention(q, k, v, key_counts=c)
+    ref = python_ref.prism_attention(q.double(), k.double(), v.double(), key_counts=c)
+    assert_close(out, ref, torch.float32)
+    q2 = torch.randn(1, 2, 3, 32).expand(1, 2, 3, 32)[:, :, [0, 0, 2]]
+    q2 = q2.as_strided((1, 2, 3, 32), (192, 96, 8, 1))          # overlapping rows
+    out = pk.prism_attention(q2, k, v, key_counts=c)
+    ref = python_ref.prism_attention(q2.double(), k.double(), v.double(), key_counts=c)
+    assert_close(out, ref, torch.float32)
+
+
 def test_op_checks_name_argument():
     q = torch.randn(1, 3, 4, 8)
     k = torch.randn(1, 2, 5, 8)
