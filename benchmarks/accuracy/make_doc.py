@@ -63,13 +63,59 @@ table's settings line.
 """
 
 
+def _pick(cells, p, cr, avg):
+    return cells.get(f"prism|P={p}|CR={cr:g}|avg={avg}")
+
+
+def summary(results: Path) -> str:
+    """One line per task: exact, Voltage, and Prism near the paper's settings and at the
+    largest CR run, for both averaging variants (attention_input / block_output)."""
+    lines = ["| task | metric | exact | Voltage P=2 / P=3 | Prism P=2, CR≈10 | Prism P=3, CR≈6.55–10 | "
+             "Prism P=2, largest CR | Prism P=3, largest CR |", "|---|---|---|---|---|---|---|---|"]
+    for name in SWEEPS:
+        f = results / f"accuracy_{name}.json"
+        if not f.exists():
+            continue
+        d = json.loads(f.read_text())
+        cells, meta = d["cells"], d["meta"]
+        m = "bpc" if meta.get("primary") == "bpc" else "accuracy"
+        fmt = (lambda v: f"{v:.3f}") if m == "bpc" else (lambda v: f"{100 * v:.1f}")
+        ex = cells.get("exact|P=1|CR=-|avg=-")
+        if not ex:
+            continue
+
+        def both(p, cr):
+            vals = [_pick(cells, p, cr, a) for a in ("attention_input", "block_output")]
+            return " / ".join("–" if v is None else fmt(v[m]) for v in vals) + f" (CR {cr:g})"
+
+        def near(p, targets):
+            crs = sorted({float(k.split("|")[2][3:]) for k in cells if k.startswith(f"prism|P={p}|")})
+            for t in targets:
+                if t in crs:
+                    return both(p, t)
+            return "–"
+
+        def largest(p):
+            crs = sorted({float(k.split("|")[2][3:]) for k in cells if k.startswith(f"prism|P={p}|")})
+            return both(p, crs[-1]) if crs else "–"
+
+        volt = " / ".join(fmt(cells[k][m]) if k in cells else "–"
+                          for k in ("voltage|P=2|CR=-|avg=-", "voltage|P=3|CR=-|avg=-"))
+        label = "BPC (lower is better)" if m == "bpc" else "probe accuracy %"
+        lines.append(f"| {name} | {label} | {fmt(ex[m])} | {volt} | {near(2, (9.9, 10.0, 8.0))} | "
+                     f"{near(3, (6.55, 10.0, 9.9, 8.0))} | {largest(2)} | {largest(3)} |")
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "accuracy.md")
     args = ap.parse_args()
     rel = Path(os.path.relpath(args.results, args.out.parent))
-    parts = [INTRO]
+    parts = [INTRO, "## Summary\n",
+             "Each Prism cell: attention_input / block_output averaging. Test-set sizes and seeds are in "
+             "the per-task settings below.\n", summary(args.results), ""]
     for name in SWEEPS:
         md = args.results / f"accuracy_{name}.md"
         if not md.exists():
