@@ -40,6 +40,13 @@ def machine_info() -> Dict[str, str]:
         "loadavg": load,
     }
     try:
+        import subprocess
+        info["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+            cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10).stdout.strip() or "n/a"
+    except Exception:  # noqa: BLE001 - informative only
+        pass
+    try:
         import prism_kernels as pk
         info["prism_cpp_variant"] = pk.cpp_variant() or "none (reference)"
     except Exception:  # noqa: BLE001 - informative only

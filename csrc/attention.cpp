@@ -53,14 +53,26 @@ inline Vectorized<T> vexp(const Vectorized<T>& x) {
   }
 }
 
-// s[j] += bias[j]
+// s[j] += bias[j]; returns max_j s[j] (one pass).
 template <typename T>
-inline void add_bias(T* s, const T* bias, int64_t n) {
+inline T add_bias_max(T* s, const T* bias, int64_t n) {
   using V = Vectorized<T>;
+  T mx = -std::numeric_limits<T>::infinity();
   int64_t j = 0;
-  for (; j + V::size() <= n; j += V::size())
-    (V::loadu(s + j) + V::loadu(bias + j)).store(s + j);
-  for (; j < n; ++j) s[j] += bias[j];
+  if (n >= V::size()) {
+    V vm = V(mx);
+    for (; j + V::size() <= n; j += V::size()) {
+      V x = V::loadu(s + j) + V::loadu(bias + j);
+      x.store(s + j);
+      vm = at::vec::maximum(vm, x);
+    }
+    mx = at::vec::vec_reduce_all<T>([](V& a, V& b) { return at::vec::maximum(a, b); }, vm);
+  }
+  for (; j < n; ++j) {
+    s[j] += bias[j];
+    mx = std::max(mx, s[j]);
+  }
+  return mx;
 }
 
 template <typename T>
@@ -89,13 +101,13 @@ inline T exp_sum(T* s, T m, int64_t n) {
     e.store(s + j);
     vsum = vsum + e;
   }
-  T sum = 0;
-  if (j > 0) sum = at::vec::vec_reduce_all<T>([](V& a, V& b) { return a + b; }, vsum);
-  for (; j < n; ++j) {
-    s[j] = std::exp(s[j] - m);
-    sum += s[j];
+  if (j < n) {  // tail: one masked vector instead of scalar std::exp calls
+    const int64_t rest = n - j;
+    V e = vexp(V::loadu(s + j, rest) - vm);
+    e.store(s + j, rest);
+    vsum = vsum + V::set(V(T(0)), e, rest);
   }
-  return sum;
+  return at::vec::vec_reduce_all<T>([](V& a, V& b) { return a + b; }, vsum);
 }
 
 template <typename T>
@@ -258,12 +270,12 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
         bool any = false;
         for (int64_t r = 0; r < rows; ++r) {
           acc_t* s = S + r * cols;
-          if (bias_row) add_bias(s, bias_row, cols);
           if (need_mask) {
             const int64_t qi = qp[r];
             for (int64_t j = 0; j < cols; ++j) s[j] = kp[j] > qi ? neg_inf : s[j];
           }
-          const acc_t mx = row_max(s, cols);
+          // -inf + finite bias stays -inf, so masking before the bias is fine.
+          const acc_t mx = bias_row ? add_bias_max(s, bias_row, cols) : row_max(s, cols);
           const acc_t m_old = mrow[r];
           const acc_t m_new = std::max(m_old, mx);
           if (m_new == neg_inf) {  // nothing visible yet in this row
