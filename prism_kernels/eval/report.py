@@ -130,8 +130,10 @@ def plot(meta: dict, cells: dict, path: Path, title: str) -> Path:
         ax.set_ylabel(METRIC_LABELS[m] + (" (%)" if scale == 100 else ""))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    n = meta.get("n_test") or meta.get("scored_chars")
-    fig.suptitle(f"{title}: {meta.get('model', '')}" + (f" (n={n})" if n else ""), fontsize=9)
+    n = (f"n_test={meta['n_test']}" if meta.get("n_test") else
+         f"{meta['scored_chars']} chars" if meta.get("scored_chars") else "")
+    fig.suptitle(f"{title}: {meta.get('model', '')}" + (f" ({n}, seed {meta.get('seed', 0)})" if n else ""),
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
