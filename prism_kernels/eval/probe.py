@@ -10,6 +10,9 @@ class LinearProbe:
     def __init__(self, Cs=(0.01, 0.1, 1.0, 10.0), folds: int = 3, seed: int = 0, max_iter: int = 3000):
         self.Cs, self.folds, self.seed, self.max_iter = tuple(Cs), folds, seed, max_iter
 
+    def _select(self, x):
+        return x[:, self.keep_]
+
     def fit(self, x, y) -> "LinearProbe":
         from sklearn.linear_model import LogisticRegression
         from sklearn.model_selection import StratifiedKFold, cross_val_score
@@ -17,6 +20,11 @@ class LinearProbe:
         from sklearn.preprocessing import StandardScaler
 
         x, y = np.asarray(x, dtype=np.float64), np.asarray(y)
+        # Drop (numerically) constant features: MiniLM's embedding has dimensions that are
+        # ~1e-33 for every input; standardising would blow their rounding noise up to O(1).
+        std = x.std(0)
+        self.keep_ = std > 1e-6 * std.max()
+        x = self._select(x)
 
         def make(C):
             return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=self.max_iter))
@@ -35,7 +43,7 @@ class LinearProbe:
         return self
 
     def predict(self, x) -> np.ndarray:
-        return self.model_.predict(np.asarray(x, dtype=np.float64))
+        return self.model_.predict(self._select(np.asarray(x, dtype=np.float64)))
 
     def score(self, x, y) -> float:
         return float((self.predict(x) == np.asarray(y)).mean())
@@ -45,7 +53,8 @@ class LinearProbe:
         import torch
 
         scaler, lr = self.model_[0], self.model_[-1]
-        W = lr.coef_ / scaler.scale_[None, :]
+        W = np.zeros((lr.coef_.shape[0], len(self.keep_)))
+        W[:, self.keep_] = lr.coef_ / scaler.scale_[None, :]
         b = lr.intercept_ - (lr.coef_ * scaler.mean_ / scaler.scale_).sum(1)
         if W.shape[0] == 1:  # binary: two logits [0, z]
             W = np.concatenate([np.zeros_like(W), W])
