@@ -124,6 +124,18 @@ def main():
         body = md.read_text().split("\n", 1)[1]
         body = body.replace(f"](accuracy_{name}.png)", f"]({rel}/accuracy_{name}.png)")
         parts.append(f"## `{name}`\n{body}")
+    res_dir = args.results / "accuracy_resolution"
+    if res_dir.exists():
+        parts.append("## Resolution check: DINOv2 on Fashion-MNIST at 112 px vs 224 px\n")
+        parts.append("Same seed, 300 training and 100 test images for both resolutions (smaller than the "
+                     "sweep above: 224 px costs 4x), P = 2 and 3 at the paper's CR 6.55. 224 px = 16x16 "
+                     "patches + [CLS] = 257 tokens, 112 px = 65 tokens.\n")
+        for r in ("224px", "112px"):
+            md = res_dir / r / "accuracy_dinov2-fashion.md"
+            if md.exists():
+                table = md.read_text().split("\n\n")
+                body = [t for t in table if t.startswith("| method")]
+                parts.append(f"**{r}**\n\n" + (body[0] if body else "") + "\n")
     parts.append("# Fine-tuning with Prism in the loop\n")
     for name in FINETUNES:
         md = args.results / f"accuracy_{name}.md"
