@@ -27,9 +27,13 @@ exact (single-device) model's score is in every table.
 bash benchmarks/accuracy/fetch_data.sh          # ~300 MB into ~/.cache/prism-kernels (or $PRISM_CACHE)
 pip install onnx onnxruntime gguf accelerate    # conversion of the ONNX / GGUF models (no torch change)
 prism eval --task minilm-spam minilm-brown       # or: python -m prism_kernels.commands.eval ...
-prism eval --task dinov2-fashion --cr 1 2 4 6.55 9.9 32
+prism eval --task dinov2-fashion --cr 1 2 4 6.55 9.9 32 64
 prism eval --task smollm2-austen --limit 4 --cr 1 2 4 10 32 128
-prism eval --task finetune-minilm-brown          # fine-tuning with Prism in the loop
+prism eval --task minilm-spam minilm-brown --cr 1 2 4 8 16 32 64 85   # as run here
+prism eval --task dinov2-digits --cr 1 2 6.55 9.9 32 64
+prism eval --task finetune-minilm-brown finetune-minilm-spam finetune-dinov2-fashion finetune-dinov2-digits
+prism eval --task dinov2-fashion --image-size 224 --n-train 300 --limit 100 --cr 1 6.55 \
+    --out benchmarks/results/accuracy_resolution/224px          # resolution check (and 112px)
 python benchmarks/accuracy/make_doc.py           # rebuilds this page
 ```
 

@@ -36,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--all-averaging-cells", action="store_true",
                    help="post-LN models (BERT): run the second averaging at every CR, not only at "
                         "CR 8 and 64 (for BERT the two variants are the same computation)")
+    p.add_argument("--n-train", type=int, default=None, help="override the task's training-set size")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="DINOv2 tasks: input resolution in pixels (default 112; 224 = 257 tokens)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
     p.add_argument("--fresh", action="store_true", help="discard cached cells of these tasks first")
@@ -69,7 +72,8 @@ def run_sweep(name: str, args) -> Path:
         md, _ = write_report(store, args.out, name)
         print(f"[{name}] table: {md}", flush=True)
         return md
-    task = get_task(name, limit=args.limit, seed=args.seed, progress=not args.no_progress)
+    task = get_task(name, limit=args.limit, seed=args.seed, progress=not args.no_progress,
+                    n_train=getattr(args, "n_train", None), image_size=getattr(args, "image_size", None))
     from prism_kernels.eval.tasks import POST_LN_SECONDARY_CRS
 
     crs = args.cr or task.default_crs()
