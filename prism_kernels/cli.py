@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import importlib.util
 import sys
 from typing import List, Optional
@@ -42,7 +43,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if func is None:
         parser.print_help(sys.stderr)
         return 2
-    rc = func(args)
+    try:
+        rc = func(args)
+    except BrokenPipeError:
+        # `prism costs | head`: the reader left; stop quietly like other Unix tools.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return 0 if rc is None else int(rc)
 
 

@@ -257,8 +257,9 @@ def run(args) -> int:
         if args.out:
             import torch as _t
             _t.save({"result": result, "reports": everyone, "inputs": inputs}, args.out)
-    try:
-        dist.destroy_process_group()
-    except Exception:
-        pass
-    return 0
+    # Leave without running gloo's destructors: tearing a gloo group down while a peer
+    # has already left aborted about one run in three here ("terminate called without
+    # an active exception", SIGABRT after correct output). Nothing is left to exchange.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
