@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -51,7 +52,7 @@ def child(args):
 
 def measure(args, rows, cpus, tag):
     procs = []
-    readies = [f"/tmp/pk_cpu_ready_{os.getpid()}_{tag}_{c}" for c in cpus]
+    readies = [os.path.join(tempfile.gettempdir(), f"pk_cpu_ready_{os.getpid()}_{tag}_{c}") for c in cpus]
     for r in readies:
         Path(r).unlink(missing_ok=True)
     for c, r in zip(cpus, readies):

@@ -3,13 +3,21 @@
 # Run as root from the repository root:
 #     sudo benchmarks/netem/run_latency.sh [--bandwidths 50,100,200,500,1000] [--delay-ms 0]
 #                                          [--models vit-b16,bert-base] [--repeat 6] [--tag fig5]
+# The Python used is $PYTHON, else python3 (or python) on PATH. sudo resets PATH and the
+# environment, so to use the interpreter of an activated virtual environment:
+#     sudo env PYTHON="$(command -v python)" benchmarks/netem/run_latency.sh ...
 # Creates two network namespaces (pk_ns0, pk_ns1) joined by a veth pair (10.213.0.1 <-> 10.213.0.2),
 # shapes both ends with tc (tbf, optional netem delay), runs one rank in each, and removes
 # everything on exit. No traffic leaves these namespaces. Results: benchmarks/results/latency_<tag>.{csv,json,md,png}
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 if [[ $EUID -ne 0 ]]; then echo "run as root (needs ip netns and tc)" >&2; exit 1; fi
-PY=${PYTHON:-/work/venv/bin/python}
+if [[ -n "${PYTHON:-}" ]]; then PY=$PYTHON
+elif command -v python3 >/dev/null 2>&1; then PY=python3
+elif command -v python >/dev/null 2>&1; then PY=python
+else echo "no python3 or python on PATH; set PYTHON=/path/to/python" >&2; exit 1; fi
+"$PY" -c "import prism_kernels" 2>/dev/null || {
+  echo "$PY cannot import prism_kernels; set PYTHON to the interpreter it is installed in" >&2; exit 1; }
 NS0=pk_ns0; NS1=pk_ns1; DEV0=pk_veth0; DEV1=pk_veth1; A0=10.213.0.1; A1=10.213.0.2
 cleanup() {
   ip netns del "$NS0" 2>/dev/null || true
