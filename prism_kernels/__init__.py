@@ -3,8 +3,10 @@ scaling-aware attention) with fast CPU (C++) and GPU (Triton) kernels.
 
 See SPEC section 11 for the stable API.
 """
-from python_ref.layout import DeviceLayout, PrismPlan, device_keys_values, device_tensors, local_rows, plan_layout
-from python_ref.partition import num_means, partition_offsets, partition_sizes, segment_sizes
+from .plan import (DeviceLayout, Partition, PrismPlan, Segment, device_keys_values, device_tensors, local_rows,
+                   make_plan, num_means, partition_means, partition_offsets, partition_sizes, plan_layout,
+                   proportional_sizes, segment_sizes)
+from .config import AVERAGING, PrismConfig
 
 from . import ops  # registers the torch.library ops
 from . import autograd  # registers their backward
@@ -16,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "partition_sizes", "partition_offsets", "segment_sizes", "num_means",
     "segment_means", "prism_attention", "BACKENDS",
-    "DeviceLayout", "PrismPlan", "plan_layout", "local_rows", "device_keys_values", "device_tensors",
+    "DeviceLayout", "PrismPlan", "Partition", "Segment", "make_plan", "plan_layout", "proportional_sizes",
+    "partition_means", "PrismConfig", "AVERAGING", "local_rows", "device_keys_values", "device_tensors",
     "cpp_variant",
 ]
