@@ -15,12 +15,19 @@ def plans(draw):
     n = draw(st.integers(1, 60))
     parts = draw(st.integers(1, min(n, 6)))
     causal = draw(st.booleans())
+    extra = {}
     if draw(st.booleans()):
-        return P.make_plan(n, parts, compression_rate=draw(st.floats(1, 80)), causal=causal)
+        extra["anchors"] = draw(st.lists(st.integers(0, n - 1), max_size=4))
+    if n >= 5 and draw(st.booleans()):
+        first = draw(st.integers(0, 2))
+        cols = draw(st.integers(1, max(1, (n - first) // 2)))
+        extra["grid"] = (max(1, (n - first) // cols), cols, first)
+    if draw(st.booleans()):
+        return P.make_plan(n, parts, compression_rate=draw(st.floats(1, 80)), causal=causal, **extra)
     if draw(st.booleans()):
         w = draw(st.lists(st.floats(0.1, 10), min_size=parts, max_size=parts))
-        return P.make_plan(n, weights=w, num_means=draw(st.integers(1, 20)), causal=causal)
-    return P.make_plan(n, parts, draw(st.integers(1, 20)), causal=causal)
+        return P.make_plan(n, weights=w, num_means=draw(st.integers(1, 20)), causal=causal, **extra)
+    return P.make_plan(n, parts, draw(st.integers(1, 20)), causal=causal, **extra)
 
 
 @given(plans())
@@ -160,3 +167,37 @@ def test_device_keys_values_matches_oracle():
     ref_plan = R.plan_layout(17, 3, 2, causal=True)
     for i in range(3):
         assert_close(P.device_keys_values(x, plan, i), R.device_keys_values(x, ref_plan, i))
+
+
+def test_anchors_are_sent_alone_from_the_same_budget():
+    plan = P.make_plan(20, 2, 3, anchors=[0, 12])
+    segs = [[s.tokens for s in p.segments] for p in plan.partitions]
+    assert segs[0][0] == (0,) and (12,) in segs[1]
+    assert plan.means == (3, 3)                       # same number of rows as without anchors
+    assert all(12 not in s for s in segs[1] if s != (12,))
+    # the non-anchor tokens around an anchor still form runs of consecutive non-anchors
+    assert segs[1] == [(10, 11, 13, 14, 15), (12,), (16, 17, 18, 19)]
+
+
+def test_more_anchors_than_budget_are_all_kept():
+    plan = P.make_plan(10, 1, 1, anchors=[0, 1])
+    assert [s.tokens for s in plan.partitions[0].segments] == [(0,), (1,), tuple(range(2, 10))]
+
+
+def test_grid_segments_are_2d_blocks():
+    """A 16 x 16 patch grid after [CLS]: one partition's 4 segments are its 8 x 8 quadrants."""
+    plan = P.make_plan(257, 1, 5, anchors=[0], grid=(16, 16, 1))
+    blocks = [s.tokens for s in plan.partitions[0].segments if s.tokens != (0,)]
+    assert len(blocks) == 4
+    for b in blocks:
+        rows = {(t - 1) // 16 for t in b}
+        cols = {(t - 1) % 16 for t in b}
+        assert len(b) == 64 and len(rows) == 8 and len(cols) == 8
+    # without the grid the same budget gives strips of 4 whole rows
+    strips = [s.tokens for s in P.make_plan(257, 1, 5, anchors=[0]).partitions[0].segments][1:]
+    assert all(len({(t - 1) // 16 for t in b}) == 4 for b in strips)
+
+
+def test_grid_must_fit():
+    with pytest.raises(ValueError, match="grid"):
+        P.make_plan(10, 2, 2, grid=(4, 4, 0))
