@@ -1,7 +1,8 @@
-"""Argument checks shared by the reference and every kernel backend.
+"""Argument checks of the public functions (prism_kernels.api), shared by every backend.
 
-Each check names the argument and the rule it breaks, so a user never has to
-decode a shape error from deep inside a kernel. `normalize_attention_args`
+They run once per call, before the op is dispatched to a backend. Each check
+names the argument and the rule it breaks, so a user never has to decode a
+shape error from deep inside a kernel. `normalize_attention_args`
 also turns the user-facing arguments into the one form every kernel takes:
 log-counts [B, Nk] fp32 (or None), positions [B, Nq] / [B, Nk] int64 (or None
 when not causal) and a float scale.
