@@ -1,4 +1,5 @@
-// prism::attention on CPU: scaling-aware attention, flash-style.
+// prism::attention on CPU (the "cpp" backend): scaling-aware attention, flash-style,
+// the general blocked kernel (docs/method.md, "Scaling-aware attention").
 //
 //   out = softmax(q k^T * scale + log_counts [+ causal -inf]) v,   lse = logsumexp(...)
 //
