@@ -14,6 +14,11 @@ from .ops import BACKENDS, check_backend_name, selected_backend, use_backend
 
 __all__ = ["segment_means", "prism_attention", "use_backend", "selected_backend", "BACKENDS"]
 
+# the op overloads, looked up once (torch.ops.prism.attention would resolve the
+# overload on every call)
+_attention_op = torch.ops.prism.attention.default
+_segment_means_op = torch.ops.prism.segment_means.default
+
 
 def segment_means(x: torch.Tensor, num_segments: int, *, backend: str | None = None):
     """Means of `num_segments` contiguous segments of x along dim -2 (Alg. 2).
@@ -24,8 +29,9 @@ def segment_means(x: torch.Tensor, num_segments: int, *, backend: str | None = N
     by use_backend() ("auto" outside any).
     """
     check_segment_means_args(x, num_segments)
-    b = "" if backend is None else check_backend_name(backend)
-    return torch.ops.prism.segment_means(x, int(num_segments), b)
+    if backend is None:
+        return _segment_means_op(x, int(num_segments))
+    return _segment_means_op(x, int(num_segments), check_backend_name(backend))
 
 
 def prism_attention(q, k, v, *, key_counts=None, causal=False, q_pos=None, k_pos=None,
@@ -44,6 +50,8 @@ def prism_attention(q, k, v, *, key_counts=None, causal=False, q_pos=None, k_pos
     """
     log_counts, q_pos, k_pos, scale = normalize_attention_args(
         q, k, v, key_counts, causal, q_pos, k_pos, scale)
-    b = "" if backend is None else check_backend_name(backend)
-    out, lse = torch.ops.prism.attention(q, k, v, log_counts, q_pos, k_pos, scale, b)
+    if backend is None:
+        out, lse = _attention_op(q, k, v, log_counts, q_pos, k_pos, scale)
+    else:
+        out, lse = _attention_op(q, k, v, log_counts, q_pos, k_pos, scale, check_backend_name(backend))
     return (out, lse) if return_lse else out
