@@ -20,7 +20,6 @@ Backends (BACKENDS):
   torch   plain PyTorch (prism_kernels.torch_backend); any device
   auto    cpp for CPU tensors (torch when the extension is not built),
           triton for CUDA tensors (torch when Triton is not installed)
-"reference" is accepted as another name of "torch".
 
 Which backend runs is decided when the op runs, by its `backend` argument, or,
 when that is "" (the default), by the innermost `use_backend(...)` context
@@ -41,7 +40,6 @@ from . import _cpp
 from . import torch_backend
 
 BACKENDS = ("auto", "cpp", "triton", "torch")
-_ALIASES = {"reference": "torch"}
 
 _lib = torch.library.Library("prism", "DEF")
 _lib.define('segment_means(Tensor x, int num_segments, str backend="") -> (Tensor, Tensor)')
@@ -56,13 +54,10 @@ _selected: contextvars.ContextVar[str] = contextvars.ContextVar("prism_backend",
 
 
 def check_backend_name(backend) -> str:
-    """The canonical name of `backend` (aliases resolved); ValueError if unknown."""
+    """`backend` itself; ValueError if it is not one of BACKENDS."""
     if backend in BACKENDS:
         return backend
-    if backend in _ALIASES:
-        return _ALIASES[backend]
-    raise ValueError(f"backend must be one of {BACKENDS} (or 'reference', another name of "
-                     f"'torch'), got {backend!r}")
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
 @contextlib.contextmanager

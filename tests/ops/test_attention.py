@@ -23,7 +23,7 @@ from op_backends import HAS_TRITON, INTERPRET, combos, examples
 from tolerances import assert_close, assert_grad_close
 
 TRITON = HAS_TRITON and (INTERPRET or torch.cuda.is_available())
-BACKENDS = ["auto", "reference", "torch"] + (["cpp"] if pk.cpp_variant() else [])
+BACKENDS = ["auto", "torch"] + (["cpp"] if pk.cpp_variant() else [])
 
 
 @st.composite
@@ -189,8 +189,6 @@ def test_use_backend_selects_and_backend_argument_wins(monkeypatch):
         if pk.cpp_variant():
             pk.prism_attention(q, k, v, key_counts=c, backend="cpp")   # explicit wins
             assert len(calls) == 1
-        with pk.use_backend("reference"):                              # alias of torch
-            assert pk.selected_backend() == "torch"
     assert pk.selected_backend() == "auto"
     assert_close(out, R.prism_attention(q.double(), k.double(), v.double(), key_counts=c),
                  torch.float32)

@@ -19,7 +19,7 @@ from op_backends import HAS_TRITON, INTERPRET, combos, examples
 from tolerances import assert_close, assert_grad_close
 
 TRITON = HAS_TRITON and (INTERPRET or torch.cuda.is_available())
-BACKENDS = ["auto", "reference", "torch"] + (["cpp"] if pk.cpp_variant() else [])
+BACKENDS = ["auto", "torch"] + (["cpp"] if pk.cpp_variant() else [])
 
 
 @st.composite
