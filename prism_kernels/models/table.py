@@ -149,7 +149,8 @@ def _cfg_dinov2(tf, s, size):
 
 
 def _cfg_gpt2(tf, s, size):
-    return tf.GPT2Config(vocab_size=s["vocab"] if size != "base" else 50257, n_positions=1024,
+    vocab = s["vocab"] if size != "base" else 50257
+    return tf.GPT2Config(vocab_size=vocab, bos_token_id=vocab - 1, eos_token_id=vocab - 1, n_positions=1024,
                          n_embd=s["hidden"], n_layer=s["layers"], n_head=s["heads"],
                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 
