@@ -37,6 +37,7 @@ from typing import Dict, Optional
 import torch
 
 from ..config import DEFAULT_AVERAGING, PrismConfig
+from ..costs.comm import floats_per_row, wire_format
 from ..models import apply_rotary, lookup
 from ..plan import partition_means
 from . import overlap
@@ -78,24 +79,6 @@ class RunConfig:
         if plan.num_partitions != world:
             raise ValueError(f"{world} partitions (world size) for {n_tokens} tokens; P must be <= N")
         return plan
-
-
-def kv_width(model_config) -> int:
-    entry = lookup(model_config)
-    return 2 * entry.num_kv_heads(model_config) * entry.head_dim(model_config)
-
-
-def wire_format(model_config, mode: str, averaging: str) -> str:
-    """'hidden' (D floats per row) or 'kv' (2*Hkv*d floats per row)."""
-    if mode == "voltage" or averaging == "block_input":
-        return "hidden"
-    if lookup(model_config).rotary or kv_width(model_config) < model_config.hidden_size:
-        return "kv"
-    return "hidden"
-
-
-def floats_per_row(model_config, wire: str) -> int:
-    return model_config.hidden_size if wire == "hidden" else kv_width(model_config)
 
 
 def expected_recv_bytes(plan, model_config, wire: str, rank: int, batch: int = 1) -> int:
