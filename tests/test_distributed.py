@@ -115,18 +115,20 @@ def _sim_attention(module, q, k, v, mask, scaling=None, dropout=0.0, **kw):
     return torch.cat(outs, 2).transpose(1, 2).contiguous(), None
 
 
-def prism_config(P, *, num_means=None, cr=None, averaging="attention_input"):
+def prism_config(P, *, num_means=None, cr=None, averaging="attention_input", weights=None):
     from prism_kernels.config import PrismConfig
-    return PrismConfig(num_partitions=P, num_means=num_means, compression_rate=cr, averaging=averaging)
+    return PrismConfig(num_partitions=P, num_means=num_means, compression_rate=cr, averaging=averaging,
+                       partition_weights=weights)
 
 
-def simulate(family, inputs, P, *, num_means=None, cr=None, averaging="attention_input"):
+def simulate(family, inputs, P, *, num_means=None, cr=None, averaging="attention_input", weights=None):
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
     from prism_kernels.models import lookup
     entry = lookup(family)
     model = entry.build_model("tiny", seed=0)
-    plan = prism_config(P, num_means=num_means, cr=cr).plan(entry.n_tokens(model, inputs), entry.causal)
+    plan = prism_config(P, num_means=num_means, cr=cr, weights=weights).plan(entry.n_tokens(model, inputs),
+                                                                            entry.causal)
     AttentionInterface.register("prism_test_sim", _sim_attention)
     AttentionMaskInterface.register("prism_test_sim", lambda *a, **k: None)
     model.set_attn_implementation("prism_test_sim")
@@ -209,6 +211,9 @@ SCEN2 = [
     dict(name="qwen2_prism", family="qwen2", mode="prism", cr=3.0),
     dict(name="qwen2_voltage", family="qwen2", mode="voltage"),
     dict(name="qwen2_cr1", family="qwen2", mode="prism", cr=1.0),
+    # uneven partitions (sizes in proportion to device speeds)
+    dict(name="gpt2_weights", family="gpt2", mode="prism", cr=2.0, weights=[2.0, 1.0]),
+    dict(name="vit_weights_block", family="vit", mode="prism", cr=3.0, weights=[1.0, 3.0], **BLOCK),
 ]
 SCEN3 = [
     dict(name="bert_prism", family="bert", mode="prism", num_means=2),
@@ -265,12 +270,16 @@ def test_outputs_equal_simulation_and_stock(run_scenarios):
             averaging = r["reports"][0]["averaging"]
             assert averaging == s.get("averaging", "attention_input")
             kw = dict(num_means=s.get("num_means"), cr=s.get("cr"), averaging=averaging)
-            sim_hidden, sim_head = simulate(fam, inputs, P, **kw)
+            sim_hidden, sim_head = simulate(fam, inputs, P, weights=s.get("weights"), **kw)
             close(r["hidden"], sim_hidden)
             close(r["head"], sim_head)
-            hf_hidden, hf_head = hf_simulation(fam, inputs, P, **kw)   # the project's simulation
-            close(r["hidden"], hf_hidden, atol=1e-5)
-            close(r["head"], hf_head, atol=1e-5)
+            if "weights" in s:
+                sizes = r["reports"][0]["sizes"]
+                assert len(set(sizes)) > 1, sizes     # really uneven partitions
+            else:
+                hf_hidden, hf_head = hf_simulation(fam, inputs, P, **kw)   # the project's simulation
+                close(r["hidden"], hf_hidden, atol=1e-5)
+                close(r["head"], hf_head, atol=1e-5)
             # and prism with these means really differs from the stock model
             assert (r["hidden"] - ref_hidden).abs().max() > 1e-3, s["name"]
 
