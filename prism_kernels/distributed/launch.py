@@ -87,11 +87,18 @@ def run_config(args, world: int):
     from prism_kernels.config import PrismConfig
     from .runtime import RunConfig
     prism = None
+    weights = None
+    if args.partition_weights is not None:
+        try:
+            weights = tuple(float(w) for w in args.partition_weights.split(","))
+        except ValueError:
+            raise ValueError(f"--partition-weights must be comma-separated numbers, "
+                             f"got {args.partition_weights!r}") from None
     if args.mode == "prism":
-        weights = None if args.partition_weights is None else \
-            tuple(float(w) for w in args.partition_weights.split(","))
         prism = PrismConfig(num_partitions=world, num_means=args.num_means, compression_rate=args.cr,
                             averaging=args.averaging, partition_weights=weights)
+    elif args.mode == "voltage" and weights is not None:     # Voltage: the same partitions, CR = 1
+        prism = PrismConfig(num_partitions=world, compression_rate=1.0, partition_weights=weights)
     return RunConfig(mode=args.mode, prism=prism, overlap=not args.no_overlap, gather=args.gather)
 
 
@@ -283,7 +290,8 @@ def run(args) -> int:
             print(json.dumps(summary), flush=True)
         else:
             print(f"prism run: {entry.model_type} mode={cfg.mode} P={world} N={n_tokens} "
-                  f"averaging={rt.averaging} wire={rt.wire} ({floats_per_row(model.config, rt.wire)} floats per row)")
+                  f"averaging={rt.averaging} wire={rt.wire}"
+                  + (f" ({floats_per_row(model.config, rt.wire)} floats per row)" if rt.wire else ""))
             for r in everyone:
                 per = sorted(set(r["layer_bytes"].values()))
                 print(f"  rank {r['rank']}: bytes received per layer {per} (cost model "

@@ -36,7 +36,7 @@ from typing import Dict, Optional
 
 import torch
 
-from ..config import DEFAULT_AVERAGING, PrismConfig
+from ..config import PrismConfig
 from ..costs.comm import floats_per_row, wire_format
 from ..models import apply_rotary, lookup
 from ..plan import partition_means
@@ -62,8 +62,9 @@ class RunConfig:
             raise ValueError("prism mode needs a PrismConfig (num_means or compression_rate)")
 
     @property
-    def averaging(self) -> str:
-        return self.prism.averaging if self.prism is not None else DEFAULT_AVERAGING
+    def averaging(self) -> Optional[str]:
+        """What the means are taken of (prism mode; None in voltage / single: no means)."""
+        return self.prism.averaging if self.mode == "prism" else None
 
     def plan(self, n_tokens: int, world: int, causal: bool):
         """The plan of this run (None in single mode). Voltage is the plan at CR = 1:
@@ -172,7 +173,7 @@ class Runtime:
         self.rank, self.world = comm.rank, comm.world
         self.batch = batch
         self.averaging = cfg.averaging
-        self.wire = wire_format(model.config, cfg.mode, self.averaging)
+        self.wire = None if cfg.mode == "single" else wire_format(model.config, cfg.mode, self.averaging)
         self.n_tokens = n_tokens
         self.layers = self.entry.layers(model)
         self.plan = cfg.plan(n_tokens, self.world, self.entry.causal)
