@@ -110,6 +110,21 @@ def test_costs_config_file_and_model_type(tmp_path, capsys):
     assert rc == 0 and d["num_layers"] == 2 and d["hidden_size"] == 64 and d["kind"] == "causal"
 
 
+def test_costs_uneven_sizes_and_model_types(capsys):
+    rc, out, _ = run_cli(capsys, "costs", "--model", "gpt2", "--seq-len", "150", "--sizes", "100,50",
+                         "--means", "5", "--json")
+    d = json.loads(out)
+    assert rc == 0 and d["partition_sizes"] == [100, 50] and d["prism_tokens_devices"] == [5, 5]
+    rc, out, _ = run_cli(capsys, "costs", "--model", "qwen2", "--seq-len", "64", "--weights", "3,1",
+                         "--cr", "4", "--json")
+    d = json.loads(out)
+    assert rc == 0 and d["partition_sizes"] == [48, 16] and d["means_per_partition"] == [12, 4]
+    assert d["kind"] == "causal" and d["prism_wire"] == "kv"
+    for model in ("roberta-base", "qwen2-0.5b"):
+        rc, out, _ = run_cli(capsys, "costs", "--model", model, "--partitions", "2", "--cr", "10")
+        assert rc == 0 and "Prism" in out
+
+
 def test_costs_paper(capsys):
     rc, out, _ = run_cli(capsys, "costs", "--paper", "--json")
     rows = json.loads(out)
@@ -141,6 +156,12 @@ BAD = [
     (["--model", "gpt2", "--seq-len", "5000", "--partitions", "2", "--means", "1"], "--seq-len", "<= 1024"),
     (["--model", "llama", "--partitions", "2", "--means", "1"], "--seq-len", "required"),
     (["--paper", "--model", "gpt2"], "--paper", "no setting arguments"),
+    (["--model", "gpt2", "--seq-len", "16", "--sizes", "10,5", "--means", "1"], "--sizes", "sum to n_tokens=16"),
+    (["--model", "gpt2", "--seq-len", "16", "--sizes", "10,6", "--means", "7"], "--means",
+     "smallest partition size (6 tokens"),
+    (["--model", "gpt2", "--seq-len", "16", "--partitions", "2", "--sizes", "10,6", "--means", "1"], "--sizes",
+     "not allowed with argument --partitions"),
+    (["--model", "gpt2", "--seq-len", "16", "--weights", "1,x", "--means", "1"], "--weights", "could not convert"),
     (["--model", "gpt2", "--partitions", "2", "--means", "x"], "--means", "invalid int"),
 ]
 

@@ -1,5 +1,5 @@
-"""Cost model (prism_kernels.costs): the paper's figures (SPEC sec. 9, Tables IV-VI)
-and the structure of the count (P = 1, CR = 1, exact matmul formulas, bytes)."""
+"""Cost model (prism_kernels.costs): the paper's figures (Tables IV-VI) and the
+structure of the count (P = 1, CR = 1, exact matmul formulas, bytes, uneven partitions)."""
 import json
 import math
 
@@ -10,8 +10,7 @@ from prism_kernels.costs import (
     voltage_received_tokens,
 )
 from prism_kernels.costs.paper import PAPER_ROWS
-from python_ref.layout import plan_layout
-from python_ref.partition import partition_sizes
+from prism_kernels.plan import make_plan, partition_sizes
 
 TOL = 0.015   # the issue's bound: within 1.5% of the paper
 
@@ -20,7 +19,7 @@ def close(ours, paper, tol=TOL):
     return abs(ours - paper) <= tol * abs(paper)
 
 
-# ---- SPEC section 9: the headline figures, as quoted there ---------------------------
+# ---- the headline figures (ViT-B/16, BERT-base, GPT-2) ---------------------------
 
 HEADLINE = [
     # (model, N, P, means, cr, attribute, paper value)
@@ -88,7 +87,7 @@ def test_paper_table_row(row):
 
 @pytest.mark.parametrize("p", [2, 3])
 def test_gpt2_rows_fit_floor_means(p):
-    """Finding: the paper's GPT-2 GFLOPs fit m_i = floor(n_i / CR) to 0.06%, while SPEC's
+    """Finding: the paper's GPT-2 GFLOPs fit m_i = floor(n_i / CR) to 0.06%, while
     Eq. 16 (ceil, our default) is off by up to 0.3%. Both are within the 1.5% bound."""
     sizes = partition_sizes(256, p)
     for row in (x for x in PAPER_ROWS if x.model == "gpt2" and x.strategy == "prism" and x.num_partitions == p):
@@ -103,7 +102,7 @@ D, L, V = 768, 12, 50257
 
 
 def gpt2_matmul_flops(q, k):
-    """Independent formula (SPEC sec. 9): Q,O 2qD^2 each; K,V 4kD^2; attention 4qkD;
+    """Independent formula (docs/method.md, "Costs"): Q,O 2qD^2 each; K,V 4kD^2; attention 4qkD;
     FFN 16qD^2; LM head 2qDV."""
     return L * (2 * q * D * D + 4 * k * D * D + 2 * q * D * D + 4 * q * k * D + 16 * q * D * D) + 2 * q * D * V
 
@@ -185,9 +184,9 @@ def test_tokens_and_bytes():
 
 
 def test_received_tokens_helpers():
-    plan = plan_layout(10, 3, [2, 1, 3])
+    plan = make_plan(10, 3, [2, 1, 3])
     assert received_tokens(plan) == [4, 5, 3]
-    assert received_tokens(plan_layout(10, 3, [2, 1, 3], causal=True)) == [0, 2, 3]
+    assert received_tokens(make_plan(10, 3, [2, 1, 3], causal=True)) == [0, 2, 3]
     assert voltage_received_tokens([4, 3, 3]) == [6, 7, 7]
 
 
@@ -244,3 +243,48 @@ def test_other_architectures():
     assert estimate("deit", None, 2, num_means=1).seq_len == 198
     with pytest.raises(ValueError, match="encoder-decoder"):
         estimate("t5", 64, 2, num_means=1)
+
+
+# ---- partitions from the plan, model types from the table ----------------------------
+
+def test_uneven_sizes_and_weights():
+    r = estimate("gpt2", 150, sizes=[100, 50], num_means=[10, 5])
+    assert r.num_partitions == 2 and r.partition_sizes == [100, 50] and r.means_per_partition == [10, 5]
+    assert r.prism_tokens_devices == [5, 10] and r.voltage_tokens_devices == [50, 100]
+    assert r.prism_causal_tokens_devices == [0, 10]
+    # the larger partition does more work
+    assert r.prism_gflops_devices[0] > r.prism_gflops_devices[1]
+    w = estimate("gpt2", 150, weights=[2, 1], compression_rate=10)
+    assert w.partition_sizes == [100, 50] and w.means_per_partition == [10, 5]
+    assert w.prism_gflops_devices == pytest.approx(r.prism_gflops_devices)
+    with pytest.raises(ValueError, match="sum to n_tokens=150"):
+        estimate("gpt2", 150, sizes=[100, 40], num_means=1)
+    with pytest.raises(ValueError, match="exactly one of num_partitions, sizes"):
+        estimate("gpt2", 150, 2, sizes=[100, 50], num_means=1)
+
+
+@pytest.mark.parametrize("model", ["qwen2", "roberta", "qwen2-0.5b", "roberta-base"])
+def test_qwen2_and_roberta(model):
+    r = estimate(model, 128, 2, compression_rate=8)
+    assert r.kind == ("causal" if model.startswith("qwen2") else "encoder")
+    assert r.means_per_partition == [8, 8]
+    assert r.prism_gflops_per_device < r.voltage_gflops_per_device < r.single_gflops
+    if r.kind == "causal":     # rotary: K/V means on the wire, 2*Hkv*d floats a row
+        cfg = resolve_model(model).config
+        width = 2 * cfg.num_key_value_heads * cfg.hidden_size // cfg.num_attention_heads
+        assert r.prism_wire == "kv" and r.prism_floats_per_row == width
+        assert r.prism_bytes_devices == [8 * width * 4] * 2
+        b = estimate(model, 128, 2, compression_rate=8, averaging="block_input")
+        assert b.prism_wire == "hidden" and b.prism_bytes_devices == [8 * cfg.hidden_size * 4] * 2
+    else:
+        assert r.prism_wire == "hidden" and r.prism_bytes_devices == [8 * 768 * 4] * 2
+
+
+def test_kind_comes_from_the_model_table():
+    import prism_kernels.costs.model_configs as mc
+    from prism_kernels.models import TABLE
+    assert not hasattr(mc, "KINDS")
+    for mt, entry in TABLE.items():
+        assert mc.model_kind(entry.build_config("tiny")) == entry.kind, mt
+    with pytest.raises(ValueError, match="<= 512"):      # RoBERTa: positions start at padding_idx + 1
+        estimate("roberta-base", 513, 2, num_means=1)

@@ -1,9 +1,11 @@
 """Multi-process Prism runtime (prism_kernels.distributed) on loopback, 2 and 3 ranks.
 
 Each launch starts real processes (gloo over 127.0.0.1, free port, strict
-timeouts). Outputs are compared with
-  * a one-process simulation written here from python_ref (plan_layout,
-    segment_means, prism_attention) running the stock HF model with the same P and m,
+timeouts) and runs every scenario of one P in one process group. Outputs are
+compared with
+  * the project's one-process simulation (prism_kernels.hf.enable_prism) with the
+    same PrismConfig, and an independent one written here (the plan, python_ref's
+    segment_means and prism_attention, the stock HF model);
   * the stock model itself in voltage mode and at CR = 1,
 and the bytes each rank received per layer with the cost model.
 """
@@ -75,15 +77,19 @@ def launch(world, argv, *, env_per_rank=None, timeout=120, module="prism_kernels
 
 
 # --------------------------------------------------------------------------------------------
-# one-process simulation (independent of the runtime's exchange code)
+# one-process simulation (independent of the runtime's exchange code): the stock HF
+# model with an attention function that builds every device's keys from the plan,
+# python_ref's segment means and python_ref's scaling-aware attention.
 
 _SIM = {}
 
 
 def _sim_attention(module, q, k, v, mask, scaling=None, dropout=0.0, **kw):
     import python_ref
-    from python_ref.layout import device_tensors
-    plan, means_of, adapter = _SIM["plan"], _SIM["means_of"], _SIM["adapter"]
+    from prism_kernels.models import apply_rotary
+    from prism_kernels.plan import device_tensors
+    plan, averaging, entry, model = _SIM["plan"], _SIM["averaging"], _SIM["entry"], _SIM["model"]
+    layer = _SIM["layer"]
     causal = plan.causal
     outs = []
     for i, dev in enumerate(plan.devices):
@@ -91,12 +97,15 @@ def _sim_attention(module, q, k, v, mask, scaling=None, dropout=0.0, **kw):
         ks, vs = [k[:, :, o:o + n]], [v[:, :, o:o + n]]
         for j in dev.sources:
             oj, nj, mj = plan.offsets[j], plan.sizes[j], plan.means[j]
-            if means_of == "kv":
+            if averaging == "attention_input":
                 ks.append(python_ref.segment_means(k[:, :, oj:oj + nj], mj)[0])
                 vs.append(python_ref.segment_means(v[:, :, oj:oj + nj], mj)[0])
-            else:  # paper: K/V of prenorm(mean of the block input)
+            else:  # paper: K/V of prenorm(mean of the block input); rotary: average rotation
                 xm = python_ref.segment_means(_SIM["block_input"][:, oj:oj + nj], mj)[0]
-                kj, vj = adapter.kv_from_block_input(_SIM["block"], xm)
+                kj, vj = layer.kv(layer.pre_norm(xm) if layer.pre_norm is not None else xm)
+                if layer.rotary:
+                    cos, sin = entry.cos_sin(model, torch.arange(oj, oj + nj), xm)
+                    kj = apply_rotary(kj, python_ref.segment_means(cos, mj)[0], python_ref.segment_means(sin, mj)[0])
                 ks.append(kj)
                 vs.append(vj)
         counts, qpos, kpos = device_tensors(plan, i)
@@ -106,94 +115,134 @@ def _sim_attention(module, q, k, v, mask, scaling=None, dropout=0.0, **kw):
     return torch.cat(outs, 2).transpose(1, 2).contiguous(), None
 
 
-def simulate(family, inputs, P, *, num_means=None, cr=None, means_of="kv"):
+def prism_config(P, *, num_means=None, cr=None, averaging="attention_input", weights=None):
+    from prism_kernels.config import PrismConfig
+    return PrismConfig(num_partitions=P, num_means=num_means, compression_rate=cr, averaging=averaging,
+                       partition_weights=weights)
+
+
+def simulate(family, inputs, P, *, num_means=None, cr=None, averaging="attention_input", weights=None):
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
-    from python_ref.layout import plan_layout
-    from python_ref.partition import partition_sizes
-    from prism_kernels.distributed.model_adapters import build_model, make_adapter
-    model = build_model(family, "tiny", seed=0)
-    adapter = make_adapter(model)
-    with torch.no_grad():
-        N = adapter.embed(inputs).shape[1]
-    if num_means is not None:
-        plan = plan_layout(N, P, [min(num_means, n) for n in partition_sizes(N, P)], causal=adapter.causal)
-    else:
-        plan = plan_layout(N, P, compression_rate=cr, causal=adapter.causal)
+    from prism_kernels.models import lookup
+    entry = lookup(family)
+    model = entry.build_model("tiny", seed=0)
+    plan = prism_config(P, num_means=num_means, cr=cr, weights=weights).plan(entry.n_tokens(model, inputs),
+                                                                            entry.causal)
     AttentionInterface.register("prism_test_sim", _sim_attention)
     AttentionMaskInterface.register("prism_test_sim", lambda *a, **k: None)
     model.set_attn_implementation("prism_test_sim")
     hooks = []
-    for b in adapter.blocks():
-        def pre(mod, args, kwargs):
+    for layer in entry.layers(model):
+        def pre(mod, args, kwargs, layer=layer):
             _SIM["block_input"] = args[0] if args else kwargs["hidden_states"]
-            _SIM["block"] = mod
-        hooks.append(b.register_forward_pre_hook(pre, with_kwargs=True))
-    _SIM.update(plan=plan, means_of=means_of, adapter=adapter)
+            _SIM["layer"] = layer
+        hooks.append(layer.block.register_forward_pre_hook(pre, with_kwargs=True))
+    _SIM.update(plan=plan, averaging=averaging, entry=entry, model=model)
     try:
-        return adapter.stock_forward(inputs)
+        return entry.stock_forward(model, inputs)
     finally:
         for h in hooks:
             h.remove()
 
 
-def hf_simulation(family, inputs, P, *, num_means=None, cr=None, means_of="kv"):
-    """prism_kernels.hf.enable_prism (another module of this project), when it exists."""
-    try:
-        import prism_kernels.hf as phf
-    except ImportError:
-        return None
-    from prism_kernels.distributed.model_adapters import build_model, make_adapter
-    model = build_model(family, "tiny", seed=0)
-    phf.enable_prism(model, num_partitions=P, num_means=num_means, compression_rate=cr,
-                     averaging="attention_input" if means_of == "kv" else "block_output")
-    return make_adapter(model).stock_forward(inputs)
+def hf_simulation(family, inputs, P, *, num_means=None, cr=None, averaging="attention_input"):
+    """prism_kernels.hf.enable_prism, the project's one-process simulation, same P and m."""
+    import prism_kernels.hf as phf
+    from prism_kernels.models import lookup
+    entry = lookup(family)
+    model = entry.build_model("tiny", seed=0)
+    config = prism_config(P, num_means=num_means, cr=cr, averaging=averaging)
+    if isinstance(config, phf.PrismConfig):
+        phf.enable_prism(model, config=config)
+    else:
+        # Until the hf simulation reads prism_kernels.config.PrismConfig it has its own
+        # settings and calls block_input averaging "block_output"; the one place that maps it.
+        phf.enable_prism(model, num_partitions=P, num_means=num_means, compression_rate=cr,
+                         averaging="block_output" if averaging == "block_input" else averaging)
+    return entry.stock_forward(model, inputs)
 
 
 def stock(family, inputs):
-    from prism_kernels.distributed.model_adapters import build_model, make_adapter
-    model = build_model(family, "tiny", seed=0)
+    from prism_kernels.models import lookup
+    entry = lookup(family)
+    model = entry.build_model("tiny", seed=0)
     model.set_attn_implementation("eager")
-    return make_adapter(model).stock_forward(inputs)
+    return entry.stock_forward(model, inputs)
 
 
-def close(a, b):
-    torch.testing.assert_close(a, b, atol=3e-5, rtol=1e-4)
+def close(a, b, atol=3e-5):
+    torch.testing.assert_close(a, b, atol=atol, rtol=1e-4)
 
 
 # --------------------------------------------------------------------------------------------
+# every family: prism at CR > 1 (default averaging), at CR = 1 (exact), Voltage (exact);
+# block_input averaging for a non-rotary (ViT, GPT-2) and a rotary family (Llama).
 
+FAMILIES = ("bert", "roberta", "vit", "dinov2", "gpt2", "llama", "qwen2")
+BLOCK = dict(averaging="block_input")
 SCEN2 = [
     dict(name="bert_prism", family="bert", mode="prism", num_means=2),
-    dict(name="bert_prism_kv", family="bert", mode="prism", num_means=3, means_of="kv"),
+    dict(name="bert_prism_block", family="bert", mode="prism", num_means=3, **BLOCK),
     dict(name="bert_voltage", family="bert", mode="voltage"),
     dict(name="bert_cr1", family="bert", mode="prism", cr=1.0),
     dict(name="bert_noverlap", family="bert", mode="prism", num_means=2, overlap=False),
     dict(name="bert_single", family="bert", mode="single"),
+    dict(name="roberta_prism", family="roberta", mode="prism", cr=3.0),
+    dict(name="roberta_cr1", family="roberta", mode="prism", cr=1.0),
     dict(name="vit_prism", family="vit", mode="prism", num_means=2),
-    dict(name="vit_prism_kv", family="vit", mode="prism", num_means=3, means_of="kv"),
+    dict(name="vit_prism_block", family="vit", mode="prism", num_means=3, **BLOCK),
     dict(name="vit_voltage", family="vit", mode="voltage"),
     dict(name="vit_cr1", family="vit", mode="prism", cr=1.0),
     dict(name="dinov2_prism", family="dinov2", mode="prism", num_means=2),
     dict(name="dinov2_voltage", family="dinov2", mode="voltage"),
+    dict(name="dinov2_cr1", family="dinov2", mode="prism", cr=1.0),
     dict(name="gpt2_prism", family="gpt2", mode="prism", num_means=2),
-    dict(name="gpt2_prism_kv", family="gpt2", mode="prism", num_means=2, means_of="kv"),
+    dict(name="gpt2_prism_block", family="gpt2", mode="prism", num_means=2, **BLOCK),
     dict(name="gpt2_noverlap", family="gpt2", mode="prism", num_means=2, overlap=False),
     dict(name="gpt2_voltage", family="gpt2", mode="voltage"),
     dict(name="gpt2_cr1", family="gpt2", mode="prism", cr=1.0),
     dict(name="llama_prism", family="llama", mode="prism", num_means=2),
+    dict(name="llama_prism_block", family="llama", mode="prism", num_means=2, **BLOCK),
+    dict(name="llama_noverlap", family="llama", mode="prism", num_means=2, overlap=False),
     dict(name="llama_voltage", family="llama", mode="voltage"),
     dict(name="llama_cr1", family="llama", mode="prism", cr=1.0),
+    dict(name="llama_cr1_block", family="llama", mode="prism", cr=1.0, **BLOCK),
+    dict(name="qwen2_prism", family="qwen2", mode="prism", cr=3.0),
+    dict(name="qwen2_voltage", family="qwen2", mode="voltage"),
+    dict(name="qwen2_cr1", family="qwen2", mode="prism", cr=1.0),
+    # uneven partitions (sizes in proportion to device speeds)
+    dict(name="gpt2_weights", family="gpt2", mode="prism", cr=2.0, weights=[2.0, 1.0]),
+    dict(name="vit_weights_block", family="vit", mode="prism", cr=3.0, weights=[1.0, 3.0], **BLOCK),
 ]
 SCEN3 = [
     dict(name="bert_prism", family="bert", mode="prism", num_means=2),
+    dict(name="bert_cr1", family="bert", mode="prism", cr=1.0),
+    dict(name="roberta_prism", family="roberta", mode="prism", cr=2.0),
     dict(name="vit_prism", family="vit", mode="prism", cr=2.0),
+    dict(name="vit_prism_block", family="vit", mode="prism", cr=2.0, **BLOCK),
     dict(name="vit_voltage", family="vit", mode="voltage"),
+    dict(name="dinov2_prism", family="dinov2", mode="prism", cr=3.0),
     dict(name="gpt2_prism", family="gpt2", mode="prism", cr=2.0),
+    dict(name="gpt2_prism_block", family="gpt2", mode="prism", cr=2.0, **BLOCK),
     dict(name="gpt2_voltage", family="gpt2", mode="voltage"),
+    dict(name="gpt2_cr1", family="gpt2", mode="prism", cr=1.0),
     dict(name="llama_prism", family="llama", mode="prism", num_means=2),
+    dict(name="llama_prism_block", family="llama", mode="prism", cr=2.0, **BLOCK),
     dict(name="llama_voltage", family="llama", mode="voltage"),
+    dict(name="qwen2_prism", family="qwen2", mode="prism", num_means=2),
+    dict(name="qwen2_cr1", family="qwen2", mode="prism", cr=1.0),
 ]
+
+
+def test_every_family_is_covered():
+    for scen in (SCEN2, SCEN3):
+        for fam in FAMILIES:
+            names = {s["name"] for s in scen if s["family"] == fam}
+            assert any(s["family"] == fam and s["mode"] == "prism" and s.get("cr") != 1.0 for s in scen), fam
+        assert {s["family"] for s in scen if s.get("averaging") == "block_input"} >= {"gpt2", "llama"}
+    for fam in FAMILIES:
+        assert any(s["family"] == fam and s.get("cr") == 1.0 for s in SCEN2), fam
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["P2", "P3"])
@@ -201,7 +250,7 @@ def run_scenarios(request, tmp_path_factory):
     P = request.param
     scen = SCEN2 if P == 2 else SCEN3
     out = tmp_path_factory.mktemp(f"dist{P}") / "out.pt"
-    res, wall = launch(P, [str(out), json.dumps(scen)], module="prism_kernels.distributed.selftest")
+    res, wall = launch(P, [str(out), json.dumps(scen)], module="prism_kernels.distributed.selftest", timeout=300)
     for rc, o, e in res:
         assert rc == 0, f"rank failed rc={rc}\n{e[-3000:]}"
     return P, scen, torch.load(out, weights_only=False)
@@ -218,34 +267,36 @@ def test_outputs_equal_simulation_and_stock(run_scenarios):
             close(r["hidden"], ref_hidden)
             close(r["head"], ref_head)
         else:
-            means_of = r["reports"][0]["means_of"]
-            sim_hidden, sim_head = simulate(fam, inputs, P, num_means=s.get("num_means"), cr=s.get("cr"),
-                                            means_of=means_of)
+            averaging = r["reports"][0]["averaging"]
+            assert averaging == s.get("averaging", "attention_input")
+            kw = dict(num_means=s.get("num_means"), cr=s.get("cr"), averaging=averaging)
+            sim_hidden, sim_head = simulate(fam, inputs, P, weights=s.get("weights"), **kw)
             close(r["hidden"], sim_hidden)
             close(r["head"], sim_head)
-            hf = hf_simulation(fam, inputs, P, num_means=s.get("num_means"), cr=s.get("cr"), means_of=means_of)
-            if hf is not None:     # the project's one-process simulation (prism_kernels.hf), same P and m
-                close(r["hidden"], hf[0])
-                close(r["head"], hf[1])
+            if "weights" in s:
+                sizes = r["reports"][0]["sizes"]
+                assert len(set(sizes)) > 1, sizes     # really uneven partitions
+            else:
+                hf_hidden, hf_head = hf_simulation(fam, inputs, P, **kw)   # the project's simulation
+                close(r["hidden"], hf_hidden, atol=1e-5)
+                close(r["head"], hf_head, atol=1e-5)
             # and prism with these means really differs from the stock model
             assert (r["hidden"] - ref_hidden).abs().max() > 1e-3, s["name"]
 
 
 def test_bytes_per_layer_equal_cost_model(run_scenarios):
-    from python_ref.layout import plan_layout
-    from prism_kernels.distributed.model_adapters import build_config
-    try:
-        import prism_kernels.costs.comm as costs
-    except ImportError:
-        costs = None
+    from prism_kernels.plan import make_plan
+    from prism_kernels.models import lookup
+    import prism_kernels.costs.comm as costs
     P, scen, results = run_scenarios
     for s in scen:
         reps = results[s["name"]]["reports"]
-        cfg = build_config(s["family"], "tiny")
+        entry = lookup(s["family"])
+        cfg = entry.build_config("tiny")
         D = cfg.hidden_size
-        H = cfg.num_attention_heads
-        Hkv = getattr(cfg, "num_key_value_heads", None) or H
+        Hkv = entry.num_kv_heads(cfg)
         layers = cfg.num_hidden_layers
+        causal = entry.causal
         for rep in reps:
             i = rep["rank"]
             if s["mode"] == "single":
@@ -253,20 +304,19 @@ def test_bytes_per_layer_equal_cost_model(run_scenarios):
                 continue
             sizes = rep["sizes"]
             if s["mode"] == "voltage":
-                tokens = sum(sizes) - sizes[i] if s["family"] not in ("gpt2", "llama") else sum(sizes[:i])
+                tokens = sum(sizes) - sizes[i] if not causal else sum(sizes[:i])
             else:
                 ms = rep["means"]
-                tokens = sum(ms[j] for j in range(P) if j != i and (s["family"] not in ("gpt2", "llama") or j < i))
-            width = D if rep["wire"] == "hidden" else 2 * Hkv * (D // H)
+                tokens = sum(ms[j] for j in range(P) if j != i and (not causal or j < i))
+            width = D if rep["wire"] == "hidden" else 2 * Hkv * entry.head_dim(cfg)
             want = tokens * width * 4
-            if costs is not None:   # the project's cost model (`prism costs`), where it applies
-                causal = s["family"] in ("gpt2", "llama")
-                if s["mode"] == "prism":
-                    plan = plan_layout(sum(sizes), P, rep["means"], causal=causal)
-                    assert costs.received_tokens(plan)[i] == tokens, (s["name"], i)
-                elif not causal:
-                    assert costs.voltage_received_tokens(sizes)[i] == tokens, (s["name"], i)
-                assert costs.bytes_for(tokens, width, 4) == want
+            # the project's cost model (`prism costs`)
+            if s["mode"] == "prism":
+                plan = make_plan(sum(sizes), sizes=sizes, num_means=rep["means"], causal=causal)
+                assert costs.received_tokens(plan)[i] == tokens, (s["name"], i)
+            elif not causal:
+                assert costs.voltage_received_tokens(sizes)[i] == tokens, (s["name"], i)
+            assert costs.bytes_for(tokens, width, 4) == want
             assert rep["expected"] == want, (s["name"], i)
             if tokens == 0:
                 assert all(v == 0 for v in rep["layer_bytes"].values()), (s["name"], i)
@@ -275,20 +325,22 @@ def test_bytes_per_layer_equal_cost_model(run_scenarios):
 
 
 def test_wire_choice(run_scenarios):
+    from prism_kernels.models import lookup
     P, scen, results = run_scenarios
     for s in scen:
         rep = results[s["name"]]["reports"][0]
-        if s["family"] == "llama" and s["mode"] == "prism":
-            assert rep["wire"] == "kv" and rep["means_of"] == "kv"      # rotary: only K/V means are exact
-        elif s["mode"] == "prism" and s.get("means_of") == "kv":
-            assert rep["wire"] == "hidden"    # D floats < 2*H*d for multi-head attention
+        rotary = lookup(s["family"]).rotary
+        if rotary and s["mode"] == "prism" and rep["averaging"] == "attention_input":
+            assert rep["wire"] == "kv"      # rotary: only K/V means are exact
         elif s["mode"] != "single":
+            # block_input and Voltage send hidden rows; attention_input for non-rotary
+            # models too (D floats <= 2*Hkv*d for multi-head attention)
             assert rep["wire"] == "hidden"
 
 
 def test_overlap_equals_no_overlap(run_scenarios):
     P, scen, results = run_scenarios
-    pairs = [("bert_prism", "bert_noverlap"), ("gpt2_prism", "gpt2_noverlap")]
+    pairs = [("bert_prism", "bert_noverlap"), ("gpt2_prism", "gpt2_noverlap"), ("llama_prism", "llama_noverlap")]
     if P != 2:
         pytest.skip("the no-overlap scenarios run with P = 2")
     for a, b in pairs:
@@ -342,3 +394,36 @@ def test_merge_by_lse_equals_one_attention():
         full = pk.prism_attention(q, torch.cat([kl, kr], 2), torch.cat([vl, vr], 2),
                                   key_counts=torch.cat([torch.ones(n, dtype=torch.int64), counts]), **kw_all)
         close(merged, full)
+
+
+def test_cli_model_dir_finds_the_family(tmp_path):
+    """`prism run --model DIR`: the family comes from the saved model's config.model_type;
+    the result equals the one-process simulation of the same model."""
+    from prism_kernels.models import lookup
+    entry = lookup("qwen2")
+    entry.build_model("tiny", seed=0).save_pretrained(tmp_path / "qwen2")
+    out = tmp_path / "out.pt"
+    res, _ = launch(2, ["--model", str(tmp_path / "qwen2"), "--seq-len", "10", "--cr", "2", "--json",
+                        "--gather", "all", "--out", str(out)])
+    for rc, o, e in res:
+        assert rc == 0, e[-3000:]
+    d = json.loads([l for l in res[0][1].splitlines() if l.startswith("{")][-1])
+    assert d["family"] == "qwen2" and d["wire"] == "kv" and d["averaging"] == "attention_input"
+    assert d["bytes_match_cost_model"] and d["sizes"] == [5, 5] and d["means"] == [3, 3]
+    saved = torch.load(out, weights_only=False)
+    hidden, head = hf_simulation("qwen2", saved["inputs"], 2, cr=2.0)
+    close(saved["result"]["hidden"], hidden, atol=1e-5)
+    close(saved["result"]["head"], head, atol=1e-5)
+
+
+def test_cli_refuses_repeat_zero_and_a_wrong_family(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "prism_kernels.cli", "run", "--nproc", "2", "--family", "roberta",
+                        "--seq-len", "8", "--cr", "2", "--repeat", "0"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "--repeat must be >= 1" in p.stderr, p.stderr[-2000:]
+    res, _ = launch(1, ["--family", "roberta", "--seq-len", "8", "--cr", "2", "--repeat", "0"])
+    assert res[0][0] == 2 and "--repeat must be >= 1" in res[0][2]
+    p = subprocess.run([sys.executable, "-m", "prism_kernels.cli", "run", "--family", "llama", "--seq-len", "8",
+                        "--cr", "2", "-m", "2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "exactly one of num_means" in p.stderr, p.stderr[-2000:]

@@ -25,19 +25,18 @@ def child(args):
     import torch
     torch.set_num_threads(1)
     sys.path.insert(0, str(ROOT))
-    from prism_kernels.distributed.model_adapters import build_model, make_adapter
-    m = build_model(args.family, args.size)
+    from prism_kernels.models import lookup
+    entry = lookup(args.family)
+    m = entry.build_model(args.size)
     m.set_attn_implementation("sdpa")
-    a = make_adapter(m)
-    blocks = a.blocks()
-    h0 = torch.randn(1, args.rows, a.hidden_size)
+    blocks = entry.blocks(m)
+    h0 = torch.randn(1, args.rows, m.config.hidden_size)
 
     def run():
         h = h0
         with torch.no_grad():
             for b in blocks:
-                h = a.run_block(b, h, torch.arange(args.rows)) if a.family in ("llama",) else (
-                    b(h, attention_mask=None) if a.family == "gpt2" else b(h, None))
+                h = entry.run_block(m, b, h, torch.arange(args.rows))
     run()
     Path(args.ready).touch()
     while not all(Path(p).exists() for p in args.wait_for.split(",")):

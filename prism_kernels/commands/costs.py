@@ -1,12 +1,15 @@
 """`prism costs`: FLOPs and communication of single device / Voltage / Prism.
 
-    prism costs --model {vit-b16,bert-base,gpt2,TYPE,CONFIG.json} --seq-len N
-                --partitions P (--means M | --cr CR) [--dtype fp32] [--json]
+    prism costs --model {vit-b16,bert-base,gpt2,roberta-base,qwen2-0.5b,TYPE,CONFIG.json} --seq-len N
+                (--partitions P | --sizes 100,50 | --weights 2,1) (--means M | --cr CR)
+                [--averaging attention_input|block_input] [--dtype fp32] [--json]
     prism costs --paper [--json]     (the paper's settings next to its figures)
 
-M is the number of segment means per partition; CR gives m = ceil(n_i / CR)
-per partition (Eq. 16). FLOPs are counted by running each device's share of the
-model (built from its config on the meta device) under torch.utils.flop_counter.
+P devices split N evenly; --sizes gives each partition's tokens (uneven allowed),
+--weights sizes in proportion (device speeds). M is the number of segment means
+per partition; CR gives m = ceil(n_i / CR) per partition (Eq. 16). FLOPs are
+counted by running each device's share of the model (built from its config on
+the meta device) under torch.utils.flop_counter. See docs/costs.md.
 """
 from __future__ import annotations
 
@@ -24,15 +27,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                    f"(e.g. llama) or a config.json file/directory")
     p.add_argument("--seq-len", type=int, default=None,
                    help="sequence length N (presets default to the paper's: vit-b16 197, bert-base 256, gpt2 256)")
-    p.add_argument("--partitions", type=int, default=None, help="number of devices P (1 <= P <= N)")
+    p.add_argument("--partitions", type=int, default=None, help="number of devices P (1 <= P <= N), equal split")
+    p.add_argument("--sizes", default=None, help="comma-separated tokens per partition (sum N), instead of -P")
+    p.add_argument("--weights", default=None, help="comma-separated relative device speeds: sizes in "
+                                                   "proportion, instead of --partitions")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--means", type=int, default=None, help="segment means per partition M (1 <= M <= n_i)")
     g.add_argument("--cr", type=float, default=None, help="compression rate CR >= 1 (m_i = ceil(n_i / CR))")
     p.add_argument("--dtype", choices=list(DTYPE_BYTES), default="fp32",
-                   help="element type of the hidden states sent (default fp32)")
+                   help="element type of the rows sent (default fp32)")
+    p.add_argument("--averaging", choices=("attention_input", "block_input"), default="attention_input",
+                   help="what the means are taken of; sets the wire format (rotary models send K/V means "
+                        "under attention_input)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--paper", action="store_true",
-                   help="the paper's settings (SPEC sec. 9) next to the paper's figures")
+                   help="the paper's settings next to the paper's figures (Tables IV-VI)")
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -46,7 +55,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 def _validate(args, p: argparse.ArgumentParser):
     """Check the arguments; parser.error (exit 2) names the argument and the rule."""
     from prism_kernels.costs.model_configs import resolve_model
-    from python_ref.partition import partition_sizes
+    from prism_kernels.plan import make_plan
 
     if args.model is None:
         p.error("the following argument is required: --model (or use --paper)")
@@ -59,25 +68,37 @@ def _validate(args, p: argparse.ArgumentParser):
         n = resolve_seq_len(spec, args.seq_len)
     except ValueError as e:
         p.error(f"argument {'--seq-len' if str(e).startswith('seq_len') else '--model'}: {e}")
-    if args.partitions is None:
-        p.error("the following argument is required: --partitions")
-    if args.partitions < 1:
+    given = [f for f in ("partitions", "sizes", "weights") if getattr(args, f) is not None]
+    if not given:
+        p.error("the following argument is required: --partitions (or --sizes / --weights)")
+    if len(given) > 1:
+        p.error(f"argument --{given[1]}: not allowed with argument --{given[0]}")
+    if args.partitions is not None and args.partitions < 1:
         p.error(f"argument --partitions: must be >= 1, got {args.partitions}")
-    if args.partitions > n:
+    if args.partitions is not None and args.partitions > n:
         p.error(f"argument --partitions: must be <= the sequence length N = {n} "
                 f"(every device needs at least one token), got {args.partitions}")
+    split = {}
+    for f, kind in (("sizes", int), ("weights", float)):
+        if getattr(args, f) is not None:
+            try:
+                split[f] = [kind(x) for x in getattr(args, f).split(",")]
+                make_plan(n, **split, num_means=1)
+            except ValueError as e:
+                p.error(f"argument --{f}: {e}")
+    sizes = list(make_plan(n, args.partitions, num_means=1, **split).sizes)
     if args.means is None and args.cr is None:
         p.error("one of the arguments --means --cr is required")
     if args.means is not None:
-        smallest = min(partition_sizes(n, args.partitions))
+        smallest = min(sizes)
         if args.means < 1:
             p.error(f"argument --means: must be >= 1, got {args.means}")
         if args.means > smallest:
             p.error(f"argument --means: must be <= the smallest partition size ({smallest} tokens for "
-                    f"N = {n}, P = {args.partitions}), got {args.means}")
+                    f"N = {n}, P = {len(sizes)}), got {args.means}")
     if args.cr is not None and (not math.isfinite(args.cr) or args.cr < 1):
         p.error(f"argument --cr: must be a finite number >= 1, got {args.cr:g}")
-    return spec, n
+    return spec, n, split
 
 
 def _paper(args) -> int:
@@ -89,7 +110,7 @@ def _paper(args) -> int:
         print(json.dumps([{"setting": r.setting, "figure": r.metric, "ours": r.ours, "paper": r.paper,
                            "diff_pct": r.diff_pct} for r in rows]))
         return 0
-    print("Paper settings (SPEC sec. 9): ours vs the paper's Tables IV-VI")
+    print("Paper settings: ours vs the paper's Tables IV-VI")
     print(format_comparison(rows))
     print("GPT-2 CR: the paper lists the requested CR (10); ours is achieved, Voltage PDPLC / Prism PDPLC = "
           "128/13 with m = ceil(128/10) = 13 (Eq. 16). ViT CR: the paper rounds PDPLC 98.5 to 99.")
@@ -99,7 +120,8 @@ def _paper(args) -> int:
 
 def run(args, p: argparse.ArgumentParser) -> int:
     if args.paper:
-        given = [f"--{k.replace('_', '-')}" for k in ("model", "seq_len", "partitions", "means", "cr")
+        given = [f"--{k.replace('_', '-')}" for k in ("model", "seq_len", "partitions", "sizes", "weights",
+                                                       "means", "cr")
                  if getattr(args, k) is not None]
         if given:
             p.error(f"argument --paper: takes no setting arguments (got {' '.join(given)})")
@@ -107,10 +129,10 @@ def run(args, p: argparse.ArgumentParser) -> int:
     from prism_kernels.costs.comm import DTYPE_BYTES
     from prism_kernels.costs.report import estimate, format_report
 
-    spec, n = _validate(args, p)
+    spec, n, split = _validate(args, p)
     try:
         report = estimate(spec, n, args.partitions, num_means=args.means, compression_rate=args.cr,
-                          dtype_bytes=DTYPE_BYTES[args.dtype])
+                          dtype_bytes=DTYPE_BYTES[args.dtype], averaging=args.averaging, **split)
     except ValueError as e:           # rules checked in the library (none expected after _validate)
         p.error(str(e))
     if args.json:

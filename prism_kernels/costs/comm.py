@@ -1,4 +1,5 @@
-"""Communication per layer: tokens and bytes each device receives (PDPLC).
+"""Communication per layer: tokens and bytes each device receives (PDPLC), and
+the width of a row on the wire (docs/method.md, "Costs" and "What is averaged").
 
 Voltage: device i all-gathers every other partition's hidden states, N - n_i rows.
 Prism:   device i receives the segment means of every other partition,
@@ -6,7 +7,12 @@ Prism:   device i receives the segment means of every other partition,
          In causal models a device only needs the means of earlier partitions
          (later ones are fully masked), sum_{j < i} m_j: `causal=True` plans.
 The repetition counts need not travel: they follow from (n_j, m_j), which every
-device knows. Bytes = rows x hidden size x bytes per element.
+device knows. Bytes = rows x floats per row x bytes per element, a row being
+  "hidden": D floats (Voltage's rows; Prism's block_input means, and its
+            attention_input means of non-rotary models when D <= 2*Hkv*d), or
+  "kv":     2*Hkv*d floats (K/V means: rotary models under attention_input, the
+            only exact choice there; non-rotary models when that is smaller).
+The runtime (prism_kernels.distributed) sends exactly these rows.
 """
 from __future__ import annotations
 
@@ -34,6 +40,34 @@ def voltage_received_tokens(sizes: Sequence[int]) -> List[int]:
 def bytes_for(tokens: int, hidden_size: int, dtype_bytes: int = 4) -> int:
     """Bytes of `tokens` hidden-state rows of width hidden_size."""
     return int(tokens) * int(hidden_size) * int(dtype_bytes)
+
+
+def _rotary(config) -> bool:
+    from ..models import TABLE
+    entry = TABLE.get(getattr(config, "model_type", None))
+    if entry is not None:
+        return entry.rotary
+    return any(getattr(config, a, None) is not None for a in ("rope_theta", "rope_parameters", "rope_scaling"))
+
+
+def kv_width(config) -> int:
+    """2 * Hkv * d: floats of one row of keys and values."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return 2 * kv_heads * (getattr(config, "head_dim", None) or config.hidden_size // heads)
+
+
+def wire_format(config, mode: str = "prism", averaging: str = "attention_input") -> str:
+    """'hidden' (D floats per row) or 'kv' (2*Hkv*d floats per row) for a run."""
+    if mode == "voltage" or averaging == "block_input":
+        return "hidden"
+    if _rotary(config) or kv_width(config) < config.hidden_size:
+        return "kv"
+    return "hidden"
+
+
+def floats_per_row(config, wire: str) -> int:
+    return config.hidden_size if wire == "hidden" else kv_width(config)
 
 
 def dtype_bytes(dtype) -> int:

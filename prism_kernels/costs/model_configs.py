@@ -2,8 +2,8 @@
 
 A model is named in one of four ways:
   * a preset: ``vit-b16`` (ViTConfig(), 224x224, 16x16 patches, N = 197 with CLS,
-    1000-class head), ``bert-base`` (BertConfig(), sequence classification head) or
-    ``gpt2`` (GPT2Config(), with the LM head);
+    1000-class head), ``bert-base`` (BertConfig(), sequence classification head),
+    ``gpt2`` (GPT2Config(), with the LM head), ``roberta-base`` or ``qwen2-0.5b``;
   * a transformers model type understood by ``AutoConfig.for_model`` (``llama``,
     ``bert``, ...), with that class's default sizes;
   * a path to a ``config.json`` file, or to a directory holding one;
@@ -25,9 +25,6 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
     MODEL_FOR_MASKED_LM_MAPPING_NAMES,
 )
-
-KINDS = ("encoder", "causal", "vision")
-
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -69,11 +66,24 @@ def _gpt2() -> PretrainedConfig:
     return transformers.GPT2Config()
 
 
+def _roberta_base() -> PretrainedConfig:
+    return transformers.RobertaConfig(vocab_size=50265, max_position_embeddings=514, pad_token_id=1,
+                                      type_vocab_size=1)
+
+
+def _qwen2_05b() -> PretrainedConfig:
+    return transformers.Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                                    num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                                    max_position_embeddings=32768, tie_word_embeddings=True)
+
+
 # preset name -> (config factory, kind, default N (the paper's), description)
 PRESETS = {
     "vit-b16": (_vit_b16, "vision", 197, "ViT-B/16, 224x224 image (196 patches + CLS), 1000-class head"),
     "bert-base": (_bert_base, "encoder", 256, "BERT-base, sequence classification head (pooler + classifier)"),
     "gpt2": (_gpt2, "causal", 256, "GPT-2 small (124M) with its LM head (V = 50257)"),
+    "roberta-base": (_roberta_base, "encoder", 256, "RoBERTa-base, sequence classification head"),
+    "qwen2-0.5b": (_qwen2_05b, "causal", 256, "Qwen2-0.5B sizes (GQA 14/2 heads, rotary) with its LM head"),
 }
 
 
@@ -87,8 +97,12 @@ def _vision_seq_len(config: PretrainedConfig) -> Optional[int]:
 
 
 def model_kind(config: PretrainedConfig) -> str:
-    """Classify a config as "causal", "encoder" or "vision" (see ModelSpec)."""
+    """Classify a config as "causal", "encoder" or "vision" (see ModelSpec): the
+    model table's kind for the types it holds, else from transformers' mappings."""
+    from ..models import TABLE
     mt = getattr(config, "model_type", None)
+    if mt in TABLE:
+        return TABLE[mt].kind
     if mt in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES and _vision_seq_len(config) is not None:
         return "vision"
     if getattr(config, "is_decoder", False):

@@ -67,7 +67,7 @@ def _rows():
 
 PAPER_ROWS = _rows()
 
-# The three headline settings of SPEC section 9 (what `prism costs --paper` prints).
+# The three headline settings (ViT-B/16, BERT-base, GPT-2; what `prism costs --paper` prints).
 HEADLINE_SETTINGS = (
     dict(model="vit-b16", seq_len=197, num_partitions=2, num_means=10),
     dict(model="bert-base", seq_len=256, num_partitions=2, num_means=1),
@@ -99,7 +99,7 @@ class Comparison:
 
 
 def headline_comparison():
-    """Our figures next to the paper's for the SPEC section 9 settings."""
+    """Our figures next to the paper's for the three headline settings."""
     from .report import estimate
     out = []
     for s in HEADLINE_SETTINGS:
@@ -112,7 +112,7 @@ def headline_comparison():
         out.append(Comparison(name, "single GFLOPs", r.single_gflops, single.gflops_per_device))
         out.append(Comparison(name, f"Voltage P={p} GFLOPs/device", r.voltage_gflops_per_device,
                               paper_row(model, "voltage", p).gflops_per_device))
-        if model != "bert-base":      # SPEC quotes Voltage P=3 for ViT and GPT-2
+        if model != "bert-base":      # the headline figures quote Voltage P=3 for ViT and GPT-2
             r3 = estimate(model, r.seq_len, 3, num_means=1)
             out.append(Comparison(name, "Voltage P=3 GFLOPs/device", r3.voltage_gflops_per_device,
                                   paper_row(model, "voltage", 3).gflops_per_device))

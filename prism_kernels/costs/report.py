@@ -1,11 +1,12 @@
-"""CostReport: single device vs Voltage vs Prism for one setting (SPEC sec. 9).
+"""CostReport: single device vs Voltage vs Prism for one setting (docs/method.md, "Costs").
 
 Per-device GFLOPs follow the paper: the total over the P devices divided by P
 ("GFLOPs /device" in Tables IV-VI). The largest device is given too. The master
 (rank 0) embeds the input once; that work is in the total and in device 0's
 figure. Speed-ups: computation 1 - per-device / single; communication
 1 - 1/CR with CR = Voltage PDPLC / Prism PDPLC (PDPLC: tokens received per
-device per layer, averaged over devices).
+device per layer, averaged over devices). Partitions come from prism_kernels.plan:
+an equal split of N by default, or given sizes, or sizes in proportion to weights.
 """
 from __future__ import annotations
 
@@ -13,10 +14,8 @@ import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Union
 
-from python_ref.layout import plan_layout
-from python_ref.partition import partition_sizes
-
-from .comm import bytes_for, received_tokens, voltage_received_tokens
+from ..plan import make_plan
+from .comm import bytes_for, floats_per_row, received_tokens, voltage_received_tokens, wire_format
 from .flops import COUNTED_TERMS, NOT_COUNTED_TERMS, device_flops, embedding_flops, vision_seq_len
 from .model_configs import resolve_model
 
@@ -56,6 +55,9 @@ class CostReport:
     prism_bytes_devices: List[int]
     voltage_bytes_per_layer: float
     prism_bytes_per_layer: float
+    averaging: str                    # what Prism's means are taken of (attention_input | block_input)
+    prism_wire: str                   # "hidden" (D floats per mean) or "kv" (2*Hkv*d, rotary models)
+    prism_floats_per_row: int
 
     compression_rate: Optional[float]  # Voltage PDPLC / Prism PDPLC (None when P = 1)
     comm_speedup_pct: float            # Prism vs Voltage, 100 (1 - 1/CR)
@@ -91,33 +93,47 @@ def resolve_seq_len(model, seq_len: Optional[int] = None) -> int:
     if isinstance(seq_len, bool) or not isinstance(seq_len, numbers.Integral) or seq_len < 1:
         raise ValueError(f"seq_len must be an integer >= 1, got {seq_len!r}")
     limit = getattr(spec.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and spec.config.model_type == "roberta":
+        limit -= spec.config.pad_token_id + 1       # RoBERTa's positions start at padding_idx + 1
     if isinstance(limit, int) and seq_len > limit:
         raise ValueError(f"seq_len must be <= {limit} (max positions of {spec.name}), got {seq_len}")
     return int(seq_len)
 
 
-def estimate(model, seq_len: Optional[int] = None, num_partitions: int = 2,
+def estimate(model, seq_len: Optional[int] = None, num_partitions: Optional[int] = None,
              num_means: Union[int, Sequence[int], None] = None,
-             compression_rate: Optional[float] = None, dtype_bytes: int = 4) -> CostReport:
+             compression_rate: Optional[float] = None, dtype_bytes: int = 4, *,
+             sizes: Optional[Sequence[int]] = None, weights: Optional[Sequence[float]] = None,
+             averaging: str = "attention_input") -> CostReport:
     """Cost of single-device, Voltage and Prism inference of one sequence.
 
-    model: preset ("vit-b16", "bert-base", "gpt2"), transformers model type,
+    model: preset (see model_configs.PRESETS), transformers model type,
         config.json path, or a PretrainedConfig.
     seq_len: N (presets default to the paper's: 197, 256, 256; vision models fix it).
+    num_partitions: P (an equal split, default 2), or sizes: tokens per partition
+        (uneven allowed, summing to N), or weights: sizes in proportion (device speeds).
     num_means: segment means per partition (int, or one per partition), or
     compression_rate: CR, giving m_j = min(n_j, max(1, ceil(n_j / CR))) (Eq. 16);
         exactly one of the two.
-    dtype_bytes: bytes per element of the hidden states sent (4 for fp32).
+    dtype_bytes: bytes per element of the rows sent (4 for fp32).
+    averaging: decides Prism's wire format (the runtime's): rotary models send K/V means.
     Raises ValueError naming the argument and the rule on bad input.
     """
     spec = resolve_model(model)
     n = resolve_seq_len(spec, seq_len)
     if isinstance(dtype_bytes, bool) or not isinstance(dtype_bytes, numbers.Integral) or dtype_bytes < 1:
         raise ValueError(f"dtype_bytes must be an integer >= 1, got {dtype_bytes!r}")
-    sizes = partition_sizes(n, num_partitions)
-    plan = plan_layout(n, num_partitions, num_means, compression_rate=compression_rate)
-    p = len(sizes)
+    if num_partitions is None and sizes is None and weights is None:
+        num_partitions = 2
+    if isinstance(num_means, numbers.Integral) and not isinstance(num_means, bool):
+        # one m for every partition, checked against each partition (1 <= m <= n_j)
+        num_means = [num_means] * (num_partitions or len(sizes if sizes is not None else weights))
+    kw = dict(num_means=num_means, compression_rate=compression_rate, sizes=sizes, weights=weights)
+    plan = make_plan(n, num_partitions, **kw)
+    sizes, p = list(plan.sizes), plan.num_partitions
     hidden = spec.hidden_size
+    wire = wire_format(spec.config, "prism", averaging)
+    width = floats_per_row(spec.config, wire)
 
     emb = embedding_flops(spec)
     single = emb + device_flops(spec, n, n, holds_first_token=True)
@@ -135,7 +151,7 @@ def estimate(model, seq_len: Optional[int] = None, num_partitions: int = 2,
     prism = per_device([q + t for q, t in zip(sizes, p_tokens)])
     causal_tokens = None
     if spec.causal:
-        causal_tokens = received_tokens(plan_layout(n, num_partitions, list(plan.means), causal=True))
+        causal_tokens = received_tokens(make_plan(n, sizes=sizes, num_means=plan.means, causal=True))
 
     mean = lambda xs: sum(xs) / len(xs)
     vt, pt = mean(v_tokens), mean(p_tokens)
@@ -158,8 +174,9 @@ def estimate(model, seq_len: Optional[int] = None, num_partitions: int = 2,
         voltage_tokens_per_layer=vt, prism_tokens_per_layer=pt,
         prism_causal_tokens_per_layer=None if causal_tokens is None else mean(causal_tokens),
         voltage_bytes_devices=[bytes_for(t, hidden, dtype_bytes) for t in v_tokens],
-        prism_bytes_devices=[bytes_for(t, hidden, dtype_bytes) for t in p_tokens],
-        voltage_bytes_per_layer=vt * hidden * dtype_bytes, prism_bytes_per_layer=pt * hidden * dtype_bytes,
+        prism_bytes_devices=[bytes_for(t, width, dtype_bytes) for t in p_tokens],
+        voltage_bytes_per_layer=vt * hidden * dtype_bytes, prism_bytes_per_layer=pt * width * dtype_bytes,
+        averaging=averaging, prism_wire=wire, prism_floats_per_row=width,
         compression_rate=cr,
         comm_speedup_pct=100.0 * (1.0 - 1.0 / cr) if cr else 0.0,
         comp_speedup_pct=100.0 * (1.0 - (p_total / p) / (single.total / 1e9)),
@@ -180,7 +197,8 @@ def format_report(r: CostReport) -> str:
     cr_s = "-" if r.compression_rate is None else f"{r.compression_rate:.2f}"
     head = (f"{r.model} ({r.kind}), N={r.seq_len}, P={r.num_partitions}, partitions {r.partition_sizes}, "
             f"means per partition {r.means_per_partition}, {r.num_layers} layers, hidden {r.hidden_size}, "
-            f"{r.dtype_bytes} bytes/element")
+            f"{r.dtype_bytes} bytes/element; Prism sends {r.prism_wire} rows of {r.prism_floats_per_row} "
+            f"({r.averaging} averaging)")
     cols = ["strategy", "GFLOPs total", "GFLOPs /device", "largest device", "tokens recv/layer",
             "bytes recv/layer", "CR", "comm speed-up", "comp speed-up"]
     rows = [

@@ -2,8 +2,9 @@
 
 Modules: launch (the `prism run` entry point), comm (point-to-point exchanges with
 deadlines and byte counting), handshake (config check before compute), runtime
-(per-rank block loop), model_adapters (HF families block by block), overlap
-(the attention function; local keys while the means are in flight, LSE merge).
+(per-rank block loop on the plan of a PrismConfig and the model table of
+prism_kernels.models), overlap (the attention function; local keys while the
+means are in flight, LSE merge).
 """
 from .runtime import MODES, RunConfig, Runtime, expected_recv_bytes, floats_per_row, wire_format
 

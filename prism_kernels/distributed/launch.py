@@ -2,6 +2,7 @@
 
     torchrun --standalone --nproc-per-node 2 -m prism_kernels.distributed --family vit --size tiny --mode prism --cr 10
     prism run --nproc 2 --family vit --size tiny --mode prism --cr 10      # spawns torchrun itself
+    prism run --nproc 2 --model DIR --seq-len 64 --cr 4                    # a saved model; family from its config
 
 Without torchrun, the usual variables work too (RANK, WORLD_SIZE, MASTER_ADDR,
 MASTER_PORT), which is how the tests and the network-namespace benchmark start
@@ -24,19 +25,25 @@ from datetime import timedelta
 
 
 def add_arguments(p: argparse.ArgumentParser):
-    p.add_argument("--family", default="bert", choices=("bert", "vit", "dinov2", "gpt2", "llama"),
-                   help="model family (random weights from a config of --size)")
-    p.add_argument("--size", default="tiny", choices=("tiny", "small", "base"),
+    from prism_kernels.models import MODEL_TYPES, SIZES
+    p.add_argument("--family", default=None, choices=MODEL_TYPES,
+                   help="model type, random weights from a config of --size (default bert; "
+                        "with --model, the model's own config.model_type)")
+    p.add_argument("--size", default="tiny", choices=tuple(SIZES),
                    help="random config: tiny (tests), small, base (ViT-B/16, BERT-base, GPT-2 small)")
-    p.add_argument("--model", default=None, help="a local Hugging Face model directory instead of random weights")
+    p.add_argument("--model", default=None, help="a local Hugging Face model directory (save_pretrained) "
+                                                  "instead of random weights")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seq-len", type=int, default=None, help="tokens of the random text input")
     p.add_argument("--text", default=None, help="text to tokenise (needs --model with a tokenizer)")
     p.add_argument("--mode", default="prism", choices=("prism", "voltage", "single"))
     p.add_argument("-m", "--num-means", type=int, default=None, help="segment means per partition")
     p.add_argument("--cr", type=float, default=None, help="compression rate (Eq. 16)")
-    p.add_argument("--means-of", default=None, choices=("block", "kv"),
-                   help="average the block input (paper, default for non-rotary) or the keys/values")
+    p.add_argument("--averaging", default="attention_input", choices=("attention_input", "block_input"),
+                   help="what the means are taken of: the keys'/values' input (default) or the block "
+                        "input (the paper's); docs/method.md, \"What is averaged\"")
+    p.add_argument("--partition-weights", default=None,
+                   help="comma-separated relative speed of each rank: partition sizes in proportion")
     p.add_argument("--no-overlap", action="store_true", help="wait for the means before any attention")
     p.add_argument("--gather", default="head", choices=("head", "all"),
                    help="what the master collects: what the head needs, or every row")
@@ -44,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser):
                    help="expected number of partitions; must equal the world size")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds before a silent peer is declared stalled")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
-    p.add_argument("--repeat", type=int, default=1, help="timed inferences")
+    p.add_argument("--repeat", type=int, default=1, help="timed inferences (>= 1)")
     p.add_argument("--warmup", type=int, default=0, help="untimed inferences first")
     p.add_argument("--interleave-single", action="store_true",
                    help="also time the stock model on rank 0 alone before every run (same load conditions)")
@@ -52,6 +59,47 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--json", action="store_true", help="rank 0 prints one JSON line of results")
     p.add_argument("--nproc", type=int, default=None,
                    help="spawn torchrun with this many processes on this machine (loopback)")
+
+
+def load_model(args):
+    """(table entry, model): a saved model (its family from config.model_type) or random weights."""
+    from prism_kernels.models import lookup
+    if args.model:
+        import transformers as tf
+        entry = lookup(tf.AutoConfig.from_pretrained(args.model))
+        if args.family is not None and args.family != entry.model_type:
+            raise ValueError(f"--family {args.family} but {args.model} holds a {entry.model_type} model")
+        return entry, entry.load(args.model)
+    entry = lookup(args.family or "bert")
+    return entry, entry.build_model(args.size, seed=args.seed)
+
+
+def _check_args(args):
+    if args.mode == "prism" and args.num_means is None and args.cr is None:
+        raise ValueError("prism mode needs -m/--num-means or --cr")
+    if args.repeat < 1 or args.warmup < 0:
+        raise ValueError(f"--repeat must be >= 1 and --warmup >= 0, got --repeat {args.repeat} "
+                         f"--warmup {args.warmup}")
+
+
+def run_config(args, world: int):
+    """The RunConfig of the command line: a PrismConfig with P = the world size in prism mode."""
+    from prism_kernels.config import PrismConfig
+    from .runtime import RunConfig
+    prism = None
+    weights = None
+    if args.partition_weights is not None:
+        try:
+            weights = tuple(float(w) for w in args.partition_weights.split(","))
+        except ValueError:
+            raise ValueError(f"--partition-weights must be comma-separated numbers, "
+                             f"got {args.partition_weights!r}") from None
+    if args.mode == "prism":
+        prism = PrismConfig(num_partitions=world, num_means=args.num_means, compression_rate=args.cr,
+                            averaging=args.averaging, partition_weights=weights)
+    elif args.mode == "voltage" and weights is not None:     # Voltage: the same partitions, CR = 1
+        prism = PrismConfig(num_partitions=world, compression_rate=1.0, partition_weights=weights)
+    return RunConfig(mode=args.mode, prism=prism, overlap=not args.no_overlap, gather=args.gather)
 
 
 def _fail(rank, code, msg):
@@ -97,6 +145,12 @@ def main(argv=None, args=None):
         add_arguments(p)
         args = p.parse_args(argv)
     if args.nproc is not None and "RANK" not in os.environ:
+        try:      # refuse a bad command line here, with exit 2, rather than in every spawned rank
+            _check_args(args)
+            run_config(args, args.nproc)
+        except ValueError as e:
+            sys.stderr.write(f"prism run: error: refused before any compute: {e}\n")
+            return 2
         return spawn_torchrun(args)
     return run(args)
 
@@ -109,8 +163,11 @@ def run(args) -> int:
         _fail(rank, 2, f"refused before any compute: --partitions {args.partitions} but the world size is {world}")
     if not 1 <= world <= 8:
         _fail(rank, 2, f"refused before any compute: world size {world}; supported: 1 to 8")
-    if args.mode == "prism" and args.num_means is None and args.cr is None:
-        _fail(rank, 2, "refused before any compute: prism mode needs -m/--num-means or --cr")
+    try:
+        _check_args(args)
+        cfg = run_config(args, world)
+    except ValueError as e:
+        _fail(rank, 2, f"refused before any compute: {e}")
 
     import torch
     import torch.distributed as dist
@@ -124,19 +181,11 @@ def run(args) -> int:
 
     from .comm import Comm, PeerFailure
     from .handshake import ConfigRefused, handshake
-    from .model_adapters import build_model, make_adapter
-    from .runtime import Runtime, RunConfig
+    from .runtime import Runtime, floats_per_row
     from . import overlap
 
     try:
-        if args.model:
-            import transformers as tf
-            model = tf.AutoModel.from_pretrained(args.model) if args.family in ("bert", "vit", "dinov2") \
-                else tf.AutoModelForCausalLM.from_pretrained(args.model)
-            model.eval()
-        else:
-            model = build_model(args.family, args.size, seed=args.seed)
-        adapter = make_adapter(model)
+        entry, model = load_model(args)
         overlap.register()
         if args.mode == "single":
             model.set_attn_implementation("sdpa")
@@ -151,18 +200,12 @@ def run(args) -> int:
                     import transformers as tf
                     inputs = tf.AutoTokenizer.from_pretrained(args.model)(args.text, return_tensors="pt")["input_ids"]
                 else:
-                    inputs = adapter.make_input(args.seq_len, seed=args.seed)
-                n_tokens = adapter.embed(inputs).shape[1] if adapter.family in ("vit", "dinov2") else inputs.shape[1]
+                    inputs = entry.make_input(model.config, args.seq_len, seed=args.seed)
+                n_tokens = entry.n_tokens(model, inputs)
             except Exception as e:
                 error = str(e)
-        cfg = RunConfig(mode=args.mode, num_means=args.num_means, compression_rate=args.cr,
-                        means_of=args.means_of, overlap=not args.no_overlap, gather=args.gather)
-        settings = {"mode": cfg.mode, "num_means": cfg.num_means, "cr": cfg.compression_rate,
-                    "means_of": cfg.means_of, "overlap": cfg.overlap, "gather": cfg.gather, "world": world}
-        try:
-            cfg.resolved_means_of(adapter)
-        except ValueError as e:
-            error = error or str(e)
+        settings = {"mode": cfg.mode, "prism": cfg.prism.to_dict() if cfg.prism else None,
+                    "overlap": cfg.overlap, "gather": cfg.gather, "world": world}
     except Exception as e:
         _fail(rank, 2, f"refused before any compute: {type(e).__name__}: {e}")
 
@@ -170,7 +213,7 @@ def run(args) -> int:
         n_tokens = handshake(model, settings, n_tokens, error, timeout_s=args.timeout)
         comm = Comm(timeout_s=args.timeout)
         try:
-            rt = Runtime(adapter, comm, cfg, n_tokens)
+            rt = Runtime(model, comm, cfg, n_tokens)
         except ValueError as e:
             raise ConfigRefused(f"refused before any compute: {e}") from None
     except ConfigRefused as e:
@@ -188,7 +231,7 @@ def run(args) -> int:
                 if rank == 0:
                     model.set_attn_implementation("sdpa")
                     t0 = time.perf_counter()
-                    adapter.stock_forward(inputs)
+                    entry.stock_forward(model, inputs)
                     if it >= args.warmup:
                         single_times.append(time.perf_counter() - t0)
                     model.set_attn_implementation(overlap.ATTN_NAME)
@@ -214,9 +257,10 @@ def run(args) -> int:
     layer_bytes = {k[1]: v for k, v in first_bytes.items() if k[0] == "layer"}
     expected = rt.expected_layer_bytes() if rt.plan is not None else 0
     bytes_ok = all(v == expected for v in layer_bytes.values()) and \
-        (rt.plan is None or len(layer_bytes) == (len(adapter.blocks()) if rt.sources else 0) or expected == 0)
-    report = {"rank": rank, "world": world, "family": adapter.family, "mode": cfg.mode,
-              "means_of": rt.means_of, "wire": rt.wire, "n_tokens": n_tokens,
+        (rt.plan is None or len(layer_bytes) == (len(rt.layers) if rt.sources else 0) or expected == 0)
+    report = {"rank": rank, "world": world, "family": entry.model_type, "mode": cfg.mode,
+              "averaging": rt.averaging, "wire": rt.wire, "n_tokens": n_tokens,
+              "sizes": list(rt.plan.sizes) if rt.plan is not None else None,
               "means": list(rt.plan.means) if rt.plan is not None and cfg.mode == "prism" else None,
               "layer_bytes": layer_bytes, "expected_layer_bytes": expected, "bytes_match_cost_model": bytes_ok,
               "scatter_bytes": first_bytes.get(("scatter", 0), 0), "gather_bytes": first_bytes.get(("gather", 0), 0),
@@ -229,7 +273,8 @@ def run(args) -> int:
         _fail(rank, 3, f"final report exchange failed: {e}")
     if rank == 0:
         if args.json:
-            summary = {k: report[k] for k in ("world", "family", "mode", "means_of", "wire", "n_tokens", "means")}
+            summary = {k: report[k] for k in ("world", "family", "mode", "averaging", "wire", "n_tokens",
+                                              "sizes", "means")}
             summary["layer_bytes_per_rank"] = [r["layer_bytes"] for r in everyone]
             summary["bytes_match_cost_model"] = all(r["bytes_match_cost_model"] for r in everyone)
             if times:
@@ -244,8 +289,9 @@ def run(args) -> int:
                                                      if r["wait_s"] else 0.0 for r in everyone]
             print(json.dumps(summary), flush=True)
         else:
-            print(f"prism run: {adapter.family} mode={cfg.mode} P={world} N={n_tokens} "
-                  f"means_of={rt.means_of} wire={rt.wire}")
+            print(f"prism run: {entry.model_type} mode={cfg.mode} P={world} N={n_tokens} "
+                  f"averaging={rt.averaging} wire={rt.wire}"
+                  + (f" ({floats_per_row(model.config, rt.wire)} floats per row)" if rt.wire else ""))
             for r in everyone:
                 per = sorted(set(r["layer_bytes"].values()))
                 print(f"  rank {r['rank']}: bytes received per layer {per} (cost model "

@@ -2,17 +2,19 @@
 with computation.
 
 Inside a block, the model's own attention module computes the local q, k, v
-[B, H, n_i, d] (rotary applied at global positions for Llama) and calls the
-function registered here under transformers' AttentionInterface. It
+[B, H, n_i, d] (rotary applied at global positions for Llama / Qwen2) and calls
+the function registered here under transformers' AttentionInterface. It
 
 1. starts the exchange of this layer's means if it has not started yet
-   (means of K/V, or of the attention input, for the "kv" variant; the "block"
-   variant and Voltage start theirs before the block, from the block input),
+   (attention_input averaging: means of K/V, or of the attention input; the
+   block_input averaging and Voltage start theirs before the block, from the
+   block input),
 2. attends to the local keys while the means are in flight (causal by global
    position in decoder models),
 3. waits for the received rows, turns them into keys/values (pre-norm and K/V
    projections of the block, or nothing when K/V means came on the wire),
-4. attends to them with the scaling-aware softmax (log-count bias) and
+4. attends to them with the scaling-aware softmax (log-count bias, docs/method.md
+   "Scaling-aware attention") and
 5. merges the two partial results by their log-sum-exp:
        lse = logaddexp(l1, l2),  out = o1 exp(l1 - lse) + o2 exp(l2 - lse).
 
@@ -68,8 +70,8 @@ def prism_distributed_attention(module, query, key, value, attention_mask, scali
     ctx = current()
     if ctx is None:
         raise RuntimeError("prism_distributed attention called outside the distributed runtime")
-    if ctx.needs_kv_exchange:
-        ctx.start_kv_exchange(key, value)
+    if ctx.exchange_in_attention:
+        ctx.start_attention_exchange(key, value)
     causal = ctx.causal
     q_pos = ctx.q_pos if causal else None
     if ctx.overlap:

@@ -4,8 +4,8 @@ that each process pays the torch/transformers import once).
     RANK=r WORLD_SIZE=P MASTER_ADDR=127.0.0.1 MASTER_PORT=... \
         python -m prism_kernels.distributed.selftest OUT.pt SCENARIOS_JSON
 
-SCENARIOS_JSON: a list of {"name", "family", "mode", "num_means"|"cr", "means_of",
-"overlap", "seq_len"}. Rank 0 saves {name: {"hidden", "head", "reports"}} to OUT.pt.
+SCENARIOS_JSON: a list of {"name", "family", "mode", "num_means"|"cr", "averaging",
+"weights", "overlap", "seq_len"}. Rank 0 saves {name: {"hidden", "head", "reports", "inputs"}} to OUT.pt.
 """
 from __future__ import annotations
 
@@ -22,33 +22,35 @@ def main(argv):
     torch.set_num_threads(1)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    from ..config import PrismConfig
+    from ..models import lookup
     from . import overlap
     from .comm import Comm
-    from .model_adapters import build_model, make_adapter
     from .runtime import Runtime, RunConfig
     overlap.register()
-    results = {}
-    models = {}
+    results, models = {}, {}
     for s in scen:
-        fam = s["family"]
-        if fam not in models:
-            models[fam] = build_model(fam, "tiny", seed=0)
-        model = models[fam]
-        adapter = make_adapter(model)
+        entry = lookup(s["family"])
+        if s["family"] not in models:
+            models[s["family"]] = entry.build_model("tiny", seed=0)
+        model = models[s["family"]]
         model.set_attn_implementation("sdpa" if s["mode"] == "single" else overlap.ATTN_NAME)
-        inputs = adapter.make_input(s.get("seq_len", 13), seed=0)
-        n = adapter.embed(inputs).shape[1]
-        cfg = RunConfig(mode=s["mode"], num_means=s.get("num_means"), compression_rate=s.get("cr"),
-                        means_of=s.get("means_of"), overlap=s.get("overlap", True), gather="all")
-        comm = Comm(timeout_s=60)
-        rt = Runtime(adapter, comm, cfg, n)
+        inputs = entry.make_input(model.config, s.get("seq_len", 13), seed=0)
+        prism = None
+        if s["mode"] == "prism":
+            prism = PrismConfig(num_partitions=world, num_means=s.get("num_means"), compression_rate=s.get("cr"),
+                                averaging=s.get("averaging", "attention_input"),
+                                partition_weights=s.get("weights"))
+        cfg = RunConfig(mode=s["mode"], prism=prism, overlap=s.get("overlap", True), gather="all")
+        rt = Runtime(model, Comm(timeout_s=60), cfg, entry.n_tokens(model, inputs))
         res = rt.forward(inputs if rank == 0 else None)
+        plan = rt.plan
         rep = {"rank": rank, "layer_bytes": rt.comm.bytes.per_layer("layer"),
-               "expected": rt.expected_layer_bytes() if rt.plan is not None else 0,
-               "wire": rt.wire, "means_of": rt.means_of,
-               "means": list(rt.plan.means) if rt.plan is not None else None,
-               "tokens_received": rt.plan.devices[rank].tokens_received if rt.plan is not None else 0,
-               "sizes": list(rt.plan.sizes) if rt.plan is not None else None}
+               "expected": rt.expected_layer_bytes() if plan is not None else 0,
+               "wire": rt.wire, "averaging": rt.averaging,
+               "means": list(plan.means) if plan is not None else None,
+               "tokens_received": plan.devices[rank].tokens_received if plan is not None else 0,
+               "sizes": list(plan.sizes) if plan is not None else None}
         reps = [None] * world
         dist.all_gather_object(reps, rep)
         if rank == 0:
