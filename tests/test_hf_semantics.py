@@ -6,7 +6,7 @@
 * one layer checked against an independent construction from python_ref
   (device_keys_values + duplicated_attention), for both averagings, causal
   (GPT-2) and not (ViT);
-* block-output averaging: exact at CR=1 for every pre-LN family, equals the
+* block-input averaging: exact at CR=1 for every pre-LN family, equals the
   default on post-LN BERT, differs from it on pre-LN models;
 * one prism_attention call per layer (devices and heads batched);
 * attn_implementation="prism" at construction; clear errors.
@@ -67,7 +67,7 @@ def _ids(B=3, N=19, seed=1):
 # ---------------------------------------------------------------- padding
 
 @pytest.mark.parametrize("make,left", [(bert, False), (gpt2, True), (gpt2, False), (llama, True)])
-@pytest.mark.parametrize("averaging", ["attention_input", "block_output"])
+@pytest.mark.parametrize("averaging", ["attention_input", "block_input"])
 def test_padded_batch_equals_each_sequence_alone(make, left, averaging):
     """Under compression (P=3, CR=3) a padded sequence's real-token outputs equal its unpadded run."""
     model = make()
@@ -158,7 +158,7 @@ def _capture(module):
     return store, h
 
 
-@pytest.mark.parametrize("averaging", ["attention_input", "block_output"])
+@pytest.mark.parametrize("averaging", ["attention_input", "block_input"])
 def test_gpt2_layer_against_python_ref(averaging):
     model = gpt2()
     ids = _ids(2, 17)
@@ -176,7 +176,7 @@ def test_gpt2_layer_against_python_ref(averaging):
     assert torch.allclose(store["out"], ref, atol=1e-5 * ref.abs().max())
 
 
-@pytest.mark.parametrize("averaging", ["attention_input", "block_output"])
+@pytest.mark.parametrize("averaging", ["attention_input", "block_input"])
 def test_vit_layer_against_python_ref(averaging):
     model = vit()
     px = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
@@ -193,18 +193,18 @@ def test_vit_layer_against_python_ref(averaging):
     assert torch.allclose(store["out"], ref, atol=1e-5 * ref.abs().max())
 
 
-# ---------------------------------------------------------------- block-output averaging
+# ---------------------------------------------------------------- block-input averaging
 
 @pytest.mark.parametrize("make", [vit, dinov2, gpt2, llama])
-def test_block_output_exact_at_cr1_and_differs_when_compressed(make):
+def test_block_input_exact_at_cr1_and_differs_when_compressed(make):
     model = make()
     inputs = (dict(pixel_values=torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3)))
               if make in (vit, dinov2) else dict(input_ids=_ids()))
     with torch.no_grad():
         ref = _out(model, **inputs)
-        phf.enable_prism(model, num_partitions=3, compression_rate=1.0, averaging="block_output")
+        phf.enable_prism(model, num_partitions=3, compression_rate=1.0, averaging="block_input")
         assert torch.allclose(_out(model, **inputs), ref, atol=1e-5 * ref.abs().max())
-        phf.enable_prism(model, num_partitions=3, compression_rate=4.0, averaging="block_output")
+        phf.enable_prism(model, num_partitions=3, compression_rate=4.0, averaging="block_input")
         blk = _out(model, **inputs)
         phf.enable_prism(model, num_partitions=3, compression_rate=4.0)
         att = _out(model, **inputs)
@@ -215,11 +215,11 @@ def test_block_output_exact_at_cr1_and_differs_when_compressed(make):
     assert (blk - ref).abs().max() > 1e-3 * scale
 
 
-def test_block_output_equals_attention_input_on_post_ln_bert():
+def test_block_input_equals_attention_input_on_post_ln_bert():
     model = bert()
     ids = _ids()
     with torch.no_grad():
-        phf.enable_prism(model, num_partitions=3, compression_rate=4.0, averaging="block_output")
+        phf.enable_prism(model, num_partitions=3, compression_rate=4.0, averaging="block_input")
         a = _out(model, input_ids=ids)
         phf.enable_prism(model, num_partitions=3, compression_rate=4.0)
         b = _out(model, input_ids=ids)
@@ -296,7 +296,7 @@ def test_errors():
 
 # ---------------------------------------------------------------- gradients (fine-tuning with Prism in the loop)
 
-@pytest.mark.parametrize("averaging", ["attention_input", "block_output"])
+@pytest.mark.parametrize("averaging", ["attention_input", "block_input"])
 def test_gradients_flow_through_the_means(averaging):
     """At CR=1 (P=3) every parameter gradient equals the stock model's; means must not cut the graph."""
     torch.manual_seed(0)
