@@ -20,9 +20,9 @@ attention_mask, scaling=..., ...)` with the projections of the *whole* batch
   5. each device's query rows are written back to their tokens.
 
 The index tensors of steps 3 and 5 depend only on the padding mask, the shape
-and the settings, so they are built once per forward (`Layout`, cached for the
-mask object transformers hands to every layer) and every layer does a fixed
-number of index_select calls, whatever the padding.
+and the settings, so they are built once per forward (`Layout`, reused by the
+next layers while those stay the same) and every layer does a fixed number of
+index_select calls, whatever the padding.
 
 Padding (the method does not cover it; this is the choice made here): a padded
 token is not a token. Each sequence's real tokens (order kept) are partitioned
@@ -204,19 +204,19 @@ def build_layout(key_valid: Optional[torch.Tensor], B: int, N: int, config: Pris
                   key_valid is None)
 
 
-_last_layout: list = [None]   # (signature, mask object, mask version, Layout): one forward's layout
+_last_layout: list = [None]   # (signature, key_valid, Layout) of the last layer: one forward's layout
 
 
-def layout_for(attention_mask, key_valid, B, N, config, causal, device) -> Layout:
-    """build_layout, cached for the mask object transformers passes to every layer of a forward."""
-    mask = None if key_valid is None else attention_mask
+def layout_for(key_valid, B, N, config, causal, device) -> Layout:
+    """build_layout, cached while the shape, settings and padding stay the same (every
+    layer of a forward; comparing the [B, N] padding masks costs next to nothing)."""
     sig = (B, N, config, causal, str(device))
-    version = None if mask is None else mask._version
     last = _last_layout[0]
-    if last is not None and last[0] == sig and last[1] is mask and last[2] == version:
-        return last[3]
+    if (last is not None and last[0] == sig and (last[1] is None) == (key_valid is None)
+            and (key_valid is None or torch.equal(last[1], key_valid))):
+        return last[2]
     layout = build_layout(key_valid, B, N, config, causal, device)
-    _last_layout[0] = (sig, mask, version, layout)
+    _last_layout[0] = (sig, None if key_valid is None else key_valid.clone(), layout)
     return layout
 
 
@@ -300,7 +300,7 @@ def prism_attention_forward(module, query, key, value, attention_mask, dropout: 
         raise RuntimeError(f"averaging={config.averaging!r} needs the hooks installed by "
                            "prism_kernels.hf.enable_prism")
     key_valid = key_valid_from_mask(attention_mask, B, Nk)
-    layout = layout_for(attention_mask, key_valid, B, Nk, config, causal, query.device)
+    layout = layout_for(key_valid, B, Nk, config, causal, query.device)
     out = simulate_prism(query, key, value, config=config, causal=causal, scale=scaling, key_valid=key_valid,
                          averaging=averaging, module=module, layout=layout,
                          plans=getattr(module, "_prism_plans", None))
