@@ -119,7 +119,7 @@ class Layout:
     k_pos: Optional[torch.Tensor]
     out_src: torch.Tensor            # query slots holding real tokens
     out_dst: torch.Tensor            # their flat tokens
-    complete: bool                   # every token of the batch is real
+    inverse: Optional[torch.Tensor]  # slot of every token when all tokens are real, else None
 
     @property
     def rows(self) -> int:
@@ -127,10 +127,8 @@ class Layout:
 
     def restore(self, out: torch.Tensor) -> torch.Tensor:
         """[R * nq, ...] per slot -> [B * N, ...] per token, zeros for pads."""
-        if self.complete:
-            inv = torch.empty_like(self.out_dst)
-            inv[self.out_dst] = self.out_src
-            return out.index_select(0, inv)
+        if self.inverse is not None:
+            return out.index_select(0, self.inverse)
         res = out.new_zeros((self.B * self.N,) + tuple(out.shape[1:]))
         return res.index_copy(0, self.out_dst, out.index_select(0, self.out_src))
 
@@ -197,11 +195,14 @@ def build_layout(key_valid: Optional[torch.Tensor], B: int, N: int, config: Pris
         src.append((torch.arange(r0, r1, **i64)[:, None] * nq + torch.arange(d.size, **i64)).reshape(-1))
         dst.append(own.reshape(-1))
         r0 = r1
-    empty = torch.zeros(0, **i64)
+    src = torch.cat(src) if src else torch.zeros(0, **i64)
+    dst = torch.cat(dst) if dst else torch.zeros(0, **i64)
+    inverse = None
+    if key_valid is None:
+        inverse = torch.empty_like(dst)
+        inverse[dst] = src
     return Layout(B, N, groups, q_index.reshape(-1), kv_index.reshape(-1), counts,
-                  q_pos if use_pos else None, k_pos if use_pos else None,
-                  torch.cat(src) if src else empty, torch.cat(dst) if dst else empty,
-                  key_valid is None)
+                  q_pos if use_pos else None, k_pos if use_pos else None, src, dst, inverse)
 
 
 _last_layout: list = [None]   # (signature, key_valid, Layout) of the last layer: one forward's layout
