@@ -130,7 +130,7 @@ class Layout:
         if self.inverse is not None:
             return out.index_select(0, self.inverse)
         res = out.new_zeros((self.B * self.N,) + tuple(out.shape[1:]))
-        return res.index_copy(0, self.out_dst, out.index_select(0, self.out_src))
+        return res.index_copy_(0, self.out_dst, out.index_select(0, self.out_src))
 
 
 def _groups(key_valid, B, N, config, causal, device) -> List[Group]:
@@ -252,22 +252,22 @@ def simulate_prism(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     k3 = key.transpose(1, 2).reshape(B, N, Hkv * d)
     v3 = value.transpose(1, 2).reshape(B, N, Hkv * d)
     inputs = LayerInputs(module, k3, v3, config.backend)
-    ks, vs = [k3.reshape(B * N, Hkv, d)], [v3.reshape(B * N, Hkv, d)]
+    # rows of [B * N tokens ; means bank], 2-D: index_select is much faster on 2-D than on [rows, H, d]
+    ks, vs = [k3.reshape(B * N, -1)], [v3.reshape(B * N, -1)]
     for g in lay.groups:
         for part in g.sent():
             km, vm = (averaging or ATTENTION_INPUT).kv_means(inputs, g, part)
-            ks.append(km.reshape(-1, Hkv, d).to(key.dtype))
-            vs.append(vm.reshape(-1, Hkv, d).to(value.dtype))
+            ks.append(km.reshape(-1, Hkv * d).to(key.dtype))
+            vs.append(vm.reshape(-1, Hkv * d).to(value.dtype))
     R, nq, nk = lay.rows, lay.q_index.numel() // lay.rows, lay.counts.shape[1]
-    stack = lambda parts: torch.cat(parts) if len(parts) > 1 else parts[0]
-    q_all = query.transpose(1, 2).reshape(B * N, H, d).index_select(0, lay.q_index)
-    k_all = stack(ks).index_select(0, lay.kv_index)
-    v_all = stack(vs).index_select(0, lay.kv_index)
-    out = prism_attention(q_all.view(R, nq, H, d).transpose(1, 2), k_all.view(R, nk, Hkv, d).transpose(1, 2),
-                          v_all.view(R, nk, Hkv, d).transpose(1, 2), key_counts=lay.counts,
-                          causal=lay.q_pos is not None, q_pos=lay.q_pos, k_pos=lay.k_pos,
-                          scale=scale, backend=config.backend)
-    return lay.restore(out.transpose(1, 2).reshape(R * nq, H, d)).view(B, N, H, d)
+    stack = lambda parts: (torch.cat(parts) if len(parts) > 1 else parts[0]).index_select(0, lay.kv_index)
+    q_all = query.transpose(1, 2).reshape(B * N, H * d).index_select(0, lay.q_index)
+    k_all, v_all = stack(ks), stack(vs)
+    heads = lambda t, n, h: t.view(R, n, h, d).transpose(1, 2)
+    out = prism_attention(heads(q_all, nq, H), heads(k_all, nk, Hkv), heads(v_all, nk, Hkv),
+                          key_counts=lay.counts, causal=lay.q_pos is not None, q_pos=lay.q_pos,
+                          k_pos=lay.k_pos, scale=scale, backend=config.backend)
+    return lay.restore(out.transpose(1, 2).reshape(R * nq, H * d)).view(B, N, H, d)
 
 
 def get_prism_config(module) -> PrismConfig:
