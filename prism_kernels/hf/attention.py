@@ -45,6 +45,7 @@ import torch
 from ..api import prism_attention
 from ..config import PrismConfig
 from ..plan import Partition, PrismPlan
+from .averaging import ATTENTION_INPUT
 from .masks import key_valid_from_mask
 
 BIG = 1 << 40  # a position beyond any real token
@@ -240,8 +241,6 @@ def simulate_prism(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     `averaging` (hf/averaging.py; default: means of K and V) gives each partition's
     K/V means. `plans`, when given a list, receives (group rows, PrismPlan) per group.
     """
-    from .averaging import ATTENTION_INPUT
-
     B, H, N, d = query.shape
     Hkv = key.shape[1]
     lay = layout or build_layout(key_valid, B, N, config, causal, query.device)
