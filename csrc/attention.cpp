@@ -1,4 +1,5 @@
-// prism::attention on CPU: scaling-aware attention, flash-style.
+// prism::attention on CPU (the "cpp" backend): scaling-aware attention, flash-style,
+// the general blocked kernel (docs/method.md, "Scaling-aware attention").
 //
 //   out = softmax(q k^T * scale + log_counts [+ causal -inf]) v,   lse = logsumexp(...)
 //
@@ -17,394 +18,15 @@
 //    transposed views Hugging Face passes (stride(-1) == 1, any row stride) are
 //    read in place. bf16/fp16 tiles are widened to fp32 in per-thread buffers.
 //  * Softmax arithmetic is vectorised with at::vec at this variant's ISA.
-#include "common.h"
+//  * fp32 inputs with d = 64 and Nk <= 512 go to the small-problem path of
+//    attention_small.cpp (AVX512 builds) instead; everything else runs here.
+#include "attention_helpers.h"
 
-#include <algorithm>
-#include <cstdlib>
 #include <vector>
 
-#if defined(CPU_CAPABILITY_AVX512)
-#include <immintrin.h>
-#endif
-
 namespace prism {
-namespace {
 
-using at::vec::Vectorized;
-
-#if defined(CPU_CAPABILITY_AVX512)
-// PRISM_ATTN_SMALL=0 turns the small-problem path off (A/B timing, tests).
-bool small_path_enabled() {
-  static const bool on = [] { const char* e = std::getenv("PRISM_ATTN_SMALL"); return !(e && e[0] == '0'); }();
-  return on;
-}
-#endif
-
-// Rows are handed to BLAS with the row stride as leading dimension, which must
-// be >= d: read in place when stride(-1) == 1 and rows do not overlap (any
-// batch / head / row strides, e.g. transposed views); otherwise copy.
-at::Tensor rows_readable(const at::Tensor& t) {
-  const int64_t d = t.size(-1);
-  const bool last_ok = t.stride(-1) == 1 || d == 1;
-  const bool rows_ok = t.size(-2) <= 1 || t.stride(-2) >= d;
-  return last_ok && rows_ok ? t : t.contiguous();
-}
-
-// Leading dimension for BLAS: a single row may carry any stride.
-inline int64_t row_ld(const at::Tensor& t) {
-  return t.size(-2) <= 1 ? t.size(-1) : t.stride(-2);
-}
-
-
-template <typename T>
-inline Vectorized<T> vexp(const Vectorized<T>& x) {
-  if constexpr (std::is_same_v<T, float>) {
-    return x.exp_u20();  // ~20 ulp, exp(-inf) = 0; plenty below the fp32 tolerance
-  } else {
-    return x.exp();
-  }
-}
-
-// s[j] += bias[j]; returns max_j s[j] (one pass). The tail is one masked
-// vector, blended with -inf for the max (a scalar loop re-reading the masked
-// store stalled on store forwarding: ~5% of the kernel at Nk ~ 100).
-template <typename T>
-inline T add_bias_max(T* s, const T* bias, int64_t n) {
-  using V = Vectorized<T>;
-  const T ninf = -std::numeric_limits<T>::infinity();
-  V vm(ninf);
-  int64_t j = 0;
-  for (; j + V::size() <= n; j += V::size()) {
-    V x = V::loadu(s + j) + V::loadu(bias + j);
-    x.store(s + j);
-    vm = at::vec::maximum(vm, x);
-  }
-  if (j < n) {
-    const int64_t rest = n - j;
-    V x = V::loadu(s + j, rest) + V::loadu(bias + j, rest);
-    x.store(s + j, rest);
-    vm = at::vec::maximum(vm, V::set(V(ninf), x, rest));
-  }
-  return at::vec::vec_reduce_all<T>([](V& a, V& b) { return at::vec::maximum(a, b); }, vm);
-}
-
-template <typename T>
-inline T row_max(const T* s, int64_t n) {
-  using V = Vectorized<T>;
-  const T ninf = -std::numeric_limits<T>::infinity();
-  V vm(ninf);
-  int64_t j = 0;
-  for (; j + V::size() <= n; j += V::size()) vm = at::vec::maximum(vm, V::loadu(s + j));
-  if (j < n) vm = at::vec::maximum(vm, V::set(V(ninf), V::loadu(s + j, n - j), n - j));
-  return at::vec::vec_reduce_all<T>([](V& a, V& b) { return at::vec::maximum(a, b); }, vm);
-}
-
-// s[j] = exp(s[j] - m); returns the sum.
-template <typename T>
-inline T exp_sum(T* s, T m, int64_t n) {
-  using V = Vectorized<T>;
-  const V vm(m);
-  V vsum(T(0));
-  int64_t j = 0;
-  for (; j + V::size() <= n; j += V::size()) {
-    V e = vexp(V::loadu(s + j) - vm);
-    e.store(s + j);
-    vsum = vsum + e;
-  }
-  if (j < n) {  // tail: one masked vector instead of scalar std::exp calls
-    const int64_t rest = n - j;
-    V e = vexp(V::loadu(s + j, rest) - vm);
-    e.store(s + j, rest);
-    vsum = vsum + V::set(V(T(0)), e, rest);
-  }
-  return at::vec::vec_reduce_all<T>([](V& a, V& b) { return a + b; }, vsum);
-}
-
-template <typename T>
-inline void scale_row(T* x, T a, int64_t n) {
-  using V = Vectorized<T>;
-  const V va(a);
-  int64_t j = 0;
-  for (; j + V::size() <= n; j += V::size()) (V::loadu(x + j) * va).store(x + j);
-  for (; j < n; ++j) x[j] *= a;
-}
-
-template <typename src_t, typename dst_t>
-inline void convert_rows(const src_t* src, int64_t ld_src, dst_t* dst, int64_t rows, int64_t d) {
-  for (int64_t r = 0; r < rows; ++r) widen(src + r * ld_src, dst + r * d, d);
-}
-
-
-#if defined(CPU_CAPABILITY_AVX512)
-// ---------------------------------------------------------------------------
-// Small-problem path (fp32, d = 64, Nk <= kSmallMaxNk, AVX512): the paper's
-// shapes (Nq ~ 100-128, Nk ~ 110-200). There MKL's sgemm runs at 100-130 GF/s
-// and each call re-packs its operands; here the whole key set of a head is
-// one block, so the task does
-//   KT = K^T (d x Nk, zero-padded to a multiple of 16, L1-resident),
-//   S  = scale * Q KT (+ bias, causal -inf) with an 8x32 register-tile kernel,
-//   one softmax pass per row (max, exp, sum: no online rescaling),
-//   O  = P V / l with a 6x64 register-tile kernel, written straight to out.
-constexpr int64_t kSmallMaxNk = 512;
-constexpr int64_t kSmallD = 64;
-
-// S[r][c0 .. c0 + 16*NC) = sum_t Q[r][t] * KT[t][c], r < R.
-template <int R, int NC>
-inline void qk_tile(const float* Q, int64_t ldq, const float* KT, int64_t ldkt, float* S,
-                    int64_t lds, float scale) {
-  __m512 acc[R][NC];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < NC; ++c) acc[r][c] = _mm512_setzero_ps();
-  for (int64_t t = 0; t < kSmallD; ++t) {
-    __m512 kv[NC];
-    for (int c = 0; c < NC; ++c) kv[c] = _mm512_loadu_ps(KT + t * ldkt + 16 * c);
-    for (int r = 0; r < R; ++r) {
-      const __m512 qv = _mm512_set1_ps(Q[r * ldq + t]);
-      for (int c = 0; c < NC; ++c) acc[r][c] = _mm512_fmadd_ps(qv, kv[c], acc[r][c]);
-    }
-  }
-  const __m512 vs = _mm512_set1_ps(scale);
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < NC; ++c) _mm512_storeu_ps(S + r * lds + 16 * c, _mm512_mul_ps(acc[r][c], vs));
-}
-
-// Causal skipping: tmin[c / 16] is the smallest key position of 16-column
-// tile c; a tile whose tmin > qmax (largest query position of these rows) is
-// all future for every row, so it is not computed (the element-wise mask that
-// follows writes -inf there) and its P is exactly 0 (skipped in P V).
-inline bool tile_future(const int64_t* tmin, int64_t c, int64_t qmax) {
-  return tmin != nullptr && tmin[c / 16] > qmax;
-}
-
-template <int R>
-inline void qk_rows(const float* Q, int64_t ldq, const float* KT, int64_t ldkt, int64_t cols_pad,
-                    float* S, int64_t lds, float scale, const int64_t* tmin, int64_t qmax) {
-  int64_t c = 0;
-  for (; c + 32 <= cols_pad; c += 32) {
-    const bool f0 = tile_future(tmin, c, qmax), f1 = tile_future(tmin, c + 16, qmax);
-    if (f0 && f1) continue;
-    if (f0 || f1) {
-      const int64_t cc = f0 ? c + 16 : c;
-      qk_tile<R, 1>(Q, ldq, KT + cc, ldkt, S + cc, lds, scale);
-    } else {
-      qk_tile<R, 2>(Q, ldq, KT + c, ldkt, S + c, lds, scale);
-    }
-  }
-  if (c < cols_pad && !tile_future(tmin, c, qmax)) qk_tile<R, 1>(Q, ldq, KT + c, ldkt, S + c, lds, scale);
-}
-
-// O[r][0..64) = inv[r] * sum_c P[r][c] * V[c][0..64), r < R.
-template <int R>
-inline void pv_rows(const float* P, int64_t ldp, const float* V, int64_t ldv, int64_t cols,
-                    const float* inv, float* O, const int64_t* tmin, int64_t qmax) {
-  __m512 acc[R][4];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
-  for (int64_t j0 = 0; j0 < cols; j0 += 16) {
-    if (tile_future(tmin, j0, qmax)) continue;
-    const int64_t j1 = std::min(cols, j0 + 16);
-    for (int64_t j = j0; j < j1; ++j) {
-      __m512 vv[4];
-      for (int c = 0; c < 4; ++c) vv[c] = _mm512_loadu_ps(V + j * ldv + 16 * c);
-      for (int r = 0; r < R; ++r) {
-        const __m512 p = _mm512_set1_ps(P[r * ldp + j]);
-        for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_fmadd_ps(p, vv[c], acc[r][c]);
-      }
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    const __m512 s = _mm512_set1_ps(inv[r]);
-    for (int c = 0; c < 4; ++c) _mm512_storeu_ps(O + r * kSmallD + 16 * c, _mm512_mul_ps(acc[r][c], s));
-  }
-}
-
-// Largest query position of rows [r, r + n) (0 when not causal).
-inline int64_t rows_qmax(const int64_t* qp, int64_t r, int64_t n) {
-  if (qp == nullptr) return 0;
-  int64_t m = qp[r];
-  for (int64_t i = 1; i < n; ++i) m = std::max(m, qp[r + i]);
-  return m;
-}
-
-inline void qk_dispatch(int64_t rows, const float* Q, int64_t ldq, const float* KT, int64_t ldkt,
-                        int64_t cols_pad, float* S, int64_t lds, float scale, const int64_t* tmin,
-                        const int64_t* qp) {
-  int64_t r = 0;
-#define PRISM_QK(R) qk_rows<R>(Q + r * ldq, ldq, KT, ldkt, cols_pad, S + r * lds, lds, scale, tmin, rows_qmax(qp, r, R))
-  for (; r + 8 <= rows; r += 8) PRISM_QK(8);
-  switch (rows - r) {
-    case 0: break;
-    case 1: PRISM_QK(1); break;
-    case 2: PRISM_QK(2); break;
-    case 3: PRISM_QK(3); break;
-    case 4: PRISM_QK(4); break;
-    case 5: PRISM_QK(5); break;
-    case 6: PRISM_QK(6); break;
-    default: PRISM_QK(7); break;
-  }
-#undef PRISM_QK
-}
-
-inline void pv_dispatch(int64_t rows, const float* P, int64_t ldp, const float* V, int64_t ldv,
-                        int64_t cols, const float* inv, float* O, const int64_t* tmin,
-                        const int64_t* qp) {
-  int64_t r = 0;
-#define PRISM_PV(R) pv_rows<R>(P + r * ldp, ldp, V, ldv, cols, inv + r, O + r * kSmallD, tmin, rows_qmax(qp, r, R))
-  for (; r + 6 <= rows; r += 6) PRISM_PV(6);
-  switch (rows - r) {
-    case 0: break;
-    case 1: PRISM_PV(1); break;
-    case 2: PRISM_PV(2); break;
-    case 3: PRISM_PV(3); break;
-    case 4: PRISM_PV(4); break;
-    default: PRISM_PV(5); break;
-  }
-#undef PRISM_PV
-}
-
-// One causal score row, 16-key tiles: a tile all in the future of query
-// position qi (tmin > qi) is set to 0 without exp; a tile with tmax > qi is
-// masked element-wise; the rest only get the bias. Turns s into the
-// unnormalised probabilities, writes the lse and returns the row sum
-// (0 when no key is visible: zeros, lse = -inf).
-inline float causal_row_softmax(float* s, const float* bias, const int64_t* kp,
-                                const int64_t* tmin, const int64_t* tmax, int64_t Nk, int64_t qi,
-                                float* lse_out) {
-  using V = Vectorized<float>;
-  const float neg_inf = -std::numeric_limits<float>::infinity();
-  V vmx(neg_inf);
-  for (int64_t c = 0; c < Nk; c += 16) {
-    if (tmin[c / 16] > qi) continue;
-    const int64_t n = std::min<int64_t>(16, Nk - c);
-    if (tmax[c / 16] > qi)
-      for (int64_t j = c; j < c + n; ++j) s[j] = kp[j] > qi ? neg_inf : s[j];
-    V x = V::loadu(s + c, n);
-    if (bias) x = x + V::loadu(bias + c, n);
-    if (n < 16) x = V::set(V(neg_inf), x, n);
-    x.store(s + c, n);
-    vmx = at::vec::maximum(vmx, x);
-  }
-  const float mx = at::vec::vec_reduce_all<float>([](V& a, V& b) { return at::vec::maximum(a, b); }, vmx);
-  if (mx == neg_inf) {
-    std::fill(s, s + Nk, 0.f);
-    *lse_out = neg_inf;
-    return 0.f;
-  }
-  const V vm(mx);
-  V vsum(0.f);
-  for (int64_t c = 0; c < Nk; c += 16) {
-    const int64_t n = std::min<int64_t>(16, Nk - c);
-    if (tmin[c / 16] > qi) {
-      V(0.f).store(s + c, n);
-      continue;
-    }
-    V e = vexp(V::loadu(s + c, n) - vm);
-    if (n < 16) e = V::set(V(0.f), e, n);
-    e.store(s + c, n);
-    vsum = vsum + e;
-  }
-  const float sum = at::vec::vec_reduce_all<float>([](V& a, V& b) { return a + b; }, vsum);
-  *lse_out = mx + std::log(sum);
-  return sum;
-}
-
-// Whole problem, fp32, d = 64, Nk <= kSmallMaxNk. One task per (batch, head,
-// query block of up to 128 rows).
-void attention_small_f32(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                         const at::Tensor* bias, const at::Tensor* q_pos, const at::Tensor* k_pos,
-                         float scale, at::Tensor& out, at::Tensor& lse) {
-  const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2);
-  const int64_t Hkv = k.size(1), Nk = k.size(2);
-  const int64_t group = H / Hkv;
-  const int64_t qB = std::min<int64_t>(Nq, 128);
-  const int64_t nQB = (Nq + qB - 1) / qB;
-  const int64_t cols_pad = (Nk + 15) / 16 * 16;
-  const float* qd = q.const_data_ptr<float>();
-  const float* kd = k.const_data_ptr<float>();
-  const float* vd = v.const_data_ptr<float>();
-  const int64_t qsB = q.stride(0), qsH = q.stride(1), qsN = row_ld(q);
-  const int64_t ksB = k.stride(0), ksH = k.stride(1), ksN = row_ld(k);
-  const int64_t vsB = v.stride(0), vsH = v.stride(1), vsN = row_ld(v);
-  const float* bd = bias ? bias->const_data_ptr<float>() : nullptr;
-  const int64_t bsB = bias ? bias->stride(0) : 0;
-  const bool causal = q_pos != nullptr;
-  const int64_t* qpd = causal ? q_pos->const_data_ptr<int64_t>() : nullptr;
-  const int64_t* kpd = causal ? k_pos->const_data_ptr<int64_t>() : nullptr;
-  const int64_t qpsB = causal ? q_pos->stride(0) : 0, kpsB = causal ? k_pos->stride(0) : 0;
-  float* od = out.data_ptr<float>();
-  float* ld = lse.data_ptr<float>();
-  const float neg_inf = -std::numeric_limits<float>::infinity();
-
-  at::parallel_for(0, B * H * nQB, 1, [&](int64_t begin, int64_t end) {
-    Scratch<float> kt_buf(kSmallD * cols_pad), s_buf(qB * cols_pad), inv_buf(qB);
-    float* KT = kt_buf.get();
-    float* S = s_buf.get();
-    float* inv = inv_buf.get();
-    std::vector<int64_t> tmin_buf(causal ? cols_pad / 16 : 0);
-    std::vector<int64_t> tmax_buf(causal ? cols_pad / 16 : 0);
-    int64_t* tmin = tmin_buf.data();
-    int64_t* tmax = tmax_buf.data();
-    int64_t tmin_for = -1;  // batch whose tile minima are in tmin
-    int64_t kt_for = -1;  // (b, hk) whose K^T is in KT
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t qb = task % nQB;
-      const int64_t h = (task / nQB) % H;
-      const int64_t b = task / (nQB * H);
-      const int64_t hk = h / group;
-      const int64_t i0 = qb * qB;
-      const int64_t rows = std::min(qB, Nq - i0);
-      if (kt_for != b * Hkv + hk) {
-        const float* K = kd + b * ksB + hk * ksH;
-        for (int64_t j = 0; j < Nk; ++j)
-          for (int64_t t = 0; t < kSmallD; ++t) KT[t * cols_pad + j] = K[j * ksN + t];
-        for (int64_t t = 0; t < kSmallD; ++t)
-          std::fill(KT + t * cols_pad + Nk, KT + (t + 1) * cols_pad, 0.f);
-        kt_for = b * Hkv + hk;
-      }
-      const int64_t* kp = causal ? kpd + b * kpsB : nullptr;
-      const int64_t* qp = causal ? qpd + b * qpsB + i0 : nullptr;
-      if (causal && tmin_for != b) {
-        for (int64_t c = 0; c < Nk; c += 16) {
-          int64_t m = kp[c];
-          for (int64_t j = c + 1; j < std::min(Nk, c + 16); ++j) m = std::min(m, kp[j]);
-          tmin[c / 16] = m;
-          int64_t M = kp[c];
-          for (int64_t j = c + 1; j < std::min(Nk, c + 16); ++j) M = std::max(M, kp[j]);
-          tmax[c / 16] = M;
-        }
-        tmin_for = b;
-      }
-      const int64_t* tm = causal ? tmin : nullptr;
-      const float* Q = qd + b * qsB + h * qsH + i0 * qsN;
-      qk_dispatch(rows, Q, qsN, KT, cols_pad, cols_pad, S, cols_pad, scale, tm, qp);
-
-      const float* bias_row = bd ? bd + b * bsB : nullptr;
-      float* lo = ld + (b * H + h) * Nq + i0;
-      for (int64_t r = 0; r < rows; ++r) {
-        float* s = S + r * cols_pad;
-        if (causal) {
-          const float sum = causal_row_softmax(s, bias_row, kp, tmin, tmax, Nk, qp[r], lo + r);
-          inv[r] = sum > 0.f ? 1.f / sum : 0.f;
-          continue;
-        }
-        const float mx = bias_row ? add_bias_max(s, bias_row, Nk) : row_max(s, Nk);
-        if (mx == neg_inf) {  // no visible key: zeros, lse = -inf
-          std::fill(s, s + Nk, 0.f);
-          inv[r] = 0.f;
-          lo[r] = neg_inf;
-          continue;
-        }
-        const float sum = exp_sum(s, mx, Nk);
-        inv[r] = 1.f / sum;
-        lo[r] = mx + std::log(sum);
-      }
-      const float* Vp = vd + b * vsB + hk * vsH;
-      pv_dispatch(rows, S, cols_pad, Vp, vsN, Nk, inv, od + ((b * H + h) * Nq + i0) * kSmallD, tm, qp);
-    }
-  });
-}
-#endif  // CPU_CAPABILITY_AVX512
-}  // namespace
+using namespace attn;
 
 Blocks choose_blocks(int64_t Nq, int64_t Nk, bool causal) {
   // Small query blocks keep enough (b, h, q-block) tasks for the threads and
@@ -542,7 +164,14 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
           ldv = vsN;
         }
 
-        // S = scale * Q K^T   (rows x cols, ld cols)
+        // Online softmax over this key block, row by row. The invariant after
+        // key blocks 0..kb, for every query row r, is
+        //   mrow[r] = max over the keys seen so far of t_j = s_j + log c_j
+        //   lrow[r] = sum_j exp(t_j - mrow[r])
+        //   acc[r]  = sum_j exp(t_j - mrow[r]) * v_j        (not yet divided by l)
+        // so that at the end out = acc / l and lse = m + log l.
+        //
+        // Step 1: scores S = scale * Q K^T for the block (rows x cols, ld cols).
         gemm_abt<acc_t>(rows, cols, d, scale, Q, ldq, K, ldk, S, cols);
 
         const acc_t* bias_row = bd ? bd + b * bsB + j0 : nullptr;
@@ -550,32 +179,55 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
         bool any = false;
         for (int64_t r = 0; r < rows; ++r) {
           acc_t* s = S + r * cols;
+          // Step 2: causal mask on diagonal blocks: future keys (k_pos > q_pos)
+          // get -inf, so exp() below turns them into exact zeros.
           if (need_mask) {
             const int64_t qi = qp[r];
             for (int64_t j = 0; j < cols; ++j) s[j] = kp[j] > qi ? neg_inf : s[j];
           }
+          // Step 3: add the log-count bias and take the block's row maximum in
+          // the same pass. The bias is added to the scores *before* the max and
+          // the exp because it is part of the logit: softmax(S + log c) gives
+          // key j the weight c_j * exp(s_j) / sum_i c_i * exp(s_i), i.e. a mean
+          // standing for c_j tokens counts c_j times (Eq. 13-15; docs/method.md,
+          // "Scaling-aware attention"). Adding it after the max could overflow
+          // exp() for large counts; adding it to P or to V would be wrong.
           // -inf + finite bias stays -inf, so masking before the bias is fine.
           const acc_t mx = bias_row ? add_bias_max(s, bias_row, cols) : row_max(s, cols);
+          // Step 4: new running max m_new = max(m_old, block max).
           const acc_t m_old = mrow[r];
           const acc_t m_new = std::max(m_old, mx);
-          if (m_new == neg_inf) {  // nothing visible yet in this row
+          if (m_new == neg_inf) {  // nothing visible yet in this row: P = 0, state unchanged
             std::fill(s, s + cols, acc_t(0));
             continue;
           }
           any = true;
+          // Step 5: P = exp(t - m_new) in place in S (every value <= 1, no
+          // overflow) and its row sum; masked entries give exp(-inf) = 0.
           const acc_t sum = exp_sum(s, m_new, cols);
+          // Step 6: rescale what was accumulated under the old max,
+          // alpha = exp(m_old - m_new) <= 1, applied to the running sum and to
+          // the accumulator row. Skipped when the max did not move (alpha = 1)
+          // and when nothing was accumulated yet (m_old = -inf: l = 0, acc = 0;
+          // exp(-inf - m_new) would be 0 anyway, but -inf - -inf is NaN).
           if (m_old != m_new && m_old != neg_inf) {
             const acc_t alpha = std::exp(m_old - m_new);
             lrow[r] *= alpha;
             scale_row(acc + r * d, alpha, d);
           }
+          // Step 7: running sum l += sum_j P_j, and remember the new max.
           lrow[r] += sum;
           mrow[r] = m_new;
         }
+        // Step 8: accumulator acc += P V for all rows of the block at once
+        // (one GEMM; rows that saw nothing have P = 0). Skipped when no row of
+        // the block has a visible key.
         if (any) gemm_acc_pv<acc_t>(rows, cols, d, S, cols, Vp, ldv, acc, d);
       }
 
-      // Normalise and write out; rows with no visible key get zeros, lse = -inf.
+      // Step 9, final division: out = acc / l, lse = m + log l (natural log),
+      // once per row after the last key block rather than per block. Rows with
+      // no visible key (l = 0) get exact zeros and lse = -inf.
       scalar_t* o = od + ((b * H + h) * Nq + i0) * d;
       acc_t* lo = ld + (b * H + h) * Nq + i0;
       for (int64_t r = 0; r < rows; ++r) {
@@ -679,12 +331,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q_in, const a
 
   switch (dtype) {
     case at::kFloat:
-#if defined(CPU_CAPABILITY_AVX512)
-      if (d == kSmallD && Nk <= kSmallMaxNk && small_path_enabled()) {
-        attention_small_f32(q, k, v, bptr, qpp, kpp, (float)scale, out, lse);
-        break;
-      }
-#endif
+      if (attention_small_f32(q, k, v, bptr, qpp, kpp, (float)scale, out, lse)) break;
       attention_kernel<float, float>(q, k, v, bptr, qpp, kpp, (float)scale, out, lse);
       break;
     case at::kDouble:

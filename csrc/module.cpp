@@ -1,11 +1,14 @@
-// Registration of the CPU kernels of the `prism` ops, and a tiny Python module
-// (prism_kernels._C_<variant>) for introspection.
+// The Python module prism_kernels._C_<variant>: the CPU kernels as plain
+// functions, plus a little introspection.
 //
-// The op schemas are defined in Python (prism_kernels/ops.py); this file only
-// attaches CPU implementations. Importing the module registers them, which is
-// why prism_kernels/_cpp.py imports exactly one variant.
+// The extension does not register anything with the `prism` torch.library ops.
+// Their schemas and their CPU / CUDA implementations live in
+// prism_kernels/ops.py, whose CPU implementation calls `attention` /
+// `segment_means` below when the selected backend is "cpp" (or "auto" with the
+// extension built). pybind11 functions are the cheapest way in from Python
+// (no second trip through the dispatcher); the GIL is released while a kernel
+// runs.
 #include <torch/extension.h>
-#include <torch/library.h>
 
 #include "common.h"
 
@@ -31,13 +34,16 @@ const char* capability() {
 
 }  // namespace prism
 
-TORCH_LIBRARY_IMPL(prism, CPU, m) {
-  m.impl("segment_means", &prism::segment_means_cpu);
-  m.impl("attention", &prism::attention_cpu);
-}
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "prism CPU kernels (registered as the CPU implementation of the prism ops)";
+  m.doc() = "prism CPU kernels (called by the CPU implementation of the prism ops, prism_kernels/ops.py)";
+  m.def("segment_means", &prism::segment_means_cpu,
+        "segment_means(x, num_segments) -> (means, counts): kernel form of prism::segment_means",
+        py::arg("x"), py::arg("num_segments"), py::call_guard<py::gil_scoped_release>());
+  m.def("attention", &prism::attention_cpu,
+        "attention(q, k, v, log_counts, q_pos, k_pos, scale) -> (out, lse): kernel form of "
+        "prism::attention",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("log_counts"), py::arg("q_pos"),
+        py::arg("k_pos"), py::arg("scale"), py::call_guard<py::gil_scoped_release>());
   m.def("capability", &prism::capability, "ISA this variant was compiled for");
   m.def("block_sizes", [](int64_t nq, int64_t nk, bool causal) {
     auto b = prism::choose_blocks(nq, nk, causal);

@@ -1,4 +1,4 @@
-// prism::segment_means on CPU (SPEC sec. 4, Alg. 2).
+// prism::segment_means on CPU, the "cpp" backend (docs/method.md, "Segment means"; Alg. 2).
 //
 // x [..., n, D] with any strides -> means [..., m, D] (x's dtype, contiguous)
 // and counts int64 [m] (tensor_split sizes: the first n % m segments are one

@@ -1,71 +1,57 @@
-"""Public functions (SPEC sec. 11): checks, then one dispatch to a backend."""
-from __future__ import annotations
+"""Public functions: argument checks, then the `prism` op, whatever the backend.
 
-import os
+Every call goes through torch.ops.prism.segment_means / torch.ops.prism.attention,
+so autograd (prism_kernels/autograd.py) and torch.compile work the same for
+every backend. The backend is chosen by `backend=` for one call, or by
+`use_backend(...)` for a block of code; prism_kernels/ops.py dispatches on it.
+"""
+from __future__ import annotations
 
 import torch
 
-import python_ref
-from python_ref.checks import check_segment_means_args, normalize_attention_args
+from .checks import check_segment_means_args, normalize_attention_args
+from .ops import BACKENDS, check_backend_name, selected_backend, use_backend
 
-from . import _cpp
-from . import ops
+__all__ = ["segment_means", "prism_attention", "use_backend", "selected_backend", "BACKENDS"]
 
-BACKENDS = ("auto", "cpp", "triton", "reference")
-
-
-def _check_backend(backend: str, device: torch.device) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "cpp":
-        if device.type != "cpu":
-            raise ValueError(f"backend='cpp' needs CPU tensors, got tensors on {device}")
-        if not _cpp.load():
-            raise RuntimeError(
-                "backend='cpp' needs the C++ extension, which is not built; "
-                "run `pip install --no-build-isolation -e .` (or use backend='auto')")
-    if backend == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(
-            "backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before import; "
-            "use CUDA tensors or another backend")
-    return backend
+# the op overloads, looked up once (torch.ops.prism.attention would resolve the
+# overload on every call)
+_attention_op = torch.ops.prism.attention.default
+_segment_means_op = torch.ops.prism.segment_means.default
 
 
-def segment_means(x: torch.Tensor, num_segments: int, *, backend: str = "auto"):
+def segment_means(x: torch.Tensor, num_segments: int, *, backend: str | None = None):
     """Means of `num_segments` contiguous segments of x along dim -2 (Alg. 2).
 
     x: [..., n, D] float. Returns (means [..., m, D] in x's dtype, counts int64 [m]);
     segment sizes follow torch.tensor_split (the first n mod m are one longer).
+    backend: one of BACKENDS for this call; None (default) uses the one selected
+    by use_backend() ("auto" outside any).
     """
     check_segment_means_args(x, num_segments)
-    backend = _check_backend(backend, x.device)
-    if backend == "reference":
-        return python_ref.segment_means(x, num_segments)
-    if backend == "triton":
-        from .triton_kernels import segment_means_triton
-        return segment_means_triton(x, num_segments)
-    return torch.ops.prism.segment_means(x, int(num_segments))
+    if backend is None:
+        return _segment_means_op(x, int(num_segments))
+    return _segment_means_op(x, int(num_segments), check_backend_name(backend))
 
 
 def prism_attention(q, k, v, *, key_counts=None, causal=False, q_pos=None, k_pos=None,
-                    scale=None, backend: str = "auto", return_lse: bool = False):
+                    scale=None, backend: str | None = None, return_lse: bool = False):
     """Scaling-aware attention softmax(q k^T * scale + log c) v (Eq. 13-15).
 
     q: [B, H, Nq, d]; k, v: [B, Hkv, Nk, d], H % Hkv == 0. key_counts: [Nk] or
     [B, Nk], each >= 1 (None: all 1). causal: key j visible to query i iff
     k_pos[j] <= q_pos[i] (global positions, Eq. 17); positions default to
     arange when Nq == Nk. A query with no visible key returns zeros.
+    backend: one of BACKENDS for this call; None (default) uses the one selected
+    by use_backend() ("auto" outside any).
     Returns [B, H, Nq, d] in q's dtype, and with return_lse=True also the
-    log-sum-exp [B, H, Nq] (fp32) so partial results can be merged.
+    log-sum-exp [B, H, Nq] (fp32; fp64 for fp64 inputs) so partial results can
+    be merged. Differentiable with respect to q, k, v and float key_counts.
     """
     log_counts, q_pos, k_pos, scale = normalize_attention_args(
         q, k, v, key_counts, causal, q_pos, k_pos, scale)
-    backend = _check_backend(backend, q.device)
-    if backend == "reference":
-        out, lse = ops.reference_attention(q, k, v, log_counts, q_pos, k_pos, scale)
-    elif backend == "triton":
-        from .triton_kernels import attention_triton
-        out, lse = attention_triton(q, k, v, log_counts, q_pos, k_pos, scale)
+    if backend is None:
+        out, lse = _attention_op(q, k, v, log_counts, q_pos, k_pos, scale)
     else:
-        out, lse = torch.ops.prism.attention(q, k, v, log_counts, q_pos, k_pos, scale)
+        out, lse = _attention_op(q, k, v, log_counts, q_pos, k_pos, scale, check_backend_name(backend))
     return (out, lse) if return_lse else out

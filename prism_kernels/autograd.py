@@ -1,6 +1,7 @@
-"""Backward of prism::attention, registered with torch.library.register_autograd.
+"""Backward of the prism ops, registered with torch.library.register_autograd.
 
-The forward kernels (C++, Triton) save nothing but their output and the
+Registered on the ops themselves, so it applies whichever backend ran the
+forward (cpp, triton, torch). The attention forward kernels save nothing but their output and the
 log-sum-exp; the backward recomputes the probabilities from them, flash-style:
 
   P   = exp(S + log c - lse)            (0 where masked)
@@ -19,11 +20,12 @@ _CHUNK = 1024  # query rows per step: bounds memory at B*H*chunk*Nk floats
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, log_counts, q_pos, k_pos, scale = inputs
+    q, k, v, log_counts, q_pos, k_pos, scale = inputs[:7]   # (then the backend name)
     out, lse = output
     ctx.save_for_backward(q, k, v, log_counts, q_pos, k_pos, out, lse)
     ctx.scale = scale
     ctx.has_counts = log_counts is not None
+    ctx.num_inputs = len(inputs)
 
 
 def _backward(ctx, grad_out, grad_lse):
@@ -67,7 +69,8 @@ def _backward(ctx, grad_out, grad_lse):
     dv = dv.view(B, Hkv, g, Nk, d).sum(2)
     if dbias is not None:
         dbias = dbias.to(log_counts.dtype)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias, None, None, None
+    grads = (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias, None, None, None)
+    return grads + (None,) * (ctx.num_inputs - len(grads))
 
 
 torch.library.register_autograd("prism::attention", _backward, setup_context=_setup_context)
@@ -75,20 +78,22 @@ torch.library.register_autograd("prism::attention", _backward, setup_context=_se
 
 # segment_means is linear: every token of segment s receives grad_means[s] / c_s.
 def _means_setup_context(ctx, inputs, output):
-    x, num_segments = inputs
+    x = inputs[0]
     _, counts = output
     ctx.save_for_backward(counts)
     ctx.x_dtype = x.dtype
     ctx.n = x.shape[-2]
+    ctx.num_inputs = len(inputs)
 
 
 def _means_backward(ctx, grad_means, grad_counts):
     (counts,) = ctx.saved_tensors
+    nones = (None,) * (ctx.num_inputs - 1)
     if grad_means is None:
-        return None, None
+        return (None,) + nones
     acc = torch.float64 if grad_means.dtype == torch.float64 else torch.float32
     scaled = grad_means.to(acc) / counts.to(acc).unsqueeze(-1)
-    return scaled.repeat_interleave(counts, dim=-2, output_size=ctx.n).to(ctx.x_dtype), None
+    return (scaled.repeat_interleave(counts, dim=-2, output_size=ctx.n).to(ctx.x_dtype),) + nones
 
 
 torch.library.register_autograd("prism::segment_means", _means_backward,

@@ -264,32 +264,89 @@ def make_plan(n_tokens: int, num_partitions: Optional[int] = None,
               num_means: Union[int, Sequence[int], None] = None, *,
               compression_rate: Optional[float] = None, causal: bool = False,
               sizes: Optional[Sequence[int]] = None, weights: Optional[Sequence[float]] = None,
+              anchors: Sequence[int] = (), grid: Optional[Tuple[int, int, int]] = None,
               order: Optional[Sequence[int]] = None) -> PrismPlan:
     """The plan for N tokens. Give one of num_partitions / sizes / weights, and one of
     num_means (an int: at most that many per partition; or one per partition) /
-    compression_rate (Eq. 16). `order` permutes the received blocks (Eq. 5 tests)."""
+    compression_rate (Eq. 16).
+
+    anchors: global indices of tokens sent alone (count 1) instead of being averaged
+    (attention sinks such as [CLS] or token 0). They come out of the partition's
+    budget m_j; the other tokens of the partition share the remaining max(1, m_j - k)
+    segments (so a partition with more anchors than m_j sends more than m_j rows).
+    grid: (rows, cols, first) when tokens first .. first + rows*cols - 1 are image
+    patches in row-major order: segments of those tokens are then compact 2-D blocks
+    of the patch grid (recursive bisection) instead of runs that wrap across rows.
+    order: permutes the received blocks (Eq. 5 tests)."""
     n_tokens = _check_int("n_tokens", n_tokens, 1)
     as_tuple = lambda v: None if v is None else (v if isinstance(v, numbers.Number) else tuple(v))
+    anchors = tuple(sorted({_check_int("anchors[i]", a, 0) for a in anchors if a < n_tokens}))
+    if grid is not None:
+        rows, cols, first = (_check_int(f"grid[{k}]", g, 1 if k < 2 else 0) for k, g in enumerate(grid))
+        if first + rows * cols > n_tokens:
+            raise ValueError(f"grid (rows={rows}, cols={cols}, first={first}) needs "
+                             f"{first + rows * cols} tokens, the sequence has {n_tokens}")
+        grid = (rows, cols, first)
     return _make_plan(n_tokens, num_partitions, as_tuple(num_means), compression_rate, bool(causal),
-                      as_tuple(sizes), as_tuple(weights), as_tuple(order))
+                      as_tuple(sizes), as_tuple(weights), anchors, grid, as_tuple(order))
 
 
 plan_layout = make_plan   # the name the first releases used
 
 
+def _blocks(tokens, m, grid):
+    """Split `tokens` (ascending) into m groups: compact 2-D blocks for grid patches
+    (bisect the longer side, sizes in proportion to the groups on each side), else runs."""
+    if grid is None:
+        out, start = [], 0
+        for c in split_sizes(len(tokens), m):
+            out.append(tokens[start:start + c])
+            start += c
+        return out
+    rows, cols, first = grid
+
+    def rc(t):
+        return divmod(t - first, cols)
+
+    def bisect(toks, m):
+        if m == 1:
+            return [tuple(sorted(toks))]
+        rs = [rc(t)[0] for t in toks]
+        cs = [rc(t)[1] for t in toks]
+        by_row = (max(rs) - min(rs)) >= (max(cs) - min(cs))
+        key = (lambda t: rc(t)) if by_row else (lambda t: (rc(t)[1], rc(t)[0]))
+        toks = sorted(toks, key=key)
+        m1 = m // 2
+        cut = round(len(toks) * m1 / m)
+        cut = min(max(cut, m1), len(toks) - (m - m1))   # every group keeps >= 1 token
+        return bisect(toks[:cut], m1) + bisect(toks[cut:], m - m1)
+
+    return sorted(bisect(list(tokens), m), key=lambda g: g[0])
+
+
+def _partition_segments(o, n, m, anchors, grid):
+    own = [a for a in anchors if o <= a < o + n]
+    rest = [t for t in range(o, o + n) if t not in set(own)]
+    segs = [(a,) for a in own]
+    if rest:
+        m_rest = min(len(rest), max(1, m - len(own)))
+        patches = [] if grid is None else [t for t in rest if grid[2] <= t < grid[2] + grid[0] * grid[1]]
+        if len(patches) >= m_rest and len(patches) == len(rest):
+            segs += _blocks(tuple(rest), m_rest, grid)
+        else:   # text, or a partition mixing patches and other tokens: contiguous runs
+            segs += _blocks(tuple(rest), m_rest, None)
+    return tuple(Segment(tuple(s)) for s in sorted(segs, key=lambda s: s[0]))
+
+
 @functools.lru_cache(maxsize=4096)
-def _make_plan(n_tokens, num_partitions, num_means_, compression_rate, causal, sizes, weights, order):
+def _make_plan(n_tokens, num_partitions, num_means_, compression_rate, causal, sizes, weights,
+               anchors=(), grid=None, order=None):
     sizes = _resolve_sizes(n_tokens, num_partitions, sizes, weights)
     P = len(sizes)
     offsets = partition_offsets(sizes)
     ms = _means_per_partition(sizes, num_means_, compression_rate)
-    partitions = []
-    for j, (o, n, m) in enumerate(zip(offsets, sizes, ms)):
-        segs, start = [], o
-        for c in segment_sizes(n, m):
-            segs.append(Segment(tuple(range(start, start + c))))
-            start += c
-        partitions.append(Partition(j, o, n, tuple(segs)))
+    partitions = [Partition(j, o, n, _partition_segments(o, n, m, anchors, grid))
+                  for j, (o, n, m) in enumerate(zip(offsets, sizes, ms))]
     if order is not None and sorted(order) != list(range(P)):
         raise ValueError(f"order must be a permutation of range({P}), got {list(order)}")
     devices = []

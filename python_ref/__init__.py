@@ -1,6 +1,7 @@
-"""Pure-PyTorch reference of Prism: the SPEC in code, readable next to the paper.
+"""Pure-PyTorch reference of Prism (docs/method.md in code), readable next to the paper.
 
-Every kernel in prism_kernels is tested against these functions.
+It is the test oracle: every kernel in prism_kernels is tested against these
+functions. It does not import prism_kernels, so it cannot share their bugs.
 """
 from .attention import duplicated_attention, prism_attention
 from .layout import DeviceLayout, PrismPlan, device_keys_values, device_tensors, local_rows, plan_layout

@@ -1,4 +1,4 @@
-"""Scaling-aware attention (SPEC sec. 6-7; paper Eq. 11-15, Eq. 17).
+"""Scaling-aware attention (docs/method.md, "Scaling-aware attention" and "Causal mask"; paper Eq. 11-15, 17).
 
 Two forms of the same thing:
 
@@ -14,9 +14,33 @@ A query with no visible key gets zeros (and lse = -inf).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .checks import normalize_attention_args
+
+def normalize_attention_args(q, k, v, key_counts=None, causal=False, q_pos=None, k_pos=None,
+                             scale=None):
+    """User-facing arguments -> (log-counts [B, Nk], q_pos [B, Nq], k_pos [B, Nk], scale).
+
+    The oracle's own minimal version: it assumes valid arguments (the argument
+    checks with their error messages are prism_kernels.checks). Counts and
+    positions may be [N] or [B, N]; positions default to arange when causal.
+    """
+    B, Nq, Nk = q.shape[0], q.shape[2], k.shape[2]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    log_counts = None
+    if key_counts is not None:
+        log_counts = key_counts.to(acc).log().expand(B, Nk)
+    if causal:
+        q_pos = (torch.arange(Nq, device=q.device) if q_pos is None else q_pos).to(torch.int64)
+        k_pos = (torch.arange(Nk, device=q.device) if k_pos is None else k_pos).to(torch.int64)
+        q_pos, k_pos = q_pos.expand(B, Nq), k_pos.expand(B, Nk)
+    else:
+        q_pos = k_pos = None
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    return log_counts, q_pos, k_pos, float(scale)
 
 
 def _expand_kv_heads(t: torch.Tensor, H: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Segment Means (SPEC sec. 4; paper Alg. 2, Eq. 8-9)."""
+"""Segment Means (docs/method.md, "Segment means"; paper Alg. 2, Eq. 8-9)."""
 from __future__ import annotations
 
 import torch

@@ -1,5 +1,6 @@
-"""Triton GPU kernels of the `prism` ops (CUDA backend; also runs on CPU tensors
-under TRITON_INTERPRET=1, set before this package is imported).
+"""Triton GPU kernels of the `prism` ops: the "triton" backend (prism_kernels/ops.py;
+"auto" picks it for CUDA tensors). Also runs on CPU tensors under
+TRITON_INTERPRET=1, set before this package is imported.
 
 segment_means_triton(x, num_segments) -> (means, counts)
 attention_triton(q, k, v, log_counts, q_pos, k_pos, scale) -> (out, lse)

@@ -1,4 +1,5 @@
-"""Scaling-aware attention forward in Triton (SPEC sec. 6-7; paper Eq. 12-15, 17).
+"""Scaling-aware attention forward in Triton (docs/method.md, "Scaling-aware attention"
+and "Causal mask"; paper Eq. 12-15, 17).
 
     out = softmax(q k^T * scale + log c) v,   key j visible to query i iff k_pos[j] <= q_pos[i]
 
@@ -37,7 +38,6 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 _LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
 
 # Under the interpreter: one small fixed config (every program-iteration costs
 # milliseconds on the CPU). tl.dot needs every block dim >= 16.
@@ -281,7 +281,7 @@ def attention_triton(q, k, v, log_counts=None, q_pos=None, k_pos=None, scale=Non
     if q.dtype not in _SUPPORTED:
         raise ValueError(
             f"the Triton attention kernel supports float32, float16 and bfloat16, got {q.dtype}; "
-            f"use backend='cpp' or 'reference' for float64")
+            f"use backend='cpp' or 'torch' for float64")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:

@@ -1,4 +1,4 @@
-"""Segment means in Triton (SPEC sec. 4; paper Alg. 2, Eq. 8-9).
+"""Segment means in Triton (docs/method.md, "Segment means"; paper Alg. 2, Eq. 8-9).
 
 x [..., n, D] is cut along dim -2 into m contiguous segments with
 torch.tensor_split sizes (the first n mod m hold one more token); each segment's
@@ -81,7 +81,7 @@ def segment_means_triton(x: torch.Tensor, num_segments: int):
     if x.dtype not in _SUPPORTED:
         raise ValueError(
             f"the Triton segment_means kernel supports float32, float16 and bfloat16, got "
-            f"{x.dtype}; use backend='cpp' or 'reference' for float64")
+            f"{x.dtype}; use backend='cpp' or 'torch' for float64")
     n, D = x.shape[-2], x.shape[-1]
     m = int(num_segments)
     if not 1 <= m <= n:

@@ -1,4 +1,6 @@
 """The prism ops are real torch.library ops: fake kernels, torch.compile, opcheck."""
+import os
+
 import pytest
 import torch
 
@@ -13,6 +15,12 @@ def test_ops_are_registered_with_fake_kernels():
                           (q, k, v, torch.zeros(1, 7), torch.arange(5)[None] + 3, torch.arange(7)[None], 0.3))
     torch.library.opcheck(torch.ops.prism.attention.default, (q, k, v, None, None, None, 0.3))
     torch.library.opcheck(torch.ops.prism.segment_means.default, (torch.randn(2, 9, 4), 4))
+    # the backend argument: every backend is the same op to autograd / compile
+    for backend in ["torch"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else []):
+        torch.library.opcheck(torch.ops.prism.attention.default,
+                              (q, k, v, torch.zeros(1, 7), None, None, 0.3, backend))
+        torch.library.opcheck(torch.ops.prism.segment_means.default,
+                              (torch.randn(2, 9, 16), 4, backend))
 
 
 def test_meta_tensors_give_shapes():

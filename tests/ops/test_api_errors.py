@@ -1,4 +1,4 @@
-"""Bad input gets a ValueError naming the argument and the rule (issue 2.4)."""
+"""Bad input gets a ValueError naming the argument and the rule (prism_kernels/checks.py)."""
 import math
 
 import pytest

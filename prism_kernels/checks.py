@@ -1,7 +1,8 @@
-"""Argument checks shared by the reference and every kernel backend.
+"""Argument checks of the public functions (prism_kernels.api), shared by every backend.
 
-Each check names the argument and the rule it breaks, so a user never has to
-decode a shape error from deep inside a kernel. `normalize_attention_args`
+They run once per call, before the op is dispatched to a backend. Each check
+names the argument and the rule it breaks, so a user never has to decode a
+shape error from deep inside a kernel. `normalize_attention_args`
 also turns the user-facing arguments into the one form every kernel takes:
 log-counts [B, Nk] fp32 (or None), positions [B, Nq] / [B, Nk] int64 (or None
 when not causal) and a float scale.
@@ -62,7 +63,7 @@ def _batch_vector(name: str, t, B: int, N: int, n_name: str, device) -> torch.Te
     if t.device != device:
         raise ValueError(f"{name} must be on the same device as q ({device}), got {t.device}")
     if t.dim() == 1 and t.shape[0] == N:
-        return t.unsqueeze(0).expand(B, N)
+        return t.expand(B, N)
     if t.dim() == 2 and tuple(t.shape) == (B, N):
         return t
     raise ValueError(
@@ -122,7 +123,10 @@ def normalize_attention_args(
             raise ValueError(f"key_counts must be an integer or float tensor, got {kc.dtype}")
         if not _is_compiling():
             _check_counts(key_counts)
-        log_counts = kc.to(torch.float64 if q.dtype == torch.float64 else torch.float32).log()
+        # log of the given [Nk] / [B, Nk] tensor, then the stride-0 expand: the
+        # kernels read a shared [Nk] row once, and no [B, Nk] copy is made
+        lc = key_counts.to(torch.float64 if q.dtype == torch.float64 else torch.float32).log()
+        log_counts = lc if lc.dim() == 2 else lc.expand(B, Nk)
 
     if not isinstance(causal, bool):
         raise ValueError(f"causal must be a bool, got {causal!r}")

@@ -1,4 +1,5 @@
-"""C++ CPU kernels (csrc/) against python_ref computed in fp64.
+"""C++ CPU kernels (csrc/) against python_ref computed in fp64 (deeper than
+tests/ops/test_attention.py and test_segment_means.py, which cover every backend).
 
 Hypothesis fuzzes odd sizes (Nq = 1, Nk = 1, primes, m = n, m = 1), head
 dims 32/64/80/128, random counts, causal with random partition layouts and
@@ -21,6 +22,13 @@ from python_ref.layout import device_tensors, plan_layout
 from tolerances import assert_close
 
 pytestmark = pytest.mark.skipif(not pk.cpp_variant(), reason="C++ extension not built")
+
+
+@pytest.fixture(autouse=True)
+def _cpp_backend():
+    """Every call here runs the C++ kernels (also the default-backend and torch.ops calls)."""
+    with pk.use_backend("cpp"):
+        yield
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 SIZES = [1, 2, 3, 7, 13, 31, 32, 33, 64, 65, 97, 128, 131]

@@ -1,4 +1,5 @@
-"""Triton kernels against python_ref: under the interpreter on CPU (CI), on the GPU when there is one.
+"""Triton kernels (deeper than tests/ops/test_attention.py, test_segment_means.py) against
+python_ref: under the interpreter on CPU (CI), on the GPU when there is one.
 
 Small shapes only (the interpreter costs milliseconds per program-iteration).
 bf16 is skipped under the interpreter, which computes it wrongly; it is covered
@@ -24,6 +25,7 @@ HAS_CUDA = torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(not (INTERPRET or HAS_CUDA),
                                 reason="needs a CUDA GPU or TRITON_INTERPRET=1")
 DEV = torch.device("cuda" if HAS_CUDA else "cpu")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 BF16_SKIP = pytest.mark.skipif(INTERPRET, reason="the Triton interpreter computes bf16 wrongly; "
                                "bf16 is checked on the GPU (benchmarks/gpu_check.py)")
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=BF16_SKIP)]
@@ -217,7 +219,7 @@ def test_attention_random_shapes_fp32(Nq, Nk, group, d, causal, seed):
 # ---------------------------------------------------------------- the GPU script
 
 def _load_gpu_check():
-    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "gpu_check.py")
+    path = os.path.join(ROOT, "benchmarks", "gpu_check.py")
     spec = importlib.util.spec_from_file_location("gpu_check", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -259,7 +261,7 @@ def test_gpu_check_catches_broken_kernels():
     assert not r["ok"]
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="bf16 needs a GPU (wrong under the interpreter)")
+@pytest.mark.gpu  # bf16 is wrong under the interpreter
 def test_bf16_on_gpu():
     q, k, v, lc, qp, kp = _device_inputs(300, 3, 7, 2, B=2, H=4, Hkv=2, d=64, dtype=torch.bfloat16)
     _check(q, k, v, lc, qp, kp)
@@ -274,7 +276,7 @@ def test_kernels_compile_for_hopper(tmp_path):
                               "backends", "nvidia", "bin", "ptxas")
     if not os.path.exists(triton_bin):
         pytest.skip("this Triton install has no bundled ptxas")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = ROOT
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)  # really compile, no cached cubin
     code = ("import sys; sys.path.insert(0, 'benchmarks'); import gpu_check; "
