@@ -159,7 +159,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--averaging", choices=AVERAGING, default=DEFAULT_AVERAGING,
                    help="what the segment means average (docs/method.md, 'What is averaged'; "
                         "the same for post-LN BERT)")
-    p.add_argument("--backend", default="auto", help="prism kernel backend (auto, cpp, triton, reference)")
+    p.add_argument("--backend", default="auto", help="prism kernel backend (auto, cpp, triton, torch)")
     p.add_argument("--sentences", default=SENTENCES, help="text file, one sentence per line (default: shipped)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
