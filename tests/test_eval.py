@@ -194,12 +194,12 @@ def test_digits_split_is_disjoint():
 # ------------------------------------------------------------------ sweeps
 
 def test_sweep_cells_and_keys():
-    cells = sweep_cells((2, 3), (1, 2, 8), ("attention_input", "block_output"))
+    cells = sweep_cells((2, 3), (1, 2, 8), ("attention_input", "block_input"))
     assert cells[0] == Cell("exact")
     assert len(cells) == 1 + 2 * (1 + 2 * 2)
-    assert Cell("prism", 2, 8.0, "block_output").key == "prism|P=2|CR=8|avg=block_output"
-    post_ln = sweep_cells((2,), (1, 2, 8), ("attention_input", "block_output"), secondary_crs=(8,))
-    assert [c.key for c in post_ln if c.averaging == "block_output"] == ["prism|P=2|CR=8|avg=block_output"]
+    assert Cell("prism", 2, 8.0, "block_input").key == "prism|P=2|CR=8|avg=block_input"
+    post_ln = sweep_cells((2,), (1, 2, 8), ("attention_input", "block_input"), secondary_crs=(8,))
+    assert [c.key for c in post_ln if c.averaging == "block_input"] == ["prism|P=2|CR=8|avg=block_input"]
 
 
 def test_effective_cr():
@@ -220,12 +220,13 @@ def test_report_table_and_plot(tmp_path):
     s.put("exact|P=1|CR=-|avg=-", {"accuracy": 0.9, "macro_f1": 0.8, "cosine_mean": 1.0})
     s.put("voltage|P=2|CR=-|avg=-", {"accuracy": 0.9, "macro_f1": 0.8, "cosine_mean": 1.0, "effective_cr": 1.0})
     for cr, acc in ((2, 0.85), (8, 0.7)):
-        for avg in ("attention_input", "block_output"):
+        for avg in ("attention_input", "block_output"):     # result files keep the old name
             s.put(f"prism|P=2|CR={cr}|avg={avg}", {"accuracy": acc, "macro_f1": acc, "cosine_mean": 0.9,
                                                   "effective_cr": float(cr)})
     table = markdown_table(s.meta, s.cells())
     assert table.splitlines()[2].startswith("| exact | 1 |")
     assert "| 90.00 |" in table and "-20.00" in table
+    assert "| block_input |" in table and "block_output" not in table
     md, png = write_report(s, tmp_path, "t")
     assert md.exists() and png is not None and png.stat().st_size > 1000
 
@@ -325,7 +326,7 @@ def test_finetune_with_prism_in_the_loop_tiny_bert():
                                                        tuned.encoder.layer[1].parameters()))
 
 
-@pytest.mark.parametrize("averaging", ["attention_input", "block_output"])
+@pytest.mark.parametrize("averaging", ["attention_input", "block_input"])
 def test_gradcheck_through_prism_enabled_bert_fp64(averaging):
     """End-to-end gradcheck (fp64, small shapes) of a Prism-enabled BERT layer:
     what the fine-tuning step differentiates."""

@@ -5,8 +5,8 @@
   pad token ids do not matter; the mask entry is registered;
 * one layer checked against an independent construction from python_ref
   (device_keys_values + duplicated_attention), for both averagings, causal
-  (GPT-2) and not (ViT);
-* block-output averaging: exact at CR=1 for every pre-LN family, equals the
+  (GPT-2) and not (ViT), also with uneven partitions (partition_weights);
+* block-input averaging: exact at CR=1 for every pre-LN family, equals the
   default on post-LN BERT, differs from it on pre-LN models;
 * one prism_attention call per layer (devices and heads batched);
 * attn_implementation="prism" at construction; clear errors.
@@ -67,7 +67,7 @@ def _ids(B=3, N=19, seed=1):
 # ---------------------------------------------------------------- padding
 
 @pytest.mark.parametrize("make,left", [(bert, False), (gpt2, True), (gpt2, False), (llama, True)])
-@pytest.mark.parametrize("averaging", ["attention_input", "block_output"])
+@pytest.mark.parametrize("averaging", ["attention_input", "block_input"])
 def test_padded_batch_equals_each_sequence_alone(make, left, averaging):
     """Under compression (P=3, CR=3) a padded sequence's real-token outputs equal its unpadded run."""
     model = make()
@@ -133,7 +133,7 @@ def test_sequence_shorter_than_partitions():
 # ---------------------------------------------------------------- independent one-layer reference
 
 def _reference_layer(x, norm, q_of, kv_of, out_proj, plan, averaging, scale, heads, head_dim):
-    """Attention output of every device from python_ref, the SPEC's construction."""
+    """Attention output of every device from python_ref (docs/method.md, "Scaling-aware attention", Eq. 11)."""
     B, N, _ = x.shape
     rows = []
     for i in range(len(plan.sizes)):
@@ -158,7 +158,7 @@ def _capture(module):
     return store, h
 
 
-@pytest.mark.parametrize("averaging", ["attention_input", "block_output"])
+@pytest.mark.parametrize("averaging", ["attention_input", "block_input"])
 def test_gpt2_layer_against_python_ref(averaging):
     model = gpt2()
     ids = _ids(2, 17)
@@ -176,7 +176,7 @@ def test_gpt2_layer_against_python_ref(averaging):
     assert torch.allclose(store["out"], ref, atol=1e-5 * ref.abs().max())
 
 
-@pytest.mark.parametrize("averaging", ["attention_input", "block_output"])
+@pytest.mark.parametrize("averaging", ["attention_input", "block_input"])
 def test_vit_layer_against_python_ref(averaging):
     model = vit()
     px = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
@@ -193,18 +193,94 @@ def test_vit_layer_against_python_ref(averaging):
     assert torch.allclose(store["out"], ref, atol=1e-5 * ref.abs().max())
 
 
-# ---------------------------------------------------------------- block-output averaging
+def _ref_plan(sizes, cr, causal):
+    """python_ref's plan for given partition sizes, built here (not by prism_kernels.plan)."""
+    from python_ref.layout import DeviceLayout, PrismPlan
+    from python_ref.partition import num_means, partition_offsets, segment_sizes
+    offs, ms = partition_offsets(sizes), [num_means(n, cr) for n in sizes]
+    devs = []
+    for i, (o, n) in enumerate(zip(offs, sizes)):
+        src = tuple(j for j in range(len(sizes)) if j != i and (not causal or j < i))
+        counts, kpos = [1] * n, list(range(o, o + n))
+        for j in src:
+            seg = segment_sizes(sizes[j], ms[j])
+            counts += seg
+            kpos += (torch.tensor(seg).cumsum(0) + offs[j] - 1).tolist()
+        devs.append(DeviceLayout(i, o, n, src, tuple(counts), tuple(kpos)))
+    return PrismPlan(sum(sizes), tuple(sizes), tuple(offs), tuple(ms), causal, tuple(devs))
+
+
+@pytest.mark.parametrize("averaging", ["attention_input", "block_input"])
+def test_uneven_partitions_against_python_ref(averaging):
+    """partition_weights (2, 1): 17 tokens split 11 + 6; the layer equals python_ref on that split."""
+    model = gpt2()
+    ids = _ids(2, 17)
+    blk = model.transformer.h[0]
+    D = 64
+    phf.enable_prism(model, num_partitions=2, compression_rate=2.5, averaging=averaging, partition_weights=(2, 1))
+    store, h = _capture(blk.attn)
+    with torch.no_grad():
+        hs = model(input_ids=ids, output_hidden_states=True).hidden_states[0]
+        ref = _reference_layer(hs, blk.ln_1, lambda a: blk.attn.c_attn(a)[..., :D],
+                               lambda a: blk.attn.c_attn(a)[..., D:].split(D, -1), blk.attn.c_proj,
+                               _ref_plan([11, 6], 2.5, True), averaging, blk.attn.scaling, 4, 16)
+    h.remove()
+    assert torch.allclose(store["out"], ref, atol=1e-5 * ref.abs().max())
+
+
+@pytest.mark.parametrize("make", [bert, gpt2])
+def test_uneven_partitions_exact_at_cr1(make):
+    model = make()
+    ids = _ids()
+    am = torch.ones_like(ids)
+    am[1, 11:] = 0
+    am[2, 2:] = 0
+    with torch.no_grad():
+        ref = _out(model, input_ids=ids, attention_mask=am)
+        phf.enable_prism(model, config=PrismConfig(num_partitions=2, compression_rate=1.0,
+                                                   partition_weights=(2, 1)))
+        out = _out(model, input_ids=ids, attention_mask=am)
+        phf.enable_prism(model, num_partitions=2, compression_rate=4.0, partition_weights=(2, 1))
+        comp = _out(model, input_ids=ids, attention_mask=am)
+    real = am.bool()
+    assert torch.allclose(out[real], ref[real], atol=1e-5 * ref.abs().max())
+    assert not torch.allclose(comp[real], ref[real], atol=1e-3)
+
+
+def test_layout_follows_the_padding_of_each_forward():
+    """The per-forward index layout is reused across layers, never across different paddings."""
+    model = bert()
+    ids = _ids()
+    phf.enable_prism(model, num_partitions=2, compression_rate=4.0)
+    with torch.inference_mode():
+        for cut in (9, 5, 9, 19):
+            am = torch.ones_like(ids)
+            am[1, cut:] = 0
+            got = _out(model, input_ids=ids, attention_mask=am)[1, :cut]
+            alone = _out(model, input_ids=ids[1:2, :cut])[0]
+            assert torch.allclose(got, alone, atol=2e-5 * alone.abs().max(), rtol=0), cut
+
+
+def test_no_python_ref_in_the_package_parts():
+    """The simulation, `prism demo` and `prism eval` read the plan, not the test oracle."""
+    from pathlib import Path
+    root = Path(phf.__file__).resolve().parent.parent
+    files = [*(root / "hf").glob("*.py"), root / "commands" / "demo.py", *(root / "eval").glob("*.py")]
+    assert files and not [f.name for f in files if "python_ref" in f.read_text()]
+
+
+# ---------------------------------------------------------------- block-input averaging
 
 @pytest.mark.parametrize("make", [vit, dinov2, gpt2, llama])
-def test_block_output_exact_at_cr1_and_differs_when_compressed(make):
+def test_block_input_exact_at_cr1_and_differs_when_compressed(make):
     model = make()
     inputs = (dict(pixel_values=torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3)))
               if make in (vit, dinov2) else dict(input_ids=_ids()))
     with torch.no_grad():
         ref = _out(model, **inputs)
-        phf.enable_prism(model, num_partitions=3, compression_rate=1.0, averaging="block_output")
+        phf.enable_prism(model, num_partitions=3, compression_rate=1.0, averaging="block_input")
         assert torch.allclose(_out(model, **inputs), ref, atol=1e-5 * ref.abs().max())
-        phf.enable_prism(model, num_partitions=3, compression_rate=4.0, averaging="block_output")
+        phf.enable_prism(model, num_partitions=3, compression_rate=4.0, averaging="block_input")
         blk = _out(model, **inputs)
         phf.enable_prism(model, num_partitions=3, compression_rate=4.0)
         att = _out(model, **inputs)
@@ -215,11 +291,11 @@ def test_block_output_exact_at_cr1_and_differs_when_compressed(make):
     assert (blk - ref).abs().max() > 1e-3 * scale
 
 
-def test_block_output_equals_attention_input_on_post_ln_bert():
+def test_block_input_equals_attention_input_on_post_ln_bert():
     model = bert()
     ids = _ids()
     with torch.no_grad():
-        phf.enable_prism(model, num_partitions=3, compression_rate=4.0, averaging="block_output")
+        phf.enable_prism(model, num_partitions=3, compression_rate=4.0, averaging="block_input")
         a = _out(model, input_ids=ids)
         phf.enable_prism(model, num_partitions=3, compression_rate=4.0)
         b = _out(model, input_ids=ids)
@@ -296,7 +372,7 @@ def test_errors():
 
 # ---------------------------------------------------------------- gradients (fine-tuning with Prism in the loop)
 
-@pytest.mark.parametrize("averaging", ["attention_input", "block_output"])
+@pytest.mark.parametrize("averaging", ["attention_input", "block_input"])
 def test_gradients_flow_through_the_means(averaging):
     """At CR=1 (P=3) every parameter gradient equals the stock model's; means must not cut the graph."""
     torch.manual_seed(0)

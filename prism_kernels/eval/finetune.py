@@ -34,9 +34,9 @@ FINETUNE_TASKS = {
     # probe refit only (layers = 0): 1,000 messages of many lengths make ~250 small batches
     # per epoch, too slow for layer fine-tuning on 2 shared cores
     "finetune-minilm-spam": ("minilm-spam", 3, 64.0, "attention_input", 0, 0),
-    # the paper's ViT fine-tuning setting: P = 3, CR = 6.55, block-output means
-    "finetune-dinov2-fashion": ("dinov2-fashion", 3, 6.55, "block_output", 2, 2),
-    "finetune-dinov2-digits": ("dinov2-digits", 3, 6.55, "block_output", 2, 2),
+    # the paper's ViT fine-tuning setting: P = 3, CR = 6.55, means of the block input
+    "finetune-dinov2-fashion": ("dinov2-fashion", 3, 6.55, "block_input", 2, 2),
+    "finetune-dinov2-digits": ("dinov2-digits", 3, 6.55, "block_input", 2, 2),
 }
 
 

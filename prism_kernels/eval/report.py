@@ -11,6 +11,10 @@ METRIC_LABELS = {
 }
 
 
+# result files written before the rename of the paper's averaging keep "block_output"
+OLD_NAMES = {"block_output": "block_input"}
+
+
 def _fmt(v, metric):
     if v is None:
         return ""
@@ -31,7 +35,7 @@ def _parse(key: str) -> dict:
         out[k] = v
     out["P"] = int(out["P"])
     out["CR"] = None if out["CR"] == "-" else float(out["CR"])
-    out["avg"] = None if out["avg"] == "-" else out["avg"]
+    out["avg"] = None if out["avg"] == "-" else OLD_NAMES.get(out["avg"], out["avg"])
     return out
 
 
@@ -107,13 +111,13 @@ def plot(meta: dict, cells: dict, path: Path, title: str) -> Path:
     rs = rows(cells)
     exact = cells.get("exact|P=1|CR=-|avg=-")
     fig, axes = plt.subplots(1, len(ms), figsize=(5.2 * len(ms), 3.8))
-    styles = {"block_output": "-", "attention_input": "--"}
+    styles = {"block_input": "-", "attention_input": "--"}
     colors = {2: "tab:blue", 3: "tab:orange", 4: "tab:green"}
     for ax, m in zip(axes, ms):
         scale = 100 if m in ("accuracy", "macro_f1", "next_word_accuracy") else 1
         for p in sorted({r["P"] for r in rs if r["method"] != "exact"}):
             volt = [r for r in rs if r["method"] == "voltage" and r["P"] == p]
-            for avg in ("block_output", "attention_input"):
+            for avg in ("block_input", "attention_input"):
                 pts = [(1.0, volt[0]["res"][m])] if volt else []
                 pts += [(r["CR"], r["res"][m]) for r in rs
                         if r["method"] == "prism" and r["P"] == p and r["avg"] == avg]

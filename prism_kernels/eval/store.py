@@ -7,11 +7,6 @@ import os
 from pathlib import Path
 
 
-def cell_key(**fields) -> str:
-    """A stable key: 'averaging=block_output|cr=8|method=prism|p=2'."""
-    return "|".join(f"{k}={fields[k]}" for k in sorted(fields))
-
-
 class ResultStore:
     def __init__(self, path):
         self.path = Path(path)

@@ -6,7 +6,8 @@ linear probe on them, and then evaluates *cells*: one method (exact = the stock
 model, P = 1; voltage = P devices exchanging full hidden states; prism = P devices
 exchanging segment means at compression rate CR, with one of the two averaging
 variants) on the fixed test split. Voltage is run as Prism with one mean per
-token (m_j = n_j), which is exactly Voltage's attention (SPEC sec. 8).
+token (m_j = n_j), which is exactly Voltage's attention (docs/method.md, "Voltage, the
+baseline").
 
 The test split is never used to fit anything. Text is run with batch 1 (no
 padding: the sequence is split into partitions exactly as a device would);
@@ -30,10 +31,9 @@ from . import models as Mo
 from .paths import cache_dir
 from .probe import LinearProbe
 
-PAPER_CRS = (6.55, 9.9, 10.0, 85.0)  # ViT P=3 / P=2, GPT-2, BERT (paper tables)
 DEFAULT_CRS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
 POST_LN_SECONDARY_CRS = (8.0, 64.0)
-AVERAGINGS = ("attention_input", "block_output")
+AVERAGINGS = ("attention_input", "block_input")
 
 
 @dataclass(frozen=True)
@@ -87,18 +87,14 @@ def prism_mode(model, cell: Cell):
 
 
 def effective_cr(n_tokens: int, p: int, cr: float, causal: bool = False) -> float:
-    """Voltage PDPLC / Prism PDPLC for one sequence, averaged over devices
-    (SPEC sec. 9). Causal: device i only needs the means of partitions j < i."""
-    from python_ref.partition import num_means, partition_sizes
+    """Tokens Voltage receives / tokens Prism receives per device per layer for one
+    sequence, averaged over the devices that receive anything (docs/method.md, "Costs"),
+    read from the segment plan the simulation uses. Causal: device i receives only
+    the means of partitions j < i."""
+    from ..config import PrismConfig
 
-    sizes = partition_sizes(n_tokens, p)
-    means = [num_means(n, cr) for n in sizes]
-    ratios = []
-    for i in range(p):
-        others = [j for j in range(p) if j != i and (not causal or j < i)]
-        if not others:
-            continue
-        ratios.append(sum(sizes[j] for j in others) / sum(means[j] for j in others))
+    plan = PrismConfig(num_partitions=p, compression_rate=cr).plan(n_tokens, causal)
+    ratios = [sum(plan.sizes[j] for j in d.sources) / d.tokens_received for d in plan.devices if d.sources]
     return float(np.mean(ratios))
 
 

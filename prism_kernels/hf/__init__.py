@@ -9,16 +9,15 @@ Importing this module registers attn_implementation="prism" (AttentionInterface
 and AttentionMaskInterface); a model built with it reads its settings from
 `config.prism` (a PrismConfig or its dict). See docs/huggingface.md.
 
-Modules: config (PrismConfig), attention (the simulation; `assemble_device_kv`
-is the seam shared with the distributed runtime), masks (padding), patch
-(enable/disable), block_output (the paper's averaging for pre-LN models),
-accounting (per-device tokens, bytes and FLOPs of a real forward).
+Modules: attention (the simulation, one segment plan per sequence length from
+PrismConfig.plan), averaging (what the means are taken of), masks (padding),
+patch (enable/disable), accounting (per-device tokens, bytes and FLOPs of a
+real forward). PrismConfig is prism_kernels.config.PrismConfig.
 """
+from ..config import PrismConfig
 from .attention import assemble_device_kv, prism_attention_forward, simulate_prism
-from .config import PrismConfig
 from .masks import prism_mask
-from .patch import disable_prism, enable_prism, prism_config_of
-from .registry import register
+from .patch import disable_prism, enable_prism, prism_config_of, register
 
 register()
 

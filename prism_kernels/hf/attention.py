@@ -1,51 +1,51 @@
 """Prism attention for Hugging Face models: P devices simulated in one process.
 
 transformers calls `prism_attention_forward(module, query, key, value,
-attention_mask, scaling=..., ...)` with the projections of the *whole*
-sequence (query [B, H, N, d], key/value [B, Hkv, N, d], rotary already applied
-for Llama). `simulate_prism` turns that into what P devices would compute:
+attention_mask, scaling=..., ...)` with the projections of the *whole* batch
+(query [B, H, N, d], key/value [B, Hkv, N, d], rotary already applied).
+`simulate_prism` turns that into what P devices would compute
+(docs/method.md, "Partitions", "Segment means", "Scaling-aware attention",
+"Causal mask"):
 
-  1. each sequence's real tokens are split into P contiguous partitions
-     (python_ref.plan_layout, SPEC sec. 3);
-  2. per partition j, the segment means of its keys and values (one
-     prism_kernels.segment_means call over all rows and heads) with their
-     counts and positions (a mean sits at its segment's last token);
-  3. per device i, K~_i / V~_i = [own rows ; other partitions' means]
-     (`assemble_device_kv`); in causal mode only earlier partitions' means;
-  4. all devices of all sequences are stacked into the batch dimension and
-     run in ONE prism_kernels.prism_attention call (scaling-aware softmax,
+  1. sequences of one real length form a group with one segment plan,
+     `PrismConfig.plan(L, causal)`;
+  2. per group and partition, the averaging strategy attached by enable_prism
+     (hf/averaging.py) gives the K/V segment means (`plan.partition_means`);
+  3. every device of every sequence becomes one row of a stacked batch: its own
+     tokens as queries, keys/values = own rows followed by the means of the
+     partitions it receives from (in causal models only earlier ones), with the
+     plan's counts and positions;
+  4. ONE prism_kernels.prism_attention call per layer (scaling-aware softmax,
      partition-aware causal mask by global positions);
   5. each device's query rows are written back to their tokens.
 
-Padding (SPEC does not cover it; this is the choice made here): a padded
-token is not a token. Each sequence's real tokens are compacted (order kept)
-and partitioned on their own, so a padded batch gives every sequence exactly
-what it would get alone. Pads never enter a mean, never serve as keys, and
-their output rows are zeros. Sequences of equal real length share one plan;
-a sequence with fewer real tokens than P runs on as many devices as it has
-tokens. Devices with fewer keys than the longest are padded with count-1
-keys made invisible through positions (prism_attention has no mask argument:
-with causal=True a key at position BIG+1 is seen by no query; non-causal
-models use q_pos = BIG for every query and k_pos = 0 for every real key).
+The index tensors of steps 3 and 5 depend only on the padding mask, the shape
+and the settings, so they are built once per forward (`Layout`, reused by the
+next layers while those stay the same) and every layer does a fixed number of
+index_select calls, whatever the padding.
 
-The seam for the distributed runtime (prism_kernels/distributed/): a real
-device holds its local K/V and receives (k_means, v_means, counts, positions)
-from the others; `assemble_device_kv` is the per-device assembly both share,
-and the device then calls prism_kernels.prism_attention exactly as here.
+Padding (the method does not cover it; this is the choice made here): a padded
+token is not a token. Each sequence's real tokens (order kept) are partitioned
+on their own, so a padded batch gives every sequence exactly what it would get
+alone. Pads never enter a mean, never serve as keys, and their output rows are
+zeros. A sequence with fewer real tokens than P runs on as many devices as it
+has tokens. Devices with fewer queries or keys than the longest get padding
+slots made invisible through positions (prism_attention has no mask argument:
+with causal=True a key at position BIG+1 is seen by no query and a query at -1
+sees nothing; non-causal models then use q_pos = BIG for every real query and
+k_pos = 0 for every real key).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-import python_ref
-from python_ref.layout import plan_layout
-from python_ref.partition import partition_sizes, segment_sizes
-
-from ..api import prism_attention, segment_means
-from .config import PrismConfig
+from ..api import prism_attention
+from ..config import PrismConfig
+from ..plan import Partition, PrismPlan
+from .averaging import ATTENTION_INPUT
 from .masks import key_valid_from_mask
 
 BIG = 1 << 40  # a position beyond any real token
@@ -55,13 +55,11 @@ Received = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 def assemble_device_kv(local_k: torch.Tensor, local_v: torch.Tensor, local_positions: torch.Tensor,
                        received: Sequence[Received]):
-    """K~_i, V~_i of one device (SPEC sec. 5, Eq. 6-7): own rows then received means.
+    """K~_i, V~_i of one device (Eq. 6-7): own rows, then received means (any order, Eq. 5).
 
-    local_k, local_v: [B, Hkv, n_i, d]; local_positions: [n_i] int64 global
-    positions of the device's tokens. received: (k_means [B, Hkv, m_j, d],
-    v_means, counts [m_j], positions [m_j]) per source partition; their order
-    does not matter (Eq. 5). Returns (k [B, Hkv, Nk, d], v, counts [Nk] int64,
-    positions [Nk] int64) with Nk = n_i + sum m_j, ready for prism_attention.
+    local_k, local_v: [B, Hkv, n_i, d]; local_positions: [n_i] global positions;
+    received: (k_means [B, Hkv, m_j, d], v_means, counts [m_j], positions [m_j]) per
+    source. Returns (k, v, counts [Nk] int64, positions [Nk] int64), Nk = n_i + sum m_j.
     """
     ks, vs = [local_k], [local_v]
     counts = [torch.ones(local_k.shape[2], dtype=torch.int64, device=local_k.device)]
@@ -74,185 +72,201 @@ def assemble_device_kv(local_k: torch.Tensor, local_v: torch.Tensor, local_posit
     return torch.cat(ks, 2), torch.cat(vs, 2), torch.cat(counts), torch.cat(positions)
 
 
-def differentiable_segment_means(x: torch.Tensor, m: int, backend: str):
-    """prism_kernels.segment_means, or the pure-PyTorch reference when a gradient is needed.
-
-    The prism::segment_means op has no autograd kernel (its backward would be
-    silently dropped); the reference is the same computation in plain torch ops.
-    """
-    if torch.is_grad_enabled() and x.requires_grad:
-        return python_ref.segment_means(x, m)
-    return segment_means(x, m, backend=backend)
-
-
-def mean_positions(offset: int, sizes: Sequence[int], device=None) -> torch.Tensor:
-    """Global position of each segment mean: its segment's last token."""
-    return torch.tensor(sizes, dtype=torch.int64, device=device).cumsum(0) + (offset - 1)
-
-
-class Compaction:
-    """Batch rows sorted by real length (longest first), each row's real tokens first, in order.
-
-    Groups of equal length are then contiguous row ranges, so every group's
-    tensors are views; tensors are gathered once per layer (cached by identity).
-    """
-
-    def __init__(self, key_valid: Optional[torch.Tensor], B: int, N: int, device):
-        self.identity = key_valid is None
-        if self.identity:
-            self.perm = torch.arange(B, device=device)
-            self.tokens = torch.arange(N, device=device).expand(B, N)
-            self.lengths = [N] * B
-        else:
-            lengths = key_valid.sum(-1)
-            self.perm = torch.sort(lengths, descending=True, stable=True).indices
-            # a stable sort of the pad flags puts each row's real tokens first, in their order
-            order = torch.sort((~key_valid).to(torch.int8), dim=-1, stable=True).indices
-            self.tokens = order.index_select(0, self.perm)
-            self.lengths = lengths.index_select(0, self.perm).tolist()
-        self._cache = {}
-
-    def compact(self, t: torch.Tensor, dim: int) -> torch.Tensor:
-        """t with rows permuted and, along `dim`, real tokens first."""
-        if self.identity:
-            return t
-        key = (id(t), dim)
-        if key not in self._cache:
-            t2 = t.index_select(0, self.perm)
-            shape = [1] * t2.dim()
-            shape[0], shape[dim] = self.tokens.shape
-            sizes = [t2.shape[k] if k not in (0, dim) else -1 for k in range(t2.dim())]
-            self._cache[key] = (t, t2.gather(dim, self.tokens.reshape(shape).expand(*sizes)))
-        return self._cache[key][1]
-
-    def groups(self) -> List["Group"]:
-        out, r0 = [], 0
-        B = len(self.lengths)
-        while r0 < B:
-            L = self.lengths[r0]
-            r1 = r0
-            while r1 < B and self.lengths[r1] == L:
-                r1 += 1
-            if L > 0:          # an all-padding row has nothing to compute: its output stays zero
-                out.append(Group(self, r0, r1, L))
-            r0 = r1
-        return out
-
-    def restore(self, compact_out: torch.Tensor) -> torch.Tensor:
-        """[B, N, ...] in compacted coordinates -> original rows and token positions."""
-        if self.identity:
-            return compact_out
-        result = torch.zeros_like(compact_out)
-        result[self.perm[:, None], self.tokens] = compact_out
-        return result
-
-
 @dataclass
 class Group:
-    """Sequences of one real length L (rows r0:r1 of the compaction): one partition plan."""
-    compaction: Compaction
-    r0: int
-    r1: int
+    """Sequences of one real length L and their plan.
+
+    tokens [Bg, L]: flat indices b * N + t of each row's real tokens, in order.
+    span (b0, b1, s): set when the group is rows b0:b1 with real tokens s:s+L, so
+    its tensors are views (same-length batches, one-row groups of right or left
+    padding). bank: partition j -> its first row in the layer's stack of means
+    (groups in order, then partitions).
+    """
+    rows: torch.Tensor
     L: int
+    tokens: torch.Tensor
+    span: Optional[Tuple[int, int, int]]
+    plan: PrismPlan
+    bank: Dict[int, int]
 
     @property
     def size(self) -> int:
-        return self.r1 - self.r0
+        return self.tokens.shape[0]
+
+    def sent(self) -> List[Partition]:
+        """Partitions whose means some device receives, in bank order."""
+        return [self.plan.partitions[j] for j in self.bank]
+
+    def take(self, x: torch.Tensor, part: Partition) -> torch.Tensor:
+        """The partition's rows of x [B, N, F] (local order): [Bg, n_j, F]."""
+        o, n = part.offset, part.size
+        if self.span is not None:
+            b0, b1, s = self.span
+            return x[b0:b1, s + o:s + o + n]
+        idx = self.tokens[:, o:o + n].reshape(-1)
+        return x.reshape(-1, x.shape[-1]).index_select(0, idx).view(self.size, n, x.shape[-1])
+
+
+@dataclass
+class Layout:
+    """Index tensors of one forward: the stacked batch of devices (rows) and slots."""
+    B: int
+    N: int
+    groups: List[Group]
+    q_index: torch.Tensor            # [R * nq] flat token of each query slot (pads: 0)
+    kv_index: torch.Tensor           # [R * nk] row of [tokens ; means bank] of each key slot
+    counts: torch.Tensor             # [R, nk]
+    q_pos: Optional[torch.Tensor]    # [R, nq] or None when no slot is padding and not causal
+    k_pos: Optional[torch.Tensor]
+    out_src: torch.Tensor            # query slots holding real tokens
+    out_dst: torch.Tensor            # their flat tokens
+    inverse: Optional[torch.Tensor]  # slot of every token when all tokens are real, else None
 
     @property
-    def rows(self) -> torch.Tensor:
-        """Original batch rows of the group."""
-        return self.compaction.perm[self.r0:self.r1]
+    def rows(self) -> int:
+        return self.counts.shape[0]
 
-    def take(self, t: torch.Tensor, dim: int) -> torch.Tensor:
-        """This group's rows of t, real tokens only along `dim` (a view of the compaction)."""
-        return self.compaction.compact(t, dim)[self.r0:self.r1].narrow(dim, 0, self.L)
+    def restore(self, out: torch.Tensor) -> torch.Tensor:
+        """[R * nq, ...] per slot -> [B * N, ...] per token, zeros for pads."""
+        if self.inverse is not None:
+            return out.index_select(0, self.inverse)
+        res = out.new_zeros((self.B * self.N,) + tuple(out.shape[1:]))
+        return res.index_copy_(0, self.out_dst, out.index_select(0, self.out_src))
 
 
-MeansFn = Callable[["Group", int, int, int], Tuple[torch.Tensor, torch.Tensor]]
-"""(group, offset_j, n_j, m_j) -> (k_means, v_means) [Bg, Hkv, m_j, d]; block-output variant."""
+def _groups(key_valid, B, N, config, causal, device) -> List[Group]:
+    if key_valid is None:
+        spec = [(torch.arange(B), torch.arange(N).expand(B, N))]
+    else:
+        kv = key_valid.to("cpu", torch.bool)
+        lengths = kv.sum(-1)
+        spec = []
+        for L in sorted(set(lengths.tolist()), reverse=True):
+            if L == 0:        # an all-padding row has nothing to compute: its output stays zero
+                continue
+            rows = (lengths == L).nonzero().flatten()
+            spec.append((rows, kv[rows].nonzero()[:, 1].view(len(rows), L)))
+    groups, acc = [], 0
+    for rows, tok in spec:
+        Bg, L = tok.shape
+        span = None
+        if (int(rows[-1]) - int(rows[0]) + 1 == Bg and int(tok[0, -1]) - int(tok[0, 0]) + 1 == L
+                and bool((tok == tok[0]).all())):
+            span = (int(rows[0]), int(rows[-1]) + 1, int(tok[0, 0]))
+        plan = config.plan(L, causal)
+        bank = {}
+        for j in sorted({s for d in plan.devices for s in d.sources}):
+            bank[j] = acc
+            acc += Bg * plan.partitions[j].num_segments
+        groups.append(Group(rows, L, (rows[:, None] * N + tok).to(device), span, plan, bank))
+    return groups
+
+
+def build_layout(key_valid: Optional[torch.Tensor], B: int, N: int, config: PrismConfig,
+                 causal: bool, device) -> Layout:
+    groups = _groups(key_valid, B, N, config, causal, device)
+    devs = [(g, d) for g in groups for d in g.plan.devices]
+    nq = max((d.size for _, d in devs), default=1)
+    nk = max((d.num_keys for _, d in devs), default=1)
+    ragged = any(d.size != nq or d.num_keys != nk for _, d in devs)
+    use_pos = causal or ragged
+    R = sum(g.size for g, _ in devs)
+    i64 = dict(dtype=torch.int64, device=device)
+    q_index, kv_index = torch.zeros(R, nq, **i64), torch.zeros(R, nk, **i64)
+    counts = torch.ones(R, nk, **i64)
+    q_pos, k_pos = torch.full((R, nq), -1, **i64), torch.full((R, nk), BIG + 1, **i64)
+    src, dst = [], []
+    bank0 = B * N                       # the means bank follows the B * N token rows
+    r0 = 0
+    for g, d in devs:
+        r1 = r0 + g.size
+        own = g.tokens[:, d.offset:d.offset + d.size]
+        q_index[r0:r1, :d.size] = own
+        kv_index[r0:r1, :d.size] = own
+        col = d.size
+        for j in d.sources:
+            m = g.plan.partitions[j].num_segments
+            first = bank0 + g.bank[j]
+            kv_index[r0:r1, col:col + m] = (first + torch.arange(g.size, **i64)[:, None] * m
+                                            + torch.arange(m, **i64))
+            col += m
+        counts[r0:r1, :d.num_keys] = torch.tensor(d.counts, **i64)
+        q_pos[r0:r1, :d.size] = torch.tensor(d.query_positions, **i64) if causal else BIG
+        k_pos[r0:r1, :d.num_keys] = torch.tensor(d.key_positions, **i64) if causal else 0
+        src.append((torch.arange(r0, r1, **i64)[:, None] * nq + torch.arange(d.size, **i64)).reshape(-1))
+        dst.append(own.reshape(-1))
+        r0 = r1
+    src = torch.cat(src) if src else torch.zeros(0, **i64)
+    dst = torch.cat(dst) if dst else torch.zeros(0, **i64)
+    inverse = None
+    if key_valid is None:
+        inverse = torch.empty_like(dst)
+        inverse[dst] = src
+    return Layout(B, N, groups, q_index.reshape(-1), kv_index.reshape(-1), counts,
+                  q_pos if use_pos else None, k_pos if use_pos else None, src, dst, inverse)
+
+
+_last_layout: list = [None]   # (signature, key_valid, Layout) of the last layer: one forward's layout
+
+
+def layout_for(key_valid, B, N, config, causal, device) -> Layout:
+    """build_layout, cached while the shape, settings and padding stay the same (every
+    layer of a forward; comparing the [B, N] padding masks costs next to nothing)."""
+    sig = (B, N, config, causal, str(device))
+    last = _last_layout[0]
+    if (last is not None and last[0] == sig and (last[1] is None) == (key_valid is None)
+            and (key_valid is None or torch.equal(last[1], key_valid))):
+        return last[2]
+    layout = build_layout(key_valid, B, N, config, causal, device)
+    _last_layout[0] = (sig, None if key_valid is None else key_valid.clone(), layout)
+    return layout
+
+
+@dataclass
+class LayerInputs:
+    """What an averaging strategy may read: the calling module, K and V as [B, N, Hkv * d]."""
+    module: object
+    key: torch.Tensor
+    value: torch.Tensor
+    backend: str
 
 
 def simulate_prism(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, config: PrismConfig,
                    causal: bool, scale: Optional[float] = None, key_valid: Optional[torch.Tensor] = None,
-                   means_fn: Optional[MeansFn] = None, plans: Optional[list] = None) -> torch.Tensor:
+                   averaging=None, module=None, layout: Optional[Layout] = None,
+                   plans: Optional[list] = None) -> torch.Tensor:
     """P simulated devices of one attention layer. Returns [B, N, H, d] (HF layout).
 
     query [B, H, N, d]; key, value [B, Hkv, N, d]; key_valid [B, N] bool or None.
-    means_fn replaces the segment means of the keys/values (block-output
-    variant). `plans`, when given a list, receives (group rows, PrismPlan) per
-    group, for accounting.
+    `averaging` (hf/averaging.py; default: means of K and V) gives each partition's
+    K/V means. `plans`, when given a list, receives (group rows, PrismPlan) per group.
     """
     B, H, N, d = query.shape
     Hkv = key.shape[1]
-    dev = query.device
-    backend = config.backend
-    comp = Compaction(key_valid, B, N, dev)
-
-    items = []   # (group, q, k, v, counts, q_pos, k_pos, offset)
-    for g in comp.groups():
-        q, k, v = g.take(query, 2), g.take(key, 2), g.take(value, 2)
-        P = min(config.num_partitions, g.L)
-        sizes = partition_sizes(g.L, P)
-        ms = [config.means_for(n) for n in sizes]
-        plan = plan_layout(g.L, P, ms, causal=causal)
-        if plans is not None:
-            plans.append((g.rows, plan))
-        blocks = {}
-        for j in sorted({s for dv in plan.devices for s in dv.sources}):
-            o, n, m = plan.offsets[j], plan.sizes[j], plan.means[j]
-            if means_fn is None:
-                km, counts = differentiable_segment_means(k[:, :, o:o + n], m, backend)
-                vm, _ = differentiable_segment_means(v[:, :, o:o + n], m, backend)
-            else:
-                km, vm = means_fn(g, o, n, m)
-                counts = torch.tensor(segment_sizes(n, m), dtype=torch.int64, device=dev)
-            blocks[j] = (km, vm, counts, mean_positions(o, segment_sizes(n, m), dev))
-        for dv in plan.devices:
-            o, n = dv.offset, dv.size
-            lpos = torch.arange(o, o + n, device=dev)
-            kt, vt, cnt, kpos = assemble_device_kv(k[:, :, o:o + n], v[:, :, o:o + n], lpos,
-                                                   [blocks[j] for j in dv.sources])
-            items.append((g, q[:, :, o:o + n], kt, vt, cnt, lpos, kpos, o))
-
-    if not items:
+    lay = layout or build_layout(key_valid, B, N, config, causal, query.device)
+    if plans is not None:
+        plans.extend((g.rows, g.plan) for g in lay.groups)
+    if not lay.groups:
         return query.new_zeros(B, N, H, d)
-
-    # stack every device of every sequence into the batch dimension
-    nq = max(it[1].shape[2] for it in items)
-    nk = max(it[2].shape[2] for it in items)
-    use_pos = causal or any(it[2].shape[2] != nk for it in items)
-    Btot = sum(it[0].size for it in items)
-    q_all = query.new_zeros(Btot, H, nq, d)
-    k_all = key.new_zeros(Btot, Hkv, nk, d)
-    v_all = value.new_zeros(Btot, Hkv, nk, d)
-    c_all = torch.ones(Btot, nk, dtype=torch.int64, device=dev)
-    if use_pos:
-        qp_all = torch.full((Btot, nq), -1, dtype=torch.int64, device=dev)       # padded query: sees nothing
-        kp_all = torch.full((Btot, nk), BIG + 1, dtype=torch.int64, device=dev)  # padded key: seen by none
-    b0 = 0
-    for g, q, k, v, cnt, qpos, kpos, _ in items:
-        b1, n, m = b0 + g.size, q.shape[2], k.shape[2]
-        q_all[b0:b1, :, :n] = q
-        k_all[b0:b1, :, :m] = k
-        v_all[b0:b1, :, :m] = v
-        c_all[b0:b1, :m] = cnt
-        if use_pos:
-            qp_all[b0:b1, :n] = qpos if causal else BIG
-            kp_all[b0:b1, :m] = kpos if causal else 0
-        b0 = b1
-    out = prism_attention(q_all, k_all, v_all, key_counts=c_all, causal=use_pos,
-                          q_pos=qp_all if use_pos else None, k_pos=kp_all if use_pos else None,
-                          scale=scale, backend=backend)
-
-    # back to tokens: compacted coordinates first, then one scatter to the original layout
-    res = query.new_zeros(B, N, H, d)
-    b0 = 0
-    for g, q, *_, o in items:
-        b1, n = b0 + g.size, q.shape[2]
-        res[g.r0:g.r1, o:o + n] = out[b0:b1, :, :n].transpose(1, 2)
-        b0 = b1
-    return comp.restore(res)
+    k3 = key.transpose(1, 2).reshape(B, N, Hkv * d)
+    v3 = value.transpose(1, 2).reshape(B, N, Hkv * d)
+    inputs = LayerInputs(module, k3, v3, config.backend)
+    # rows of [B * N tokens ; means bank], 2-D: index_select is much faster on 2-D than on [rows, H, d]
+    ks, vs = [k3.reshape(B * N, -1)], [v3.reshape(B * N, -1)]
+    for g in lay.groups:
+        for part in g.sent():
+            km, vm = (averaging or ATTENTION_INPUT).kv_means(inputs, g, part)
+            ks.append(km.reshape(-1, Hkv * d).to(key.dtype))
+            vs.append(vm.reshape(-1, Hkv * d).to(value.dtype))
+    R, nq, nk = lay.rows, lay.q_index.numel() // lay.rows, lay.counts.shape[1]
+    stack = lambda parts: (torch.cat(parts) if len(parts) > 1 else parts[0]).index_select(0, lay.kv_index)
+    q_all = query.transpose(1, 2).reshape(B * N, H * d).index_select(0, lay.q_index)
+    k_all, v_all = stack(ks), stack(vs)
+    heads = lambda t, n, h: t.view(R, n, h, d).transpose(1, 2)
+    out = prism_attention(heads(q_all, nq, H), heads(k_all, nk, Hkv), heads(v_all, nk, Hkv),
+                          key_counts=lay.counts, causal=lay.q_pos is not None, q_pos=lay.q_pos,
+                          k_pos=lay.k_pos, scale=scale, backend=config.backend)
+    return lay.restore(out.transpose(1, 2).reshape(R * nq, H * d)).view(B, N, H, d)
 
 
 def get_prism_config(module) -> PrismConfig:
@@ -281,12 +295,13 @@ def prism_attention_forward(module, query, key, value, attention_mask, dropout: 
             f"prism attention simulates one forward over the whole sequence (queries == keys); got "
             f"{Nq} queries and {Nk} keys (a KV cache during generation?). Run with use_cache=False.")
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
+    averaging = getattr(module, "_prism_averaging", None)
+    if averaging is None and config.averaging != "attention_input":
+        raise RuntimeError(f"averaging={config.averaging!r} needs the hooks installed by "
+                           "prism_kernels.hf.enable_prism")
     key_valid = key_valid_from_mask(attention_mask, B, Nk)
-    means_fn = None
-    if config.averaging == "block_output":
-        from .block_output import make_means_fn
-        means_fn = make_means_fn(module, key.shape[1], config.backend)
-    plans = getattr(module, "_prism_plans", None)
-    out = simulate_prism(query, key, value, config=config, causal=causal, scale=scaling,
-                         key_valid=key_valid, means_fn=means_fn, plans=plans)
+    layout = layout_for(key_valid, B, Nk, config, causal, query.device)
+    out = simulate_prism(query, key, value, config=config, causal=causal, scale=scaling, key_valid=key_valid,
+                         averaging=averaging, module=module, layout=layout,
+                         plans=getattr(module, "_prism_plans", None))
     return out, None

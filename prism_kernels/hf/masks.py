@@ -9,7 +9,7 @@ What it returns is deliberately small: None when no key is padding, else the
 boolean key-padding mask shaped [B, 1, 1, kv_length] (True = real token). It
 broadcasts like any HF 4-D mask, so model code that slices or moves masks keeps
 working. Causality is *not* encoded here: the Prism attention applies the
-partition-aware causal rule (SPEC sec. 7) itself from the module's `is_causal`,
+partition-aware causal rule (docs/method.md, "Causal mask") itself from the module's `is_causal`,
 so the mask only has to say which tokens exist.
 """
 from __future__ import annotations

@@ -1,19 +1,40 @@
 """enable_prism / disable_prism: switch a loaded model to simulated Prism and back.
 
-enable_prism sets attn_implementation "prism" on every config of the model
-(top level and sub-configs), attaches the PrismConfig to every module (the
-attention function reads it from the module it is called with), and for
-averaging="block_output" installs the hooks of prism_kernels.hf.block_output.
-Weights are not touched. disable_prism undoes exactly that: the previous
-attention implementation of each config, no extra attributes, no hooks.
+enable_prism sets attn_implementation "prism" on every config of the model (top
+level and sub-configs) and attaches the PrismConfig and the averaging strategy
+(hf/averaging.py; block_input installs forward hooks) to every module: the
+attention function reads both from the module it is called with. Weights are not
+touched. disable_prism undoes exactly that: the previous attention implementation
+of each config, no extra attributes, no hooks.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
-from . import block_output
-from .config import PrismConfig
-from .registry import register
+from ..config import PrismConfig
+from .averaging import make_averaging
+
+_registered = False
+
+
+def register() -> None:
+    """Register "prism" in transformers' AttentionInterface and AttentionMaskInterface.
+
+    Both are needed: without the mask entry transformers builds no padding mask for
+    an unknown implementation name and padded tokens would silently be attended to.
+    """
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    from .attention import prism_attention_forward
+    from .masks import prism_mask
+
+    AttentionInterface.register("prism", prism_attention_forward)
+    AttentionMaskInterface.register("prism", prism_mask)
+    _registered = True
 
 
 def _configs(model):
@@ -27,7 +48,8 @@ def _configs(model):
 
 def enable_prism(model, num_partitions: int = 2, *, compression_rate: Optional[float] = None,
                  num_means: Optional[int] = None, averaging: str = "attention_input",
-                 backend: str = "auto", config: Optional[PrismConfig] = None):
+                 backend: str = "auto", partition_weights: Optional[Sequence[float]] = None,
+                 config: Optional[PrismConfig] = None):
     """Run `model` as P simulated Prism devices. Returns the model (modified in place).
 
     Give compression_rate (CR >= 1, Eq. 16) or num_means (m per partition), or a
@@ -35,21 +57,20 @@ def enable_prism(model, num_partitions: int = 2, *, compression_rate: Optional[f
     """
     if config is None:
         config = PrismConfig(num_partitions=num_partitions, num_means=num_means,
-                             compression_rate=compression_rate, averaging=averaging, backend=backend)
+                             compression_rate=compression_rate, averaging=averaging, backend=backend,
+                             partition_weights=partition_weights)
     register()
     if getattr(model, "_prism_state", None) is not None:
         disable_prism(model)
-    handles, attns = ([], [])
-    if config.averaging == "block_output":
-        handles, attns = block_output.install(model)
+    strategy = make_averaging(config.averaging, model)
     configs = _configs(model)
-    state = {"attn": [(c, c._attn_implementation_internal) for c in configs],
-             "hooks": (handles, attns)}
+    model._prism_state = {"attn": [(c, c._attn_implementation_internal) for c in configs],
+                          "averaging": strategy}
     for c in configs:
         c._attn_implementation_internal = "prism"
     for m in model.modules():
         m._prism_config = config
-    model._prism_state = state
+        m._prism_averaging = strategy
     return model
 
 
@@ -60,10 +81,10 @@ def disable_prism(model):
         return model
     for c, impl in state["attn"]:
         c._attn_implementation_internal = impl
-    block_output.uninstall(*state["hooks"])
+    state["averaging"].remove()
     for m in model.modules():
-        if "_prism_config" in m.__dict__:
-            del m._prism_config
+        for name in ("_prism_config", "_prism_averaging"):
+            m.__dict__.pop(name, None)
     del model._prism_state
     return model
 
