@@ -40,6 +40,10 @@ VARIANT_FLAGS = {
 FAILED_MARKER = "BUILD_FAILED.txt"
 
 
+class EarlierBuildFailed(RuntimeError):
+    """The cache holds a failed build of this variant; not retried on import."""
+
+
 def skip_requested() -> bool:
     return os.environ.get("PRISM_SKIP_CPP") == "1"
 
@@ -136,8 +140,7 @@ def jit_build(variant: str, *, retry_failed: bool = False):
     marker = build_dir / FAILED_MARKER
     if marker.exists():
         if not retry_failed:
-            raise RuntimeError(f"an earlier build failed (see {marker}); "
-                               "run `python -m prism_kernels.build` to retry")
+            raise EarlierBuildFailed(f"an earlier build failed, see {marker}")
         marker.unlink()
     name = f"_C_{variant}"
     # torch skips the compile when the sources and flags are unchanged since the

@@ -39,9 +39,17 @@ def _compile(name: str) -> str:
     """Compile (or reuse from the cache) variant `name`; '' when that fails."""
     global _attempted, _error
     from . import _build
-    _attempted = True
     try:
+        _attempted = True
         _build.jit_build(name[len("_C_"):])
+    except _build.EarlierBuildFailed as e:
+        _attempted = False
+        _error = str(e)
+        warnings.warn(
+            f"prism_kernels: the C++ CPU kernels are not available ({_error}); CPU tensors use "
+            "the PyTorch fallback. `python -m prism_kernels.build` retries the build.",
+            RuntimeWarning, stacklevel=2)
+        return ""
     except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a compile error...
         _error = f"{type(e).__name__}: {e}".strip().splitlines()[0]
         warnings.warn(
