@@ -160,7 +160,7 @@ def jit_build(variant: str, *, retry_failed: bool = False):
         module = cpp_extension.load(
             name=name, sources=sources(), extra_cflags=cflags(variant), extra_ldflags=ldflags(),
             build_directory=str(build_dir), verbose=fresh)
-    except BaseException as e:
+    except Exception as e:  # not KeyboardInterrupt: an interrupted build is retried next time
         try:
             marker.write_text(f"{type(e).__name__}: {e}\n")
         except OSError:
