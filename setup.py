@@ -35,7 +35,11 @@ def _say(msg):
 
 
 def _imports_oracle(path):
-    for node in ast.walk(ast.parse(path.read_text())):
+    try:
+        tree = ast.parse(path.read_text())
+    except SyntaxError:
+        return False  # not ours to report here; importing it fails loudly anyway
+    for node in ast.walk(tree):
         names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                  else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
         if any(n == "python_ref" or n.startswith("python_ref.") for n in names):
@@ -86,8 +90,8 @@ def _extensions():
              "torch first and build with `pip install --no-build-isolation`")
         return [], {}
     variants = pb.requested_variants()
-    _say(f"C++ CPU kernels: variant(s) {', '.join(variants)} against torch {torch.__version__}; compiling "
-         f"(about a minute each on 2 cores; pip shows the compiler lines with -v)")
+    _say(f"C++ CPU kernels: variant(s) {', '.join(variants)} against torch {torch.__version__}, compiled "
+         f"by build_ext (about a minute each on 2 cores; pip shows the compiler lines with -v)")
     srcs = [str(pathlib.Path("csrc") / pathlib.Path(s).name) for s in pb.sources(ROOT / "csrc")]
     exts = [CppExtension(f"prism_kernels._C_{v}", srcs, extra_compile_args=pb.cflags(v),
                          extra_link_args=pb.ldflags())
