@@ -1,46 +1,109 @@
-"""Builds the C++ CPU kernels, once per CPU capability.
+"""Build script: the C++ CPU kernels are optional at build time.
 
-Each variant compiles the same csrc/ sources with different ISA flags into its
-own module (prism_kernels._C_default / _C_avx2 / _C_avx512); prism_kernels._cpp
-loads the widest the running CPU supports, so one build runs anywhere.
-Set PRISM_SKIP_CPP=1 to install without compiling (the reference then serves
-CPU tensors). Set PRISM_SANITIZE=1 for an ASan/UBSan build (see README).
+* torch importable in the build environment (`pip install --no-build-isolation`,
+  or `python setup.py ...` in a venv with torch): compile the kernels for this
+  CPU's widest ISA into prism_kernels._C_<variant>, against that torch.
+  PRISM_CPU_VARIANTS=all (or e.g. "default,avx2") builds several, for a wheel
+  that runs on any x86 CPU; prism_kernels/_cpp.py loads the widest one the CPU
+  supports.
+* torch not importable (the default isolated build of `pip install .`, `pip
+  wheel`, `python -m build`): no extension; the package compiles the kernels
+  on first import, into a cache (prism_kernels/_build.py), against whatever
+  torch is installed then. torch is deliberately not a build requirement: an
+  isolated build would download one, possibly a multi-GB CUDA build.
+
+PRISM_SKIP_CPP=1 builds no extension. PRISM_SANITIZE=1 compiles with ASan/UBSan.
+The flags live in prism_kernels/_build.py, shared with the compile on first use.
 """
-import glob
-import os
+import ast
+import importlib.util
+import pathlib
+import shutil
+import sys
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
-ext_modules, cmdclass = [], {}
-if os.environ.get("PRISM_SKIP_CPP") != "1":
-    from torch.utils.cpp_extension import BuildExtension, CppExtension
+ROOT = pathlib.Path(__file__).resolve().parent
+_spec = importlib.util.spec_from_file_location("_prism_build", ROOT / "prism_kernels" / "_build.py")
+pb = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(pb)
 
-    sources = sorted(glob.glob("csrc/*.cpp"))
-    base = ["-O3", "-fopenmp", "-std=c++20", "-fno-math-errno", "-Wno-unknown-pragmas"]
-    link = ["-fopenmp"]
-    if os.environ.get("PRISM_SANITIZE") == "1":
-        base = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-fopenmp", "-std=c++20"]
-        link += ["-fsanitize=address,undefined"]
-    # CPU_CAPABILITY_* is what at::vec keys its specialisations on.
-    variants = {
-        "default": ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"],
-        "avx2": ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"],
-        "avx512": ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw",
-                   "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
-    }
-    only = os.environ.get("PRISM_CPU_VARIANTS")  # e.g. "avx512" for a quick dev build
-    for name, flags in variants.items():
-        if only and name not in only.split(","):
-            continue
-        ext_modules.append(CppExtension(
-            f"prism_kernels._C_{name}", sources,
-            extra_compile_args=base + flags + [f"-DPRISM_EXT_NAME=_C_{name}"],
-            extra_link_args=link,
-        ))
-    cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+def _say(msg):
+    print(f"prism-kernels setup: {msg}", file=sys.stderr, flush=True)
+
+
+def _imports_oracle(path):
+    try:
+        tree = ast.parse(path.read_text())
+    except SyntaxError:
+        return False  # not ours to report here; importing it fails loudly anyway
+    for node in ast.walk(tree):
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                 else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+        if any(n == "python_ref" or n.startswith("python_ref.") for n in names):
+            return True
+    return False
+
+
+def _packages():
+    """prism_kernels only. python_ref is the tests' oracle and is not installed;
+    while a module of the package still imports it (tests/test_repository.py
+    flags those), it ships too, so that what installs also imports."""
+    pkgs = find_packages(include=["prism_kernels", "prism_kernels.*"])
+    users = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "prism_kernels").rglob("*.py")
+                   if _imports_oracle(p))
+    if users and (ROOT / "python_ref").is_dir():
+        _say(f"WARNING: installing python_ref too, because {len(users)} module(s) of the package "
+             f"import it ({', '.join(users[:3])}{', ...' if len(users) > 3 else ''})")
+        pkgs += find_packages(include=["python_ref", "python_ref.*"])
+    return pkgs
+
+
+class BuildPyWithSources(build_py):
+    """Also copies csrc/ into the package (prism_kernels/csrc/), so an installed
+    package can compile the kernels on first use. Editable installs read the
+    source tree's csrc/ instead."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        dest = pathlib.Path(self.build_lib) / "prism_kernels" / "csrc"
+        dest.mkdir(parents=True, exist_ok=True)
+        for src in sorted((ROOT / "csrc").glob("*")):
+            if src.suffix in (".cpp", ".h"):
+                shutil.copy2(src, dest / src.name)
+
+
+def _extensions():
+    if pb.skip_requested():
+        _say("PRISM_SKIP_CPP=1: not compiling the C++ kernels (CPU tensors use the PyTorch fallback)")
+        return [], {}
+    try:
+        import torch  # noqa: F401
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:
+        _say("torch is not importable in this build environment: the C++ kernels will compile "
+             "on first import (or run `python -m prism_kernels.build`); to compile now, install "
+             "torch first and build with `pip install --no-build-isolation`")
+        return [], {}
+    variants = pb.requested_variants()
+    _say(f"C++ CPU kernels: variant(s) {', '.join(variants)} against torch {torch.__version__}, compiled "
+         f"by build_ext (about a minute each on 2 cores; pip shows the compiler lines with -v)")
+    srcs = [str(pathlib.Path("csrc") / pathlib.Path(s).name) for s in pb.sources(ROOT / "csrc")]
+    exts = [CppExtension(f"prism_kernels._C_{v}", srcs, extra_compile_args=pb.cflags(v),
+                         extra_link_args=pb.ldflags())
+            for v in variants]
+    return exts, {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+cmdclass["build_py"] = BuildPyWithSources
 
 setup(
-    packages=find_packages(include=["prism_kernels", "prism_kernels.*", "python_ref", "python_ref.*"]),
+    packages=_packages(),
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
