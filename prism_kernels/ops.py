@@ -83,7 +83,17 @@ def selected_backend() -> str:
     return _selected.get()
 
 
-_CPP = _cpp.module()  # the C++ extension module, None when not built
+_UNSET = object()
+_CPP = _UNSET         # the C++ extension module (None when unavailable), loaded on first use
+
+
+def _ext():
+    """The C++ extension, loaded (or compiled into the cache) on the first CPU op call,
+    so that importing the package, e.g. for `prism --help`, never waits on a compiler."""
+    global _CPP
+    if _CPP is _UNSET:
+        _CPP = _cpp.module()
+    return _CPP
 _triton = None        # prism_kernels.triton_kernels once imported; False when unavailable
 
 
@@ -108,15 +118,15 @@ def resolve(backend: str, device: torch.device) -> str:
     cpu = device.type == "cpu"
     if backend == "auto":
         if cpu:
-            return "cpp" if _CPP is not None else "torch"
+            return "cpp" if _ext() is not None else "torch"
         return "triton" if device.type == "cuda" and _triton_kernels() else "torch"
     if backend == "cpp":
         if not cpu:
             raise ValueError(f"backend='cpp' needs CPU tensors, got tensors on {device}")
-        if _CPP is None:
+        if _ext() is None:
             raise RuntimeError(
-                "backend='cpp' needs the C++ extension, which is not built; "
-                "run `pip install --no-build-isolation -e .` (or use backend='auto')")
+                "backend='cpp' needs the C++ extension, which is not built; run "
+                "`python -m prism_kernels.build` to build it and see why it failed (or use backend='auto')")
     elif backend == "triton":
         if cpu and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(
@@ -150,7 +160,7 @@ def _attention_fake(q, k, v, log_counts, q_pos, k_pos, scale, backend=""):
 # ---------------------------------------------------------------- implementations
 
 def _segment_means_impl(x, num_segments, backend=""):
-    if _CPP is not None and not backend and x.device.type == "cpu" and _selected.get() == "auto":
+    if _ext() is not None and not backend and x.device.type == "cpu" and _selected.get() == "auto":
         return _CPP.segment_means(x, num_segments)  # the common case, kept short
     name = resolve(backend, x.device)
     if name == "cpp":
@@ -161,7 +171,7 @@ def _segment_means_impl(x, num_segments, backend=""):
 
 
 def _attention_impl(q, k, v, log_counts, q_pos, k_pos, scale, backend=""):
-    if _CPP is not None and not backend and q.device.type == "cpu" and _selected.get() == "auto":
+    if _ext() is not None and not backend and q.device.type == "cpu" and _selected.get() == "auto":
         return _CPP.attention(q, k, v, log_counts, q_pos, k_pos, scale)  # the common case
     name = resolve(backend, q.device)
     if name == "cpp":
