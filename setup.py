@@ -15,7 +15,6 @@
 PRISM_SKIP_CPP=1 builds no extension. PRISM_SANITIZE=1 compiles with ASan/UBSan.
 The flags live in prism_kernels/_build.py, shared with the compile on first use.
 """
-import ast
 import importlib.util
 import pathlib
 import shutil
@@ -32,33 +31,6 @@ _spec.loader.exec_module(pb)
 
 def _say(msg):
     print(f"prism-kernels setup: {msg}", file=sys.stderr, flush=True)
-
-
-def _imports_oracle(path):
-    try:
-        tree = ast.parse(path.read_text())
-    except SyntaxError:
-        return False  # not ours to report here; importing it fails loudly anyway
-    for node in ast.walk(tree):
-        names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                 else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
-        if any(n == "python_ref" or n.startswith("python_ref.") for n in names):
-            return True
-    return False
-
-
-def _packages():
-    """prism_kernels only. python_ref is the tests' oracle and is not installed;
-    while a module of the package still imports it (tests/test_repository.py
-    flags those), it ships too, so that what installs also imports."""
-    pkgs = find_packages(include=["prism_kernels", "prism_kernels.*"])
-    users = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "prism_kernels").rglob("*.py")
-                   if _imports_oracle(p))
-    if users and (ROOT / "python_ref").is_dir():
-        _say(f"WARNING: installing python_ref too, because {len(users)} module(s) of the package "
-             f"import it ({', '.join(users[:3])}{', ...' if len(users) > 3 else ''})")
-        pkgs += find_packages(include=["python_ref", "python_ref.*"])
-    return pkgs
 
 
 class BuildPyWithSources(build_py):
@@ -103,7 +75,8 @@ ext_modules, cmdclass = _extensions()
 cmdclass["build_py"] = BuildPyWithSources
 
 setup(
-    packages=_packages(),
+    # python_ref is the tests' oracle: never installed (tests import it from the repository root)
+    packages=find_packages(include=["prism_kernels", "prism_kernels.*"]),
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -1,4 +1,4 @@
-"""What each device sees (SPEC sec. 5, 7, 8; paper Eq. 6-7, 10, 17).
+"""What each device sees (docs/method.md; paper Eq. 6-7, 10, 17).
 
 For a sequence split into P contiguous partitions with m_j segment means each,
 device i gets

@@ -1,4 +1,4 @@
-"""Partitioning and segment sizes (SPEC sec. 3-4; paper Alg. 1, Alg. 2, Eq. 16).
+"""Partitioning and segment sizes (docs/method.md; paper Alg. 1, Alg. 2, Eq. 16).
 
 Plain Python on ints: these sizes decide which rows each device holds, so they
 are kept free of any tensor library and checked with clear messages.

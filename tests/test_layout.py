@@ -1,4 +1,4 @@
-"""Device layouts (SPEC sec. 5, 7): CR = 1 is exact, block order is irrelevant,
+"""Device layouts (docs/method.md, "Causal mask"): CR = 1 is exact, block order is irrelevant,
 and the partition-aware causal mask is the right one (paper Fig. 3)."""
 import pytest
 import torch

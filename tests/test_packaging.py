@@ -96,3 +96,11 @@ def test_built_package_carries_cpp_sources(tmp_path):
     spec.loader.exec_module(mod)
     assert mod.source_dir() == shipped
     assert [pathlib.Path(s).name for s in mod.sources()] == sorted(n for n in want if n.endswith(".cpp"))
+
+
+def test_the_oracle_is_not_packaged():
+    """python_ref is the tests' oracle: setup.py must not ship it (a generic top-level
+    name in site-packages), and nothing in the package may need it."""
+    text = (ROOT / "setup.py").read_text()
+    assert 'find_packages(include=["prism_kernels", "prism_kernels.*"])' in text
+    assert "python_ref" not in text.split("setup(", 1)[1].replace("# python_ref is the tests' oracle", "")
