@@ -19,7 +19,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 import prism_kernels.hf as phf
 import prism_kernels.hf.attention as hfatt
-from prism_kernels.hf import PrismConfig, assemble_device_kv
+from prism_kernels.hf import PrismConfig
 from python_ref import device_keys_values, device_tensors, duplicated_attention, local_rows, plan_layout
 
 H = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
@@ -326,15 +326,6 @@ def test_one_batched_attention_call_per_layer(monkeypatch):
         model(input_ids=ids, attention_mask=am)
     assert len(calls) == 2                                        # 2 layers
     assert calls[0][0] == 3 * 3 and calls[0][1] == 4              # 3 sequences x 3 devices, all heads
-
-
-def test_assemble_device_kv_seam():
-    k, v = torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
-    km, vm = torch.randn(2, 2, 3, 8), torch.randn(2, 2, 3, 8)
-    kt, vt, c, p = assemble_device_kv(k, v, torch.arange(4, 9),
-                                      [(km, vm, torch.tensor([2, 2, 1]), torch.tensor([1, 3, 4]))])
-    assert kt.shape == (2, 2, 8, 8) and torch.equal(kt[:, :, 5:], km) and torch.equal(vt[:, :, :5], v)
-    assert c.tolist() == [1] * 5 + [2, 2, 1] and p.tolist() == [4, 5, 6, 7, 8, 1, 3, 4]
 
 
 def test_attn_implementation_prism_at_construction():

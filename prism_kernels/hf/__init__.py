@@ -15,11 +15,11 @@ patch (enable/disable), accounting (per-device tokens, bytes and FLOPs of a
 real forward). PrismConfig is prism_kernels.config.PrismConfig.
 """
 from ..config import PrismConfig
-from .attention import assemble_device_kv, prism_attention_forward, simulate_prism
+from .attention import prism_attention_forward, simulate_prism
 from .masks import prism_mask
 from .patch import disable_prism, enable_prism, prism_config_of, register
 
 register()
 
 __all__ = ["PrismConfig", "enable_prism", "disable_prism", "prism_config_of", "register",
-           "prism_attention_forward", "prism_mask", "simulate_prism", "assemble_device_kv"]
+           "prism_attention_forward", "prism_mask", "simulate_prism"]

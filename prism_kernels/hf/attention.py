@@ -38,7 +38,7 @@ k_pos = 0 for every real key).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -49,28 +49,6 @@ from .averaging import ATTENTION_INPUT
 from .masks import key_valid_from_mask
 
 BIG = 1 << 40  # a position beyond any real token
-
-Received = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-
-
-def assemble_device_kv(local_k: torch.Tensor, local_v: torch.Tensor, local_positions: torch.Tensor,
-                       received: Sequence[Received]):
-    """K~_i, V~_i of one device (Eq. 6-7): own rows, then received means (any order, Eq. 5).
-
-    local_k, local_v: [B, Hkv, n_i, d]; local_positions: [n_i] global positions;
-    received: (k_means [B, Hkv, m_j, d], v_means, counts [m_j], positions [m_j]) per
-    source. Returns (k, v, counts [Nk] int64, positions [Nk] int64), Nk = n_i + sum m_j.
-    """
-    ks, vs = [local_k], [local_v]
-    counts = [torch.ones(local_k.shape[2], dtype=torch.int64, device=local_k.device)]
-    positions = [local_positions.to(torch.int64)]
-    for km, vm, c, p in received:
-        ks.append(km.to(local_k.dtype))
-        vs.append(vm.to(local_v.dtype))
-        counts.append(c.to(torch.int64))
-        positions.append(p.to(torch.int64))
-    return torch.cat(ks, 2), torch.cat(vs, 2), torch.cat(counts), torch.cat(positions)
-
 
 @dataclass
 class Group:

@@ -1,6 +1,6 @@
 """The table of supported Hugging Face model types (see table.py)."""
-from .table import (KINDS, MODEL_TYPES, SIZES, TABLE, Layer, ModelType, apply_rotary, build_config,
+from .table import (MODEL_TYPES, SIZES, TABLE, Layer, ModelType, apply_rotary, build_config,
                     build_model, lookup, rotate_half)
 
-__all__ = ["KINDS", "MODEL_TYPES", "SIZES", "TABLE", "Layer", "ModelType", "apply_rotary", "build_config",
+__all__ = ["MODEL_TYPES", "SIZES", "TABLE", "Layer", "ModelType", "apply_rotary", "build_config",
            "build_model", "lookup", "rotate_half"]

@@ -31,7 +31,6 @@ SIZES = {
     "small": dict(hidden=128, layers=4, heads=4, kv_heads=2, inter=512, vocab=1000, image=64, patch=16),
     "base": dict(hidden=768, layers=12, heads=12, kv_heads=4, inter=3072, vocab=30522, image=224, patch=16),
 }
-KINDS = ("encoder", "causal", "vision")
 
 
 def _get(obj, path: Optional[str]):
