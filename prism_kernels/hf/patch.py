@@ -6,6 +6,19 @@ level and sub-configs) and attaches the PrismConfig and the averaging strategy
 attention function reads both from the module it is called with. Weights are not
 touched. disable_prism undoes exactly that: the previous attention implementation
 of each config, no extra attributes, no hooks.
+
+enable_prism checks first, before touching the model: the settings (PrismConfig
+validates P, CR / m, averaging and backend), that the model is a transformers
+model, and that its config.model_type is one of prism_kernels.models.MODEL_TYPES,
+the types whose attention goes through transformers' AttentionInterface without
+extras Prism cannot simulate (T5's relative position bias, for instance) and that
+the tests cover. `allow_untested=True` skips the model-type check for another
+model whose attention uses the interface; it then fails, if at all, at the forward.
+
+It also installs a forward pre-hook on the model that refuses
+output_attentions=True (argument or config): the fused Prism kernel never
+materialises attention weights, and transformers would otherwise return empty
+attention tuples without a word.
 """
 from __future__ import annotations
 
@@ -46,26 +59,68 @@ def _configs(model):
     return out
 
 
+def supported_model_types():
+    """The model types enable_prism accepts without allow_untested (prism_kernels.models)."""
+    from ..models import MODEL_TYPES
+    return tuple(MODEL_TYPES)
+
+
+def check_supported(model, allow_untested: bool = False) -> None:
+    """Raise ValueError unless enable_prism can run `model` (see the module docstring)."""
+    types = ", ".join(supported_model_types())
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(cfg, "_attn_implementation_internal"):
+        raise ValueError(
+            f"enable_prism: {type(model).__module__}.{type(model).__qualname__} is not a transformers model "
+            f"(no .config with an attention implementation); Prism runs transformers models of the types: {types}")
+    mt = getattr(cfg, "model_type", None)
+    if mt not in supported_model_types() and not allow_untested:
+        raise ValueError(
+            f"enable_prism: model type {mt!r} ({type(model).__name__}) is not supported; supported model "
+            f"types: {types}. (Prism is simulated inside transformers' attention interface; models with "
+            f"extras such as T5's relative position bias cannot run. Pass allow_untested=True to try another "
+            f"model whose attention goes through the interface.)")
+
+
+OUTPUT_ATTENTIONS_MESSAGE = (
+    "output_attentions=True is not supported under Prism: the fused Prism attention kernel does not "
+    "materialise attention weights (transformers would return empty attentions). Call the model without "
+    "output_attentions, or disable_prism(model) first.")
+
+
+def _refuse_output_attentions(module, args, kwargs):
+    if kwargs.get("output_attentions", getattr(module.config, "output_attentions", False)):
+        raise ValueError(OUTPUT_ATTENTIONS_MESSAGE)
+    return None
+
+
 def enable_prism(model, num_partitions: int = 2, *, compression_rate: Optional[float] = None,
                  num_means: Optional[int] = None, averaging: str = "attention_input",
                  backend: str = "auto", partition_weights: Optional[Sequence[float]] = None,
-                 config: Optional[PrismConfig] = None):
+                 config: Optional[PrismConfig] = None, allow_untested: bool = False):
     """Run `model` as P simulated Prism devices. Returns the model (modified in place).
 
     Give compression_rate (CR >= 1, Eq. 16) or num_means (m per partition), or a
-    ready PrismConfig as `config`. Calling it again replaces the settings.
+    ready PrismConfig (or its dict) as `config`. Calling it again replaces the
+    settings. Raises ValueError at once for invalid settings (backend included) and
+    for a model whose config.model_type is not in prism_kernels.models.MODEL_TYPES
+    (unless allow_untested=True).
     """
     if config is None:
         config = PrismConfig(num_partitions=num_partitions, num_means=num_means,
                              compression_rate=compression_rate, averaging=averaging, backend=backend,
                              partition_weights=partition_weights)
+    else:
+        config = PrismConfig.from_any(config)
+    check_supported(model, allow_untested)
     register()
     if getattr(model, "_prism_state", None) is not None:
         disable_prism(model)
     strategy = make_averaging(config.averaging, model)
     configs = _configs(model)
+    hook = model.register_forward_pre_hook(_refuse_output_attentions, with_kwargs=True)
     model._prism_state = {"attn": [(c, c._attn_implementation_internal) for c in configs],
-                          "averaging": strategy}
+                          "averaging": strategy, "hook": hook}
     for c in configs:
         c._attn_implementation_internal = "prism"
     for m in model.modules():
@@ -82,6 +137,7 @@ def disable_prism(model):
     for c, impl in state["attn"]:
         c._attn_implementation_internal = impl
     state["averaging"].remove()
+    state["hook"].remove()
     for m in model.modules():
         for name in ("_prism_config", "_prism_averaging"):
             m.__dict__.pop(name, None)
@@ -90,5 +146,15 @@ def disable_prism(model):
 
 
 def prism_config_of(model) -> Optional[PrismConfig]:
+    """The PrismConfig `model` runs with, or None when it does not run Prism.
+
+    Set by enable_prism (or prism_kernels.hf.from_pretrained), or, for a model built
+    with attn_implementation="prism", its config.prism (a PrismConfig or its dict).
+    """
     state = getattr(model, "_prism_state", None)
-    return None if state is None else model._prism_config
+    if state is not None:
+        return model._prism_config
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "_attn_implementation_internal", None) == "prism" and getattr(cfg, "prism", None) is not None:
+        return PrismConfig.from_any(cfg.prism)
+    return None
