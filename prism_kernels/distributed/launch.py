@@ -74,12 +74,138 @@ def load_model(args):
     return entry, entry.build_model(args.size, seed=args.seed)
 
 
+MAX_WORLD = 8       # ranks the runtime supports (partitions, processes)
+
+
+class Refused(ValueError):
+    """A command line refused before any process starts or any compute: one line naming
+    the argument and the rule (`prism run` exits 2)."""
+
+
 def _check_args(args):
+    """The checks that need no model: kept for callers; validate() does them all."""
+    validate(args, world=None, model=False)
+
+
+def _positive_int(args, dest, flag, minimum=1):
+    v = getattr(args, dest, None)
+    if v is not None and v < minimum:
+        raise Refused(f"{flag} must be >= {minimum}, got {v}")
+
+
+def validate(args, world=None, model=True):
+    """Check every argument of `prism run` before any process starts (and again in each
+    rank, before the process group). Raises Refused, a ValueError whose message names the
+    argument and the rule. `world`: the number of processes when known (--nproc, or
+    WORLD_SIZE in a rank). `model`: also read the model's config (local only, never a hub)
+    to check --seq-len against the model's positions."""
+    import math
+    from prism_kernels.plan import check_compression_rate
+    # processes, partitions
+    if args.nproc is not None and not 1 <= args.nproc <= MAX_WORLD:
+        raise Refused(f"--nproc must be between 1 and {MAX_WORLD} (processes the runtime supports), "
+                      f"got {args.nproc}")
+    if world is None:
+        world = args.nproc
+    if world is not None and not 1 <= world <= MAX_WORLD:
+        raise Refused(f"world size {world}; supported: 1 to {MAX_WORLD}")
+    if args.partitions is not None:
+        if args.partitions < 1:
+            raise Refused(f"--partitions must be >= 1, got {args.partitions}")
+        if world is not None and args.partitions != world:
+            src = f" (--nproc {args.nproc})" if args.nproc is not None else ""
+            raise Refused(f"--partitions {args.partitions} but the world size is {world}{src}: "
+                          f"they must be equal")
+    # means / compression rate
+    if args.num_means is not None and args.cr is not None:
+        raise Refused(f"-m/--num-means {args.num_means} and --cr {args.cr:g} given: "
+                      f"give exactly one of num_means (means per partition) or compression_rate")
+    if args.num_means is not None and args.num_means < 1:
+        raise Refused(f"-m/--num-means must be >= 1, got {args.num_means}")
+    if args.cr is not None:
+        try:
+            check_compression_rate(args.cr)
+        except ValueError:
+            raise Refused(f"--cr must be a finite number >= 1 (the compression rate, Eq. 16), "
+                          f"got {args.cr:g}") from None
     if args.mode == "prism" and args.num_means is None and args.cr is None:
-        raise ValueError("prism mode needs -m/--num-means or --cr")
+        raise Refused("prism mode needs -m/--num-means or --cr")
+    if args.mode != "prism" and (args.num_means is not None or args.cr is not None):
+        raise Refused(f"-m/--num-means and --cr apply to --mode prism only, not --mode {args.mode}")
+    # timing, threads
     if args.repeat < 1 or args.warmup < 0:
-        raise ValueError(f"--repeat must be >= 1 and --warmup >= 0, got --repeat {args.repeat} "
-                         f"--warmup {args.warmup}")
+        raise Refused(f"--repeat must be >= 1 and --warmup >= 0, got --repeat {args.repeat} "
+                      f"--warmup {args.warmup}")
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise Refused(f"--timeout must be a finite number of seconds > 0, got {args.timeout:g}")
+    _positive_int(args, "threads", "--threads")
+    # input
+    if args.text is not None and not args.model:
+        raise Refused("--text needs --model (a local model directory with a tokenizer)")
+    if args.text is not None and args.seq_len is not None:
+        raise Refused("give --text or --seq-len, not both (the text sets the length)")
+    if args.text is not None and not args.text:
+        raise Refused("--text must not be empty")
+    if args.seq_len is not None and args.seq_len < 1:
+        raise Refused(f"--seq-len must be >= 1, got {args.seq_len}")
+    if args.out is not None:
+        d = os.path.dirname(os.path.abspath(args.out))
+        if not os.path.isdir(d):
+            raise Refused(f"--out {args.out}: directory {d} does not exist")
+    # everything that needs the world size, in one place: the PrismConfig of this run
+    if world is not None:
+        try:
+            run_config(args, world)
+        except Refused:
+            raise
+        except ValueError as e:
+            raise Refused(str(e)) from None
+    if model:
+        check_model_args(args)
+
+
+def model_config(args):
+    """(table entry, config) of the run, without weights and without any network:
+    --model DIR must be a local directory with a config.json."""
+    from prism_kernels.models import lookup
+    if args.model:
+        if not os.path.isdir(args.model):
+            raise Refused(f"--model {args.model}: directory does not exist (a local model directory "
+                          f"saved with save_pretrained is needed; no hub is contacted)")
+        if not os.path.isfile(os.path.join(args.model, "config.json")):
+            raise Refused(f"--model {args.model}: the directory has no config.json")
+        import transformers as tf
+        try:
+            cfg = tf.AutoConfig.from_pretrained(args.model, local_files_only=True)
+            entry = lookup(cfg)
+        except (ValueError, OSError) as e:
+            raise Refused(f"--model {args.model}: {str(e).splitlines()[0]}") from None
+        if args.family is not None and args.family != entry.model_type:
+            raise Refused(f"--family {args.family} but {args.model} holds a {entry.model_type} model")
+        return entry, cfg
+    entry = lookup(args.family or "bert")
+    return entry, entry.build_config(args.size)
+
+
+def check_model_args(args):
+    """The checks that need the model's config: --seq-len given for a text family (unless
+    --text) and within the model's positions; none for an image family."""
+    from prism_kernels.costs.report import resolve_seq_len
+    entry, cfg = model_config(args)
+    if entry.input_kind == "text":
+        if args.text is None and args.seq_len is None:
+            raise Refused(f"--seq-len is required for the {entry.model_type} family (text input; "
+                          f"random token ids of that length)")
+    elif args.text is not None:
+        raise Refused(f"--text does not apply to the {entry.model_type} family (image input)")
+    if args.seq_len is not None:
+        try:
+            resolve_seq_len(cfg, args.seq_len)
+        except ValueError as e:
+            msg = str(e)
+            raise Refused("--seq-len" + msg[len("seq_len"):] if msg.startswith("seq_len") else
+                          f"--seq-len: {msg}") from None
+    return entry, cfg
 
 
 def run_config(args, world: int):
@@ -145,9 +271,8 @@ def main(argv=None, args=None):
         add_arguments(p)
         args = p.parse_args(argv)
     if args.nproc is not None and "RANK" not in os.environ:
-        try:      # refuse a bad command line here, with exit 2, rather than in every spawned rank
-            _check_args(args)
-            run_config(args, args.nproc)
+        try:      # refuse a bad command line here, with exit 2, before any process starts
+            validate(args)
         except ValueError as e:
             sys.stderr.write(f"prism run: error: refused before any compute: {e}\n")
             return 2
@@ -158,13 +283,12 @@ def main(argv=None, args=None):
 def run(args) -> int:
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    # refusals that need no communication
-    if args.partitions is not None and args.partitions != world:
-        _fail(rank, 2, f"refused before any compute: --partitions {args.partitions} but the world size is {world}")
-    if not 1 <= world <= 8:
-        _fail(rank, 2, f"refused before any compute: world size {world}; supported: 1 to 8")
+    # refusals that need no communication: the same checks as before a spawn
+    if args.nproc is not None and args.nproc != world:
+        _fail(rank, 2, f"refused before any compute: --nproc {args.nproc} inside a launched rank "
+                       f"(world size {world}); drop --nproc when torchrun or RANK/WORLD_SIZE start the ranks")
     try:
-        _check_args(args)
+        validate(args, world=world)
         cfg = run_config(args, world)
     except ValueError as e:
         _fail(rank, 2, f"refused before any compute: {e}")
