@@ -55,6 +55,9 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--warmup", type=int, default=0, help="untimed inferences first")
     p.add_argument("--interleave-single", action="store_true",
                    help="also time the stock model on rank 0 alone before every run (same load conditions)")
+    p.add_argument("--no-compare", action="store_true",
+                   help="skip the final comparison with the stock model on rank 0 alone (output "
+                        "difference and latency; costs --warmup + --repeat single-device inferences)")
     p.add_argument("--out", default=None, help="rank 0 writes outputs, bytes and timings here (torch.save)")
     p.add_argument("--json", action="store_true", help="rank 0 prints one JSON line of results")
     p.add_argument("--nproc", type=int, default=None,
@@ -280,6 +283,30 @@ def main(argv=None, args=None):
     return run(args)
 
 
+def compare_with_single(entry, model, inputs, result, args, single_times=()):
+    """Rank 0, after the distributed run: the stock model on this process alone, on the same
+    input. {max_abs_diff of the head outputs, single_median_s, single_times_s}; the timings
+    are the --interleave-single ones when taken, else --warmup + --repeat fresh runs."""
+    import torch
+    from . import overlap
+    model.set_attn_implementation("sdpa")
+    try:
+        times = list(single_times)
+        _, head = entry.stock_forward(model, inputs)
+        if not times:
+            for it in range(args.warmup + args.repeat):
+                t0 = time.perf_counter()
+                _, head = entry.stock_forward(model, inputs)
+                if it >= args.warmup:
+                    times.append(time.perf_counter() - t0)
+    finally:
+        model.set_attn_implementation(overlap.ATTN_NAME)
+    got = result["head"]
+    diff = float((got.float() - head.float()).abs().max()) if got.shape == head.shape else float("nan")
+    return {"max_abs_diff": diff, "single_median_s": sorted(times)[len(times) // 2],
+            "single_times_s": times}
+
+
 def run(args) -> int:
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -395,6 +422,9 @@ def run(args) -> int:
         dist.all_gather_object(everyone, report)
     except Exception as e:
         _fail(rank, 3, f"final report exchange failed: {e}")
+    compare = None
+    if rank == 0 and cfg.mode != "single" and not args.no_compare and result is not None:
+        compare = compare_with_single(entry, model, inputs, result, args, single_times)
     if rank == 0:
         if args.json:
             summary = {k: report[k] for k in ("world", "family", "mode", "averaging", "wire", "n_tokens",
@@ -411,6 +441,10 @@ def run(args) -> int:
                 # per rank: median time blocked waiting for peers (the rest is compute)
                 summary["median_wait_s_per_rank"] = [sorted(r["wait_s"])[len(r["wait_s"]) // 2]
                                                      if r["wait_s"] else 0.0 for r in everyone]
+            if compare is not None:
+                summary["max_abs_diff_vs_single"] = compare["max_abs_diff"]
+                summary["single_median_s"] = compare["single_median_s"]
+                summary.setdefault("single_times_s", compare["single_times_s"])
             print(json.dumps(summary), flush=True)
         else:
             print(f"prism run: {entry.model_type} mode={cfg.mode} P={world} N={n_tokens} "
@@ -424,6 +458,12 @@ def run(args) -> int:
                 print(f"  latency: median {sorted(times)[len(times) // 2] * 1e3:.1f} ms over {len(times)} runs")
             if result is not None:
                 print(f"  output {tuple(result['head'].shape)}: {result['head'].reshape(-1)[:4].tolist()}")
+            if compare is not None and times:
+                med = sorted(times)[len(times) // 2]
+                single = compare["single_median_s"]
+                print(f"  max |{cfg.mode} - single| = {compare['max_abs_diff']:.3g} (head output), "
+                      f"single-device latency {single * 1e3:.1f} ms, {cfg.mode} {med * 1e3:.1f} ms "
+                      f"(speed-up x{single / med:.2f})")
         if args.out:
             import torch as _t
             _t.save({"result": result, "reports": everyone, "inputs": inputs}, args.out)
