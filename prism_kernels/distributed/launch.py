@@ -164,7 +164,7 @@ def validate(args, world=None, model=True):
         except ValueError as e:
             raise Refused(str(e)) from None
     if model:
-        check_model_args(args)
+        check_model_args(args, world)
 
 
 def model_config(args):
@@ -190,9 +190,9 @@ def model_config(args):
     return entry, entry.build_config(args.size)
 
 
-def check_model_args(args):
+def check_model_args(args, world=None):
     """The checks that need the model's config: --seq-len given for a text family (unless
-    --text) and within the model's positions; none for an image family."""
+    --text), within the model's positions and at least the world size (P <= N)."""
     from prism_kernels.costs.report import resolve_seq_len
     entry, cfg = model_config(args)
     if entry.input_kind == "text":
@@ -208,6 +208,9 @@ def check_model_args(args):
             msg = str(e)
             raise Refused("--seq-len" + msg[len("seq_len"):] if msg.startswith("seq_len") else
                           f"--seq-len: {msg}") from None
+        if world is not None and world > args.seq_len:
+            raise Refused(f"--seq-len {args.seq_len}: {world} partitions (world size) for {args.seq_len} "
+                          f"tokens; P must be <= the number of tokens")
     return entry, cfg
 
 
@@ -258,12 +261,29 @@ def args_to_argv(args):
 
 
 def spawn_torchrun(args):
-    """Re-launch this command under torchrun with --nproc processes (loopback)."""
+    """Re-launch this command under torchrun with --nproc processes (loopback), in this
+    process (torch.distributed.run), so that a failed rank's own exit status comes back
+    (2 refused, 3 a peer died or stalled, 1 other) instead of torchrun's 1 and its
+    ChildFailedError report: each rank has already said what went wrong on stderr."""
+    import logging
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run as torchrun
     rest = args_to_argv(args)
-    torchrun = shutil.which("torchrun")
-    cmd = ([torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"])
-    cmd += ["--standalone", f"--nproc-per-node={args.nproc}", "-m", "prism_kernels.distributed"] + rest
-    return subprocess.call(cmd)
+    cmd = ["--standalone", f"--nproc-per-node={args.nproc}", "-m", "prism_kernels.distributed"] + rest
+    quiet = logging.getLogger("torch.distributed.elastic")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)        # its "failed (exitcode: ...)" lines repeat the ranks' own
+    try:
+        torchrun(parse_args(cmd))
+    except ChildFailedError as e:
+        codes = [f.exitcode for f in e.failures.values()]
+        for code in (3, 2):                 # a dead peer explains the others' failures
+            if code in codes:
+                return code
+        return 1
+    finally:
+        quiet.setLevel(level)
+    return 0
 
 
 def main(argv=None, args=None):
