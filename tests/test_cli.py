@@ -173,3 +173,136 @@ def test_costs_bad_input_exit_2(capsys, argv, arg, rule):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert arg in err and rule in err, err
+
+
+# ---------------------------------------------------------------- prism run: refused before any process
+
+RUN_BAD = [
+    # (argv, the argument named, the rule)
+    (["--nproc", "2", "--cr", "4"], "--seq-len", "required for the bert family"),
+    (["--nproc", "2", "--family", "gpt2", "--cr", "4"], "--seq-len", "required for the gpt2 family"),
+    (["--nproc", "2", "--seq-len", "8", "--cr", "0"], "--cr", "finite number >= 1"),
+    (["--nproc", "2", "--seq-len", "8", "--cr", "nan"], "--cr", "finite number >= 1"),
+    (["-P", "3", "--nproc", "2", "--seq-len", "8", "--cr", "4"], "--partitions 3",
+     "but the world size is 2 (--nproc 2): they must be equal"),
+    (["--nproc", "2", "--text", "hello", "--cr", "4"], "--text", "needs --model"),
+    (["--nproc", "0", "--seq-len", "8", "--cr", "4"], "--nproc", "between 1 and 8"),
+    (["--nproc", "9", "--seq-len", "8", "--cr", "4"], "--nproc", "between 1 and 8"),
+    (["--nproc", "2", "--seq-len", "8", "--cr", "4", "--timeout", "0"], "--timeout", "> 0"),
+    (["--nproc", "2", "--seq-len", "8", "--cr", "4", "--timeout", "nan"], "--timeout", "> 0"),
+    (["--nproc", "2", "--seq-len", "8", "--cr", "4", "--threads", "0"], "--threads", ">= 1"),
+    (["--nproc", "2", "--seq-len", "100000", "--cr", "4"], "--seq-len", "<= 512 (max positions of bert)"),
+    (["--nproc", "2", "--family", "gpt2", "--seq-len", "2000", "--cr", "4"], "--seq-len",
+     "<= 1024 (max positions of gpt2)"),
+    (["--nproc", "2", "--family", "roberta", "--seq-len", "513", "--cr", "4"], "--seq-len", "<= 512"),
+    (["--nproc", "2", "--seq-len", "0", "--cr", "4"], "--seq-len", ">= 1"),
+    (["--nproc", "3", "--seq-len", "2", "-m", "1"], "--seq-len 2", "3 partitions (world size) for 2 tokens"),
+    (["--nproc", "2", "--model", "/nonexistent", "--seq-len", "8", "--cr", "4"], "--model /nonexistent",
+     "directory does not exist"),
+    (["--nproc", "2", "--seq-len", "8", "-m", "3", "--cr", "8"], "-m/--num-means 3 and --cr 8",
+     "exactly one of num_means"),
+    (["--nproc", "2", "--seq-len", "8", "-m", "0"], "-m/--num-means", ">= 1"),
+    (["--nproc", "2", "--seq-len", "8"], "-m/--num-means or --cr", "prism mode needs"),
+    (["--nproc", "2", "--seq-len", "8", "--mode", "voltage", "--cr", "4"], "--cr", "--mode prism only"),
+    (["--nproc", "2", "--seq-len", "8", "--cr", "4", "--repeat", "0"], "--repeat", "--repeat must be >= 1"),
+    (["--nproc", "2", "--seq-len", "8", "--cr", "4", "--warmup", "-1"], "--warmup", ">= 0"),
+    (["--nproc", "2", "--seq-len", "8", "--cr", "4", "--partition-weights", "1,x"], "--partition-weights",
+     "comma-separated numbers"),
+    (["--nproc", "2", "--seq-len", "8", "--cr", "4", "--partition-weights", "1,2,3"], "partition_weights",
+     "one weight per partition (2)"),
+    (["--nproc", "2", "--family", "vit", "--cr", "4", "--seq-len", "5"], "--seq-len", "fixed by its image size"),
+]
+
+
+@pytest.fixture
+def no_launch(monkeypatch):
+    """Fail the test if `prism run` would start any process."""
+    from prism_kernels.distributed import launch
+
+    def boom(*a, **k):
+        raise AssertionError("a process was started for a refused command line")
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(launch, "spawn_torchrun", boom)
+    monkeypatch.setattr(launch, "run", boom)
+    monkeypatch.setattr(launch.subprocess, "call", boom)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.mark.parametrize("argv,arg,rule", RUN_BAD, ids=[" ".join(b[0]) for b in RUN_BAD])
+def test_run_refused_before_any_process(capsys, no_launch, argv, arg, rule):
+    rc, out, err = run_cli(capsys, "run", *argv)
+    assert rc == 2, err
+    assert err.startswith("prism run: error: refused before any compute: ") and err.count("\n") == 1, err
+    assert arg in err and rule in err, err
+    assert "Traceback" not in err and out == ""
+
+
+def test_run_model_dir_without_config(tmp_path, capsys, no_launch):
+    rc, _, err = run_cli(capsys, "run", "--nproc", "2", "--model", str(tmp_path), "--seq-len", "8", "--cr", "4")
+    assert rc == 2 and f"--model {tmp_path}: the directory has no config.json" in err, err
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
+    rc, _, err = run_cli(capsys, "run", "--nproc", "2", "--model", str(tmp_path), "--seq-len", "8", "--cr", "4")
+    assert rc == 2 and f"--model {tmp_path}: unsupported model type 't5'" in err, err
+    assert err.count("\n") == 1
+
+
+def test_run_model_dir_family_and_text(tmp_path, capsys, no_launch):
+    from prism_kernels.models import lookup
+    lookup("gpt2").build_config("tiny").save_pretrained(tmp_path)      # config only: no weights needed
+    rc, _, err = run_cli(capsys, "run", "--nproc", "2", "--model", str(tmp_path), "--family", "bert",
+                         "--seq-len", "8", "--cr", "4")
+    assert rc == 2 and "--family bert but" in err and "holds a gpt2 model" in err, err
+    rc, _, err = run_cli(capsys, "run", "--nproc", "2", "--model", str(tmp_path), "--cr", "4")
+    assert rc == 2 and "--seq-len is required for the gpt2 family" in err, err
+    rc, _, err = run_cli(capsys, "run", "--nproc", "2", "--model", str(tmp_path), "--text", "hi",
+                         "--seq-len", "4", "--cr", "4")
+    assert rc == 2 and "give --text or --seq-len, not both" in err, err
+
+
+def test_run_argparse_errors_exit_2(capsys, no_launch):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["run", "--nproc", "2", "--seq-len", "8", "--cr", "abc"])
+    assert e.value.code == 2 and "argument --cr: invalid float value" in capsys.readouterr().err
+
+
+def test_run_rank_refuses_with_one_line():
+    """Started without --nproc (one rank, RANK/WORLD_SIZE unset): the same checks, no process group,
+    no C++ frames; a plain python process, not torchrun."""
+    import os
+    env = dict(os.environ, PRISM_SKIP_CPP="1", OMP_NUM_THREADS="1")
+    env.pop("RANK", None)
+    p = subprocess.run([sys.executable, "-m", "prism_kernels.cli", "run", "--seq-len", "8", "--cr", "4",
+                        "--timeout", "0"], capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert p.stderr == ("prism run: rank 0: error: refused before any compute: --timeout must be a finite "
+                        "number of seconds > 0, got 0\n"), p.stderr[-2000:]
+
+
+def test_run_one_rank_compares_with_single_device(tmp_path):
+    """One rank (no torchrun): the final line compares with the stock model; voltage is exact."""
+    import os
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PRISM_SKIP_CPP="1", OMP_NUM_THREADS="1", RANK="0", WORLD_SIZE="1",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    p = subprocess.run([sys.executable, "-m", "prism_kernels.cli", "run", "--family", "gpt2", "--seq-len", "9",
+                        "--mode", "voltage", "--repeat", "2"], capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    line = [l for l in p.stdout.splitlines() if "max |voltage - single| = " in l]
+    assert len(line) == 1, p.stdout
+    diff = float(line[0].split("= ")[1].split()[0])
+    assert diff < 1e-4 and "single-device latency" in line[0] and "speed-up x" in line[0]
+    # --no-compare reaches the ranks that torchrun starts
+    from prism_kernels.distributed import launch
+    args = cli.build_parser().parse_args(["run", "--nproc", "2", "--seq-len", "9", "-m", "1", "--no-compare"])
+    assert "--no-compare" in launch.args_to_argv(args) and "--nproc" not in launch.args_to_argv(args)
+
+
+def test_demo_unknown_backend_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["demo", "--backend", "foo"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --backend: invalid choice: 'foo'" in err and "Traceback" not in err

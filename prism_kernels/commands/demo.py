@@ -221,7 +221,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--averaging", choices=AVERAGING, default=DEFAULT_AVERAGING,
                    help="what the segment means average (docs/method.md, 'What is averaged'; "
                         "the same for post-LN BERT)")
-    p.add_argument("--backend", default="auto", help="prism kernel backend (auto, cpp, triton, torch)")
+    from prism_kernels.api import BACKENDS
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help=f"prism kernel backend ({', '.join(BACKENDS)})")
     p.add_argument("--sentences", default=SENTENCES, help="text file, one sentence per line (default: shipped)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

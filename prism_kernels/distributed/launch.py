@@ -55,6 +55,9 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--warmup", type=int, default=0, help="untimed inferences first")
     p.add_argument("--interleave-single", action="store_true",
                    help="also time the stock model on rank 0 alone before every run (same load conditions)")
+    p.add_argument("--no-compare", action="store_true",
+                   help="skip the final comparison with the stock model on rank 0 alone (output "
+                        "difference and latency; costs --warmup + --repeat single-device inferences)")
     p.add_argument("--out", default=None, help="rank 0 writes outputs, bytes and timings here (torch.save)")
     p.add_argument("--json", action="store_true", help="rank 0 prints one JSON line of results")
     p.add_argument("--nproc", type=int, default=None,
@@ -74,12 +77,141 @@ def load_model(args):
     return entry, entry.build_model(args.size, seed=args.seed)
 
 
+MAX_WORLD = 8       # ranks the runtime supports (partitions, processes)
+
+
+class Refused(ValueError):
+    """A command line refused before any process starts or any compute: one line naming
+    the argument and the rule (`prism run` exits 2)."""
+
+
 def _check_args(args):
+    """The checks that need no model: kept for callers; validate() does them all."""
+    validate(args, world=None, model=False)
+
+
+def _positive_int(args, dest, flag, minimum=1):
+    v = getattr(args, dest, None)
+    if v is not None and v < minimum:
+        raise Refused(f"{flag} must be >= {minimum}, got {v}")
+
+
+def validate(args, world=None, model=True):
+    """Check every argument of `prism run` before any process starts (and again in each
+    rank, before the process group). Raises Refused, a ValueError whose message names the
+    argument and the rule. `world`: the number of processes when known (--nproc, or
+    WORLD_SIZE in a rank). `model`: also read the model's config (local only, never a hub)
+    to check --seq-len against the model's positions."""
+    import math
+    from prism_kernels.plan import check_compression_rate
+    # processes, partitions
+    if args.nproc is not None and not 1 <= args.nproc <= MAX_WORLD:
+        raise Refused(f"--nproc must be between 1 and {MAX_WORLD} (processes the runtime supports), "
+                      f"got {args.nproc}")
+    if world is None:
+        world = args.nproc
+    if world is not None and not 1 <= world <= MAX_WORLD:
+        raise Refused(f"world size {world}; supported: 1 to {MAX_WORLD}")
+    if args.partitions is not None:
+        if args.partitions < 1:
+            raise Refused(f"--partitions must be >= 1, got {args.partitions}")
+        if world is not None and args.partitions != world:
+            src = f" (--nproc {args.nproc})" if args.nproc is not None else ""
+            raise Refused(f"--partitions {args.partitions} but the world size is {world}{src}: "
+                          f"they must be equal")
+    # means / compression rate
+    if args.num_means is not None and args.cr is not None:
+        raise Refused(f"-m/--num-means {args.num_means} and --cr {args.cr:g} given: "
+                      f"give exactly one of num_means (means per partition) or compression_rate")
+    if args.num_means is not None and args.num_means < 1:
+        raise Refused(f"-m/--num-means must be >= 1, got {args.num_means}")
+    if args.cr is not None:
+        try:
+            check_compression_rate(args.cr)
+        except ValueError:
+            raise Refused(f"--cr must be a finite number >= 1 (the compression rate, Eq. 16), "
+                          f"got {args.cr:g}") from None
     if args.mode == "prism" and args.num_means is None and args.cr is None:
-        raise ValueError("prism mode needs -m/--num-means or --cr")
+        raise Refused("prism mode needs -m/--num-means or --cr")
+    if args.mode != "prism" and (args.num_means is not None or args.cr is not None):
+        raise Refused(f"-m/--num-means and --cr apply to --mode prism only, not --mode {args.mode}")
+    # timing, threads
     if args.repeat < 1 or args.warmup < 0:
-        raise ValueError(f"--repeat must be >= 1 and --warmup >= 0, got --repeat {args.repeat} "
-                         f"--warmup {args.warmup}")
+        raise Refused(f"--repeat must be >= 1 and --warmup >= 0, got --repeat {args.repeat} "
+                      f"--warmup {args.warmup}")
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise Refused(f"--timeout must be a finite number of seconds > 0, got {args.timeout:g}")
+    _positive_int(args, "threads", "--threads")
+    # input
+    if args.text is not None and not args.model:
+        raise Refused("--text needs --model (a local model directory with a tokenizer)")
+    if args.text is not None and args.seq_len is not None:
+        raise Refused("give --text or --seq-len, not both (the text sets the length)")
+    if args.text is not None and not args.text:
+        raise Refused("--text must not be empty")
+    if args.seq_len is not None and args.seq_len < 1:
+        raise Refused(f"--seq-len must be >= 1, got {args.seq_len}")
+    if args.out is not None:
+        d = os.path.dirname(os.path.abspath(args.out))
+        if not os.path.isdir(d):
+            raise Refused(f"--out {args.out}: directory {d} does not exist")
+    # everything that needs the world size, in one place: the PrismConfig of this run
+    if world is not None:
+        try:
+            run_config(args, world)
+        except Refused:
+            raise
+        except ValueError as e:
+            raise Refused(str(e)) from None
+    if model:
+        check_model_args(args, world)
+
+
+def model_config(args):
+    """(table entry, config) of the run, without weights and without any network:
+    --model DIR must be a local directory with a config.json."""
+    from prism_kernels.models import lookup
+    if args.model:
+        if not os.path.isdir(args.model):
+            raise Refused(f"--model {args.model}: directory does not exist (a local model directory "
+                          f"saved with save_pretrained is needed; no hub is contacted)")
+        if not os.path.isfile(os.path.join(args.model, "config.json")):
+            raise Refused(f"--model {args.model}: the directory has no config.json")
+        import transformers as tf
+        try:
+            cfg = tf.AutoConfig.from_pretrained(args.model, local_files_only=True)
+            entry = lookup(cfg)
+        except (ValueError, OSError) as e:
+            raise Refused(f"--model {args.model}: {str(e).splitlines()[0]}") from None
+        if args.family is not None and args.family != entry.model_type:
+            raise Refused(f"--family {args.family} but {args.model} holds a {entry.model_type} model")
+        return entry, cfg
+    entry = lookup(args.family or "bert")
+    return entry, entry.build_config(args.size)
+
+
+def check_model_args(args, world=None):
+    """The checks that need the model's config: --seq-len given for a text family (unless
+    --text), within the model's positions and at least the world size (P <= N)."""
+    from prism_kernels.costs.report import resolve_seq_len
+    entry, cfg = model_config(args)
+    if entry.input_kind == "text":
+        if args.text is None and args.seq_len is None:
+            raise Refused(f"--seq-len is required for the {entry.model_type} family (text input; "
+                          f"random token ids of that length)")
+    elif args.text is not None:
+        raise Refused(f"--text does not apply to the {entry.model_type} family (image input)")
+    if args.seq_len is not None:
+        try:
+            resolve_seq_len(cfg, args.seq_len)
+        except ValueError as e:
+            msg = str(e)
+            raise Refused("--seq-len" + msg[len("seq_len"):] if msg.startswith("seq_len") else
+                          f"--seq-len: {msg}") from None
+        if world is not None and world > args.seq_len:
+            raise Refused(f"--seq-len {args.seq_len}: {world} partitions (world size) for {args.seq_len} "
+                          f"tokens; P must be <= the number of tokens")
+    return entry, cfg
 
 
 def run_config(args, world: int):
@@ -129,12 +261,29 @@ def args_to_argv(args):
 
 
 def spawn_torchrun(args):
-    """Re-launch this command under torchrun with --nproc processes (loopback)."""
+    """Re-launch this command under torchrun with --nproc processes (loopback), in this
+    process (torch.distributed.run), so that a failed rank's own exit status comes back
+    (2 refused, 3 a peer died or stalled, 1 other) instead of torchrun's 1 and its
+    ChildFailedError report: each rank has already said what went wrong on stderr."""
+    import logging
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run as torchrun
     rest = args_to_argv(args)
-    torchrun = shutil.which("torchrun")
-    cmd = ([torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"])
-    cmd += ["--standalone", f"--nproc-per-node={args.nproc}", "-m", "prism_kernels.distributed"] + rest
-    return subprocess.call(cmd)
+    cmd = ["--standalone", f"--nproc-per-node={args.nproc}", "-m", "prism_kernels.distributed"] + rest
+    quiet = logging.getLogger("torch.distributed.elastic")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)        # its "failed (exitcode: ...)" lines repeat the ranks' own
+    try:
+        torchrun(parse_args(cmd))
+    except ChildFailedError as e:
+        codes = [f.exitcode for f in e.failures.values()]
+        for code in (3, 2):                 # a dead peer explains the others' failures
+            if code in codes:
+                return code
+        return 1
+    finally:
+        quiet.setLevel(level)
+    return 0
 
 
 def main(argv=None, args=None):
@@ -145,9 +294,8 @@ def main(argv=None, args=None):
         add_arguments(p)
         args = p.parse_args(argv)
     if args.nproc is not None and "RANK" not in os.environ:
-        try:      # refuse a bad command line here, with exit 2, rather than in every spawned rank
-            _check_args(args)
-            run_config(args, args.nproc)
+        try:      # refuse a bad command line here, with exit 2, before any process starts
+            validate(args)
         except ValueError as e:
             sys.stderr.write(f"prism run: error: refused before any compute: {e}\n")
             return 2
@@ -155,16 +303,39 @@ def main(argv=None, args=None):
     return run(args)
 
 
+def compare_with_single(entry, model, inputs, result, args, single_times=()):
+    """Rank 0, after the distributed run: the stock model on this process alone, on the same
+    input. {max_abs_diff of the head outputs, single_median_s, single_times_s}; the timings
+    are the --interleave-single ones when taken, else --warmup + --repeat fresh runs."""
+    import torch
+    from . import overlap
+    model.set_attn_implementation("sdpa")
+    try:
+        times = list(single_times)
+        _, head = entry.stock_forward(model, inputs)
+        if not times:
+            for it in range(args.warmup + args.repeat):
+                t0 = time.perf_counter()
+                _, head = entry.stock_forward(model, inputs)
+                if it >= args.warmup:
+                    times.append(time.perf_counter() - t0)
+    finally:
+        model.set_attn_implementation(overlap.ATTN_NAME)
+    got = result["head"]
+    diff = float((got.float() - head.float()).abs().max()) if got.shape == head.shape else float("nan")
+    return {"max_abs_diff": diff, "single_median_s": sorted(times)[len(times) // 2],
+            "single_times_s": times}
+
+
 def run(args) -> int:
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    # refusals that need no communication
-    if args.partitions is not None and args.partitions != world:
-        _fail(rank, 2, f"refused before any compute: --partitions {args.partitions} but the world size is {world}")
-    if not 1 <= world <= 8:
-        _fail(rank, 2, f"refused before any compute: world size {world}; supported: 1 to 8")
+    # refusals that need no communication: the same checks as before a spawn
+    if args.nproc is not None and args.nproc != world:
+        _fail(rank, 2, f"refused before any compute: --nproc {args.nproc} inside a launched rank "
+                       f"(world size {world}); drop --nproc when torchrun or RANK/WORLD_SIZE start the ranks")
     try:
-        _check_args(args)
+        validate(args, world=world)
         cfg = run_config(args, world)
     except ValueError as e:
         _fail(rank, 2, f"refused before any compute: {e}")
@@ -271,6 +442,9 @@ def run(args) -> int:
         dist.all_gather_object(everyone, report)
     except Exception as e:
         _fail(rank, 3, f"final report exchange failed: {e}")
+    compare = None
+    if rank == 0 and cfg.mode != "single" and not args.no_compare and result is not None:
+        compare = compare_with_single(entry, model, inputs, result, args, single_times)
     if rank == 0:
         if args.json:
             summary = {k: report[k] for k in ("world", "family", "mode", "averaging", "wire", "n_tokens",
@@ -287,6 +461,10 @@ def run(args) -> int:
                 # per rank: median time blocked waiting for peers (the rest is compute)
                 summary["median_wait_s_per_rank"] = [sorted(r["wait_s"])[len(r["wait_s"]) // 2]
                                                      if r["wait_s"] else 0.0 for r in everyone]
+            if compare is not None:
+                summary["max_abs_diff_vs_single"] = compare["max_abs_diff"]
+                summary["single_median_s"] = compare["single_median_s"]
+                summary.setdefault("single_times_s", compare["single_times_s"])
             print(json.dumps(summary), flush=True)
         else:
             print(f"prism run: {entry.model_type} mode={cfg.mode} P={world} N={n_tokens} "
@@ -300,6 +478,12 @@ def run(args) -> int:
                 print(f"  latency: median {sorted(times)[len(times) // 2] * 1e3:.1f} ms over {len(times)} runs")
             if result is not None:
                 print(f"  output {tuple(result['head'].shape)}: {result['head'].reshape(-1)[:4].tolist()}")
+            if compare is not None and times:
+                med = sorted(times)[len(times) // 2]
+                single = compare["single_median_s"]
+                print(f"  max |{cfg.mode} - single| = {compare['max_abs_diff']:.3g} (head output), "
+                      f"single-device latency {single * 1e3:.1f} ms, {cfg.mode} {med * 1e3:.1f} ms "
+                      f"(speed-up x{single / med:.2f})")
         if args.out:
             import torch as _t
             _t.save({"result": result, "reports": everyone, "inputs": inputs}, args.out)
