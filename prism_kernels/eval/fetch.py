@@ -19,7 +19,7 @@ An unpacked source is marked with a ``.done`` file and never fetched again.
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib.metadata
 import shutil
 import subprocess
 import sys
@@ -118,7 +118,13 @@ def unpack_command(src: Source, archive: Path) -> list[str] | None:
 def tool_missing(src: Source) -> str | None:
     """The name of a program this source needs that is not available, or None."""
     if src.kind == "pip":
-        return None if importlib.util.find_spec("pip") else "pip"
+        # importlib.metadata, not find_spec("pip"): setuptools' distutils shim treats a
+        # pip look-up as "pip is running" and breaks a later `import setuptools`
+        try:
+            importlib.metadata.distribution("pip")
+            return None
+        except importlib.metadata.PackageNotFoundError:
+            return "pip"
     for tool in {"npm": ["npm"], "deb": ["apt-get", "dpkg-deb"]}[src.kind]:
         if shutil.which(tool) is None:
             return tool
