@@ -79,3 +79,18 @@ def test_padded_inputs_break_the_graph_cleanly():
         torch._dynamo.reset()
         with pytest.raises(Exception, match="disable"):
             torch.compile(model, fullgraph=True)(input_ids=ids, attention_mask=am)
+
+
+def test_varying_shapes_with_dynamic_false():
+    """Plans need concrete sizes: dynamic=False gives one graph per shape (dynamo only)."""
+    torch.manual_seed(0)
+    model = _gpt2().eval()
+    phf.enable_prism(model, num_partitions=2, compression_rate=4.0)
+    compiled = torch.compile(model, fullgraph=True, backend="eager", dynamic=False)
+    torch._dynamo.utils.counters.clear()
+    with torch.no_grad():
+        for shape in [(3, 19), (2, 23), (3, 19)]:
+            ids = torch.randint(1, VOCAB, shape)
+            torch.testing.assert_close(_out(compiled(input_ids=ids)), _out(model(input_ids=ids)),
+                                       atol=1e-5, rtol=1e-5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2

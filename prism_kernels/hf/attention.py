@@ -34,6 +34,17 @@ slots made invisible through positions (prism_attention has no mask argument:
 with causal=True a key at position BIG+1 is seen by no query and a query at -1
 sees nothing; non-causal models then use q_pos = BIG for every real query and
 k_pos = 0 for every real key).
+
+torch.compile: without padding (attention_mask=None) the layout depends on the
+shape and settings only; under compilation it is built inside the traced graph
+from Python ints (plans from shapes, no tensor value read, no per-call cache
+object for dynamo to guard on), so `torch.compile(model, fullgraph=True)` traces
+the whole forward and inputs of the same shape reuse the graph. With a padding
+mask the groups and plans depend on the mask's values: each layer's Prism
+attention then runs eagerly (`torch.compiler.disable`, one clean graph break per
+layer; fullgraph=True refuses padded inputs). A plan is Python on concrete sizes:
+when input shapes vary, compile with dynamic=False (one graph per shape; with
+dynamo's automatic dynamic shapes the second shape fails inside the plan).
 """
 from __future__ import annotations
 
@@ -200,7 +211,8 @@ def layout_for(key_valid, B, N, config, causal, device) -> Layout:
     layer of a forward; comparing the [B, N] padding masks costs next to nothing)."""
     if torch.compiler.is_compiling():
         # traced: the layout depends on shapes and settings only (padding never gets here,
-        # see prism_attention_forward), so its index tensors are constants of the graph
+        # see prism_attention_forward), so its index tensors are constants of the graph;
+        # (a plan needs concrete sizes: compile with dynamic=False when shapes vary)
         return build_layout(key_valid, B, N, config, causal, device)
     sig = (B, N, config, causal, str(device))
     last = _last_layout[0]
