@@ -44,10 +44,15 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--freezing", action="store_true",
+                    help="torch._inductor.config.freezing = True (weights as constants, prepacked GEMMs)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
     torch.set_num_threads(1)
+    if args.freezing:
+        import torch._inductor.config
+        torch._inductor.config.freezing = True
     from transformers import BertConfig, BertModel
 
     import prism_kernels.hf as phf
@@ -94,7 +99,9 @@ def main():
         f"* model: random BertModel, {args.layers} layers, hidden 768, 12 heads; input {B} x {N} tokens, "
         "no padding (attention_mask=None)",
         "* Prism: P=2, CR=8 (attention_input averaging, backend auto)",
-        "* compiled: `torch.compile(model, fullgraph=True)`, default mode; first call (compilation) "
+        "* compiled: `torch.compile(model, fullgraph=True)`, default mode"
+        + (" with `torch._inductor.config.freezing = True`" if args.freezing else "")
+        + "; first call (compilation) "
         f"{compile_s:.1f} s; no recompilation over {1 + args.warmup + args.reps} calls with new token ids "
         "(`error_on_recompile`)",
         f"* max |eager - compiled| over the warm-up outputs: {max_err:.2e}",
