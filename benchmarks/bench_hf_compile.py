@@ -51,8 +51,8 @@ def main():
 
     torch.set_num_threads(1)
     if args.freezing:
-        import torch._inductor.config
-        torch._inductor.config.freezing = True
+        import torch._inductor.config as inductor_config
+        inductor_config.freezing = True
     from transformers import BertConfig, BertModel
 
     import prism_kernels.hf as phf
