@@ -94,3 +94,16 @@ def test_varying_shapes_with_dynamic_false():
             torch.testing.assert_close(_out(compiled(input_ids=ids)), _out(model(input_ids=ids)),
                                        atol=1e-5, rtol=1e-5)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+
+
+@pytest.mark.parametrize("make", [_bert, _gpt2], ids=["bert", "gpt2"])
+def test_block_input_averaging_traces_fullgraph(make):
+    """averaging='block_input' (hooks stash the block input): one graph too (dynamo only)."""
+    torch.manual_seed(0)
+    model = make().eval()
+    phf.enable_prism(model, num_partitions=2, compression_rate=4.0, averaging="block_input")
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    ids = torch.randint(1, VOCAB, (3, 19))
+    with torch.no_grad():
+        torch.testing.assert_close(_out(compiled(input_ids=ids)), _out(model(input_ids=ids)),
+                                   atol=1e-5, rtol=1e-5)
