@@ -34,6 +34,17 @@ slots made invisible through positions (prism_attention has no mask argument:
 with causal=True a key at position BIG+1 is seen by no query and a query at -1
 sees nothing; non-causal models then use q_pos = BIG for every real query and
 k_pos = 0 for every real key).
+
+torch.compile: without padding (attention_mask=None) the layout depends on the
+shape and settings only; under compilation it is built inside the traced graph
+from Python ints (plans from shapes, no tensor value read, no per-call cache
+object for dynamo to guard on), so `torch.compile(model, fullgraph=True)` traces
+the whole forward and inputs of the same shape reuse the graph. With a padding
+mask the groups and plans depend on the mask's values: each layer's Prism
+attention then runs eagerly (`torch.compiler.disable`, one clean graph break per
+layer; fullgraph=True refuses padded inputs). A plan is Python on concrete sizes:
+when input shapes vary, compile with dynamic=False (one graph per shape; with
+dynamo's automatic dynamic shapes the second shape fails inside the plan).
 """
 from __future__ import annotations
 
@@ -114,7 +125,15 @@ class Layout:
 
 def _groups(key_valid, B, N, config, causal, device) -> List[Group]:
     if key_valid is None:
-        spec = [(torch.arange(B), torch.arange(N).expand(B, N))]
+        # from the shape alone (no tensor values read: torch.compile traces this path)
+        rows = torch.arange(B)
+        plan = config.plan(N, causal)
+        bank, acc = {}, 0
+        for j in sorted({s for d in plan.devices for s in d.sources}):
+            bank[j] = acc
+            acc += B * plan.partitions[j].num_segments
+        tokens = (rows[:, None] * N + torch.arange(N)).to(device)
+        return [Group(rows, N, tokens, (0, B, 0), plan, bank)]
     else:
         kv = key_valid.to("cpu", torch.bool)
         lengths = kv.sum(-1)
@@ -144,8 +163,8 @@ def build_layout(key_valid: Optional[torch.Tensor], B: int, N: int, config: Pris
                  causal: bool, device) -> Layout:
     groups = _groups(key_valid, B, N, config, causal, device)
     devs = [(g, d) for g in groups for d in g.plan.devices]
-    nq = max((d.size for _, d in devs), default=1)
-    nk = max((d.num_keys for _, d in devs), default=1)
+    nq = max([d.size for _, d in devs] or [1])          # (no max(default=): torch.compile traces this)
+    nk = max([d.num_keys for _, d in devs] or [1])
     ragged = any(d.size != nq or d.num_keys != nk for _, d in devs)
     use_pos = causal or ragged
     R = sum(g.size for g, _ in devs)
@@ -190,6 +209,11 @@ _last_layout: list = [None]   # (signature, key_valid, Layout) of the last layer
 def layout_for(key_valid, B, N, config, causal, device) -> Layout:
     """build_layout, cached while the shape, settings and padding stay the same (every
     layer of a forward; comparing the [B, N] padding masks costs next to nothing)."""
+    if torch.compiler.is_compiling():
+        # traced: the layout depends on shapes and settings only (padding never gets here,
+        # see prism_attention_forward), so its index tensors are constants of the graph;
+        # (a plan needs concrete sizes: compile with dynamic=False when shapes vary)
+        return build_layout(key_valid, B, N, config, causal, device)
     sig = (B, N, config, causal, str(device))
     last = _last_layout[0]
     if (last is not None and last[0] == sig and (last[1] is None) == (key_valid is None)
@@ -277,9 +301,24 @@ def prism_attention_forward(module, query, key, value, attention_mask, dropout: 
     if averaging is None and config.averaging != "attention_input":
         raise RuntimeError(f"averaging={config.averaging!r} needs the hooks installed by "
                            "prism_kernels.hf.enable_prism")
+    plans = getattr(module, "_prism_plans", None)
+    if attention_mask is not None and torch.compiler.is_compiling():
+        # padding: the groups and plans depend on the mask's values, so under torch.compile
+        # this layer's Prism attention runs eagerly (a graph break; fullgraph=True needs
+        # unpadded inputs, attention_mask=None)
+        out = _padded_eager(query, key, value, attention_mask, config, causal, scaling, averaging,
+                            module, plans)
+    else:
+        out = _prism(query, key, value, attention_mask, config, causal, scaling, averaging, module, plans)
+    return out, None
+
+
+def _prism(query, key, value, attention_mask, config, causal, scaling, averaging, module, plans):
+    B, Nk = query.shape[0], key.shape[2]
     key_valid = key_valid_from_mask(attention_mask, B, Nk)
     layout = layout_for(key_valid, B, Nk, config, causal, query.device)
-    out = simulate_prism(query, key, value, config=config, causal=causal, scale=scaling, key_valid=key_valid,
-                         averaging=averaging, module=module, layout=layout,
-                         plans=getattr(module, "_prism_plans", None))
-    return out, None
+    return simulate_prism(query, key, value, config=config, causal=causal, scale=scaling, key_valid=key_valid,
+                          averaging=averaging, module=module, layout=layout, plans=plans)
+
+
+_padded_eager = torch.compiler.disable(_prism, recursive=True)

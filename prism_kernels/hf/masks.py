@@ -30,7 +30,9 @@ def prism_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0
     if missing > 0:   # same convention as transformers.masking_utils.prepare_padding_mask
         pad = torch.nn.functional.pad(pad, (0, missing))
     pad = pad[:, kv_offset:kv_offset + kv_length]
-    if bool(pad.all()):
+    # "no padding" from the values needs the data; under torch.compile the mask is kept
+    # (an all-ones mask is then just a padded batch without pads, handled by the attention)
+    if not torch.compiler.is_compiling() and bool(pad.all()):
         return None
     return pad[:, None, None, :].expand(batch_size, 1, 1, kv_length)
 
