@@ -67,11 +67,13 @@ def test_no_import_cycles_inside_the_package():
 
 
 def test_nothing_points_outside_the_repository():
-    pattern = re.compile(r"\.\./shared|SPEC sec|SPEC section|SPEC\.md|\bissue #?[0-9]+")
+    # assembled from parts so that this line does not match itself in repository-wide searches
+    spec = "SP" + "EC"
+    pattern = re.compile(r"\.\./" + "shared|" + spec + " sec|" + spec + r"\.md|\bis" + r"sue #?[0-9]+")
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     hits = []
     for f in files:
-        if f.startswith("benchmarks/results/") or f == "tests/test_repository.py":
+        if f.startswith("benchmarks/results/"):
             continue   # results are dated records of their time
         path = ROOT / f
         try:
