@@ -143,6 +143,9 @@ def jit_build(variant: str, *, retry_failed: bool = False):
             raise EarlierBuildFailed(f"an earlier build failed, see {marker}")
         marker.unlink()
     name = f"_C_{variant}"
+    # found before the build: a copy of the package without its sources must not leave
+    # a failure marker in the shared cache for the installs that have them
+    srcs = sources()
     # torch skips the compile when the sources and flags are unchanged since the
     # last build in build_dir, so this is cheap once the cache is warm.
     fresh = not any(build_dir.glob(f"{name}*.so"))
@@ -158,7 +161,7 @@ def jit_build(variant: str, *, retry_failed: bool = False):
     os.dup2(2, 1)
     try:
         module = cpp_extension.load(
-            name=name, sources=sources(), extra_cflags=cflags(variant), extra_ldflags=ldflags(),
+            name=name, sources=srcs, extra_cflags=cflags(variant), extra_ldflags=ldflags(),
             build_directory=str(build_dir), verbose=fresh)
     except Exception as e:  # not KeyboardInterrupt: an interrupted build is retried next time
         try:

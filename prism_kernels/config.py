@@ -11,9 +11,16 @@
       2.128 with "block_input";
     - "block_input": the paper's choice, the block input (the residual stream),
       normalised by the receiving block's own pre-attention norm;
+* anchors, segments, anchor_budget: which tokens are sent alone and how the others
+  are grouped (prism_kernels/anchors.py). Defaults: the model's special tokens
+  alone ("special"), 2-D blocks of the patch grid for vision models ("auto"), out
+  of the same budget ("shared"). anchors="none", segments="runs" is the paper's
+  plain means;
 * backend: the kernels' backend (auto | cpp | triton | torch).
 
-`plan(n_tokens, causal)` is the one way to get a PrismPlan from these settings.
+`plan(n_tokens, causal, roles=...)` is the one way to get a PrismPlan from these
+settings; `roles` (anchors.TokenRoles, from the model table) says where the
+model's special tokens and patch grid are.
 """
 from __future__ import annotations
 
@@ -21,6 +28,8 @@ import numbers
 from dataclasses import asdict, dataclass
 from typing import Optional, Tuple
 
+from .anchors import (DEFAULT_ANCHOR_BUDGET, DEFAULT_ANCHORS, DEFAULT_SEGMENTS, TokenRoles, check_policy,
+                      resolve)
 from .plan import PrismPlan, check_compression_rate, make_plan
 
 AVERAGING = ("attention_input", "block_input")
@@ -35,6 +44,9 @@ class PrismConfig:
     averaging: str = DEFAULT_AVERAGING
     backend: str = "auto"
     partition_weights: Optional[Tuple[float, ...]] = None
+    anchors: str = DEFAULT_ANCHORS
+    segments: str = DEFAULT_SEGMENTS
+    anchor_budget: str = DEFAULT_ANCHOR_BUDGET
 
     def __post_init__(self):
         P = self.num_partitions
@@ -50,6 +62,7 @@ class PrismConfig:
             check_compression_rate(self.compression_rate)
         if self.averaging not in AVERAGING:
             raise ValueError(f"averaging must be one of {AVERAGING}, got {self.averaging!r}")
+        check_policy(self.anchors, self.segments, self.anchor_budget)
         from .api import BACKENDS
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
@@ -70,11 +83,21 @@ class PrismConfig:
             return cls(**value)
         raise ValueError(f"expected a PrismConfig or a dict of its fields, got {type(value).__name__}")
 
-    def plan(self, n_tokens: int, causal: bool, num_partitions: Optional[int] = None) -> PrismPlan:
+    @property
+    def plain_means(self) -> bool:
+        """True for the paper's segments: no anchors, contiguous runs."""
+        return self.anchors == "none" and self.segments == "runs"
+
+    def plan(self, n_tokens: int, causal: bool, num_partitions: Optional[int] = None,
+             roles: Optional[TokenRoles] = None) -> PrismPlan:
         """The plan for a sequence of n_tokens. A sequence shorter than P runs on
-        as many devices as it has tokens (`num_partitions` overrides P)."""
+        as many devices as it has tokens (`num_partitions` overrides P). `roles`:
+        the model's special tokens and patch grid (None: text whose first token is
+        its only special token)."""
         P = min(num_partitions or self.num_partitions, n_tokens)
+        anchors, grid = resolve(n_tokens, roles, self.anchors, self.segments)
+        kw = dict(num_means=self.num_means, compression_rate=self.compression_rate, causal=causal,
+                  anchors=anchors, grid=grid, anchor_budget=self.anchor_budget)
         if self.partition_weights is not None and P == self.num_partitions:
-            return make_plan(n_tokens, weights=self.partition_weights, num_means=self.num_means,
-                             compression_rate=self.compression_rate, causal=causal)
-        return make_plan(n_tokens, P, self.num_means, compression_rate=self.compression_rate, causal=causal)
+            return make_plan(n_tokens, weights=self.partition_weights, **kw)
+        return make_plan(n_tokens, P, **kw)

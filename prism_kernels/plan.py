@@ -265,20 +265,24 @@ def make_plan(n_tokens: int, num_partitions: Optional[int] = None,
               compression_rate: Optional[float] = None, causal: bool = False,
               sizes: Optional[Sequence[int]] = None, weights: Optional[Sequence[float]] = None,
               anchors: Sequence[int] = (), grid: Optional[Tuple[int, int, int]] = None,
-              order: Optional[Sequence[int]] = None) -> PrismPlan:
+              anchor_budget: str = "shared", order: Optional[Sequence[int]] = None) -> PrismPlan:
     """The plan for N tokens. Give one of num_partitions / sizes / weights, and one of
     num_means (an int: at most that many per partition; or one per partition) /
     compression_rate (Eq. 16).
 
     anchors: global indices of tokens sent alone (count 1) instead of being averaged
-    (attention sinks such as [CLS] or token 0). They come out of the partition's
-    budget m_j; the other tokens of the partition share the remaining max(1, m_j - k)
-    segments (so a partition with more anchors than m_j sends more than m_j rows).
+    (attention sinks such as [CLS] or token 0; prism_kernels.anchors picks them).
+    anchor_budget "shared": they come out of the partition's budget m_j, so it sends
+    exactly m_j rows: k anchors and m_j - k means of the other tokens (when k >= m_j,
+    only the first m_j - 1 anchors stay alone; at m_j = 1 it sends one plain mean);
+    "extra": k anchors on top of m_j means.
     grid: (rows, cols, first) when tokens first .. first + rows*cols - 1 are image
     patches in row-major order: segments of those tokens are then compact 2-D blocks
     of the patch grid (recursive bisection) instead of runs that wrap across rows.
     order: permutes the received blocks (Eq. 5 tests)."""
     n_tokens = _check_int("n_tokens", n_tokens, 1)
+    if anchor_budget not in ("shared", "extra"):
+        raise ValueError(f"anchor_budget must be 'shared' or 'extra', got {anchor_budget!r}")
     as_tuple = lambda v: None if v is None else (v if isinstance(v, numbers.Number) else tuple(v))
     anchors = tuple(sorted({_check_int("anchors[i]", a, 0) for a in anchors if a < n_tokens}))
     if grid is not None:
@@ -288,7 +292,8 @@ def make_plan(n_tokens: int, num_partitions: Optional[int] = None,
                              f"{first + rows * cols} tokens, the sequence has {n_tokens}")
         grid = (rows, cols, first)
     return _make_plan(n_tokens, num_partitions, as_tuple(num_means), compression_rate, bool(causal),
-                      as_tuple(sizes), as_tuple(weights), anchors, grid, as_tuple(order))
+                      as_tuple(sizes), as_tuple(weights), anchors, grid, anchor_budget == "extra",
+                      as_tuple(order))
 
 
 plan_layout = make_plan   # the name the first releases used
@@ -324,12 +329,17 @@ def _blocks(tokens, m, grid):
     return sorted(bisect(list(tokens), m), key=lambda g: g[0])
 
 
-def _partition_segments(o, n, m, anchors, grid):
+def _partition_segments(o, n, m, anchors, grid, extra):
     own = [a for a in anchors if o <= a < o + n]
-    rest = [t for t in range(o, o + n) if t not in set(own)]
+    if not extra and own and len(own) >= m:
+        # shared budget: exactly m_j rows; the earliest anchors first ([CLS] before [SEP]),
+        # and at m_j = 1 the partition's one plain mean
+        own = own[:m - 1]
+    taken = set(own)
+    rest = [t for t in range(o, o + n) if t not in taken]
     segs = [(a,) for a in own]
     if rest:
-        m_rest = min(len(rest), max(1, m - len(own)))
+        m_rest = min(len(rest), m if extra else m - len(own))
         patches = [] if grid is None else [t for t in rest if grid[2] <= t < grid[2] + grid[0] * grid[1]]
         if len(patches) >= m_rest and len(patches) == len(rest):
             segs += _blocks(tuple(rest), m_rest, grid)
@@ -340,12 +350,12 @@ def _partition_segments(o, n, m, anchors, grid):
 
 @functools.lru_cache(maxsize=4096)
 def _make_plan(n_tokens, num_partitions, num_means_, compression_rate, causal, sizes, weights,
-               anchors=(), grid=None, order=None):
+               anchors=(), grid=None, extra_anchors=False, order=None):
     sizes = _resolve_sizes(n_tokens, num_partitions, sizes, weights)
     P = len(sizes)
     offsets = partition_offsets(sizes)
     ms = _means_per_partition(sizes, num_means_, compression_rate)
-    partitions = [Partition(j, o, n, _partition_segments(o, n, m, anchors, grid))
+    partitions = [Partition(j, o, n, _partition_segments(o, n, m, anchors, grid, extra_anchors))
                   for j, (o, n, m) in enumerate(zip(offsets, sizes, ms))]
     if order is not None and sorted(order) != list(range(P)):
         raise ValueError(f"order must be a permutation of range({P}), got {list(order)}")

@@ -54,6 +54,8 @@ class PrismPlan:
     means: Tuple[int, ...]        # m_j per partition
     causal: bool
     devices: Tuple[DeviceLayout, ...]
+    # explicit segments (global token lists per partition), or None for Alg. 2's runs
+    segments: Optional[Tuple[Tuple[Tuple[int, ...], ...], ...]] = None
 
 
 def _means_per_partition(sizes, num_means, compression_rate) -> List[int]:
@@ -97,6 +99,30 @@ def plan_layout(n_tokens: int, num_partitions: int, num_means: Union[int, Sequen
     return PrismPlan(n_tokens, tuple(sizes), tuple(offsets), tuple(ms), causal, tuple(devices))
 
 
+def plan_from_segments(n_tokens: int, sizes: Sequence[int], segments, *, causal: bool = False) -> PrismPlan:
+    """Layout for any segments: segments[j] lists partition j's segments, each a list
+    of global token indices (anchors are one-token segments, image blocks any set).
+    A segment counts as its number of tokens and sits at its latest token."""
+    offsets = partition_offsets(list(sizes))
+    segs = tuple(tuple(tuple(sorted(int(t) for t in s)) for s in part) for part in segments)
+    for j, part in enumerate(segs):
+        covered = sorted(t for s in part for t in s)
+        if covered != list(range(offsets[j], offsets[j] + sizes[j])):
+            raise ValueError(f"segments of partition {j} must cover its tokens exactly once")
+    P = len(sizes)
+    devices = []
+    for i in range(P):
+        counts = [1] * sizes[i]
+        kpos = list(range(offsets[i], offsets[i] + sizes[i]))
+        js = [j for j in range(P) if j != i and (not causal or j < i)]
+        for j in js:
+            counts += [len(s) for s in segs[j]]
+            kpos += [max(s) for s in segs[j]]
+        devices.append(DeviceLayout(i, offsets[i], sizes[i], tuple(js), tuple(counts), tuple(kpos)))
+    return PrismPlan(n_tokens, tuple(sizes), tuple(offsets), tuple(len(p) for p in segs), causal,
+                     tuple(devices), segs)
+
+
 def local_rows(x: torch.Tensor, plan: PrismPlan, i: int) -> torch.Tensor:
     """Rows of partition i along dim -2."""
     return x[..., plan.offsets[i]:plan.offsets[i] + plan.sizes[i], :]
@@ -107,7 +133,16 @@ def device_keys_values(x: torch.Tensor, plan: PrismPlan, i: int) -> torch.Tensor
     dev = plan.devices[i]
     blocks = [local_rows(x, plan, i)]
     for j in dev.sources:
-        blocks.append(segment_means(local_rows(x, plan, j), plan.means[j])[0])
+        if plan.segments is None:
+            blocks.append(segment_means(local_rows(x, plan, j), plan.means[j])[0])
+        else:   # one mean per explicit token list, summed in fp64 one token at a time
+            means = []
+            for seg in plan.segments[j]:
+                acc = torch.zeros_like(x[..., 0, :], dtype=torch.float64)
+                for t in seg:
+                    acc = acc + x[..., t, :].double()
+                means.append((acc / len(seg)).to(x.dtype))
+            blocks.append(torch.stack(means, dim=-2))
     return torch.cat(blocks, dim=-2)
 
 

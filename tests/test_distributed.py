@@ -84,6 +84,19 @@ def launch(world, argv, *, env_per_rank=None, timeout=120, module="prism_kernels
 _SIM = {}
 
 
+def _segment_means(x, plan, j):
+    """Means of partition j's segments of x (tokens along dim -2, all N rows), from
+    the segments' token lists with python_ref (anchors and 2-D blocks included)."""
+    import python_ref
+    segs = [[list(s.tokens) for s in p.segments] for p in plan.partitions]
+    ref = python_ref.plan_from_segments(plan.n_tokens, plan.sizes, segs, causal=plan.causal)
+    i = next(d for d in range(len(plan.sizes)) if j in ref.devices[d].sources)
+    own = plan.sizes[i]
+    rows = python_ref.device_keys_values(x, ref, i)[..., own:, :]
+    first = sum(ref.means[s] for s in ref.devices[i].sources[:ref.devices[i].sources.index(j)])
+    return rows[..., first:first + ref.means[j], :]
+
+
 def _sim_attention(module, q, k, v, mask, scaling=None, dropout=0.0, **kw):
     import python_ref
     from prism_kernels.models import apply_rotary
@@ -92,20 +105,21 @@ def _sim_attention(module, q, k, v, mask, scaling=None, dropout=0.0, **kw):
     layer = _SIM["layer"]
     causal = plan.causal
     outs = []
+    means = lambda x, j: _segment_means(x, plan, j)
     for i, dev in enumerate(plan.devices):
         o, n = plan.offsets[i], plan.sizes[i]
         ks, vs = [k[:, :, o:o + n]], [v[:, :, o:o + n]]
         for j in dev.sources:
-            oj, nj, mj = plan.offsets[j], plan.sizes[j], plan.means[j]
+            oj, nj = plan.offsets[j], plan.sizes[j]
             if averaging == "attention_input":
-                ks.append(python_ref.segment_means(k[:, :, oj:oj + nj], mj)[0])
-                vs.append(python_ref.segment_means(v[:, :, oj:oj + nj], mj)[0])
+                ks.append(means(k, j))
+                vs.append(means(v, j))
             else:  # paper: K/V of prenorm(mean of the block input); rotary: average rotation
-                xm = python_ref.segment_means(_SIM["block_input"][:, oj:oj + nj], mj)[0]
+                xm = means(_SIM["block_input"], j)
                 kj, vj = layer.kv(layer.pre_norm(xm) if layer.pre_norm is not None else xm)
                 if layer.rotary:
-                    cos, sin = entry.cos_sin(model, torch.arange(oj, oj + nj), xm)
-                    kj = apply_rotary(kj, python_ref.segment_means(cos, mj)[0], python_ref.segment_means(sin, mj)[0])
+                    cos, sin = entry.cos_sin(model, torch.arange(plan.n_tokens), xm)
+                    kj = apply_rotary(kj, means(cos, j), means(sin, j))
                 ks.append(kj)
                 vs.append(vj)
         counts, qpos, kpos = device_tensors(plan, i)
@@ -115,20 +129,23 @@ def _sim_attention(module, q, k, v, mask, scaling=None, dropout=0.0, **kw):
     return torch.cat(outs, 2).transpose(1, 2).contiguous(), None
 
 
-def prism_config(P, *, num_means=None, cr=None, averaging="attention_input", weights=None):
+POLICY = ("anchors", "segments", "anchor_budget")
+
+
+def prism_config(P, *, num_means=None, cr=None, averaging="attention_input", weights=None, **policy):
     from prism_kernels.config import PrismConfig
     return PrismConfig(num_partitions=P, num_means=num_means, compression_rate=cr, averaging=averaging,
-                       partition_weights=weights)
+                       partition_weights=weights, **policy)
 
 
-def simulate(family, inputs, P, *, num_means=None, cr=None, averaging="attention_input", weights=None):
+def simulate(family, inputs, P, *, num_means=None, cr=None, averaging="attention_input", weights=None, **policy):
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
     from prism_kernels.models import lookup
     entry = lookup(family)
     model = entry.build_model("tiny", seed=0)
-    plan = prism_config(P, num_means=num_means, cr=cr, weights=weights).plan(entry.n_tokens(model, inputs),
-                                                                            entry.causal)
+    plan = prism_config(P, num_means=num_means, cr=cr, weights=weights, **policy).plan(
+        entry.n_tokens(model, inputs), entry.causal, roles=entry.roles(model.config))
     AttentionInterface.register("prism_test_sim", _sim_attention)
     AttentionMaskInterface.register("prism_test_sim", lambda *a, **k: None)
     model.set_attn_implementation("prism_test_sim")
@@ -146,20 +163,13 @@ def simulate(family, inputs, P, *, num_means=None, cr=None, averaging="attention
             h.remove()
 
 
-def hf_simulation(family, inputs, P, *, num_means=None, cr=None, averaging="attention_input"):
+def hf_simulation(family, inputs, P, *, num_means=None, cr=None, averaging="attention_input", **policy):
     """prism_kernels.hf.enable_prism, the project's one-process simulation, same P and m."""
     import prism_kernels.hf as phf
     from prism_kernels.models import lookup
     entry = lookup(family)
     model = entry.build_model("tiny", seed=0)
-    config = prism_config(P, num_means=num_means, cr=cr, averaging=averaging)
-    if isinstance(config, phf.PrismConfig):
-        phf.enable_prism(model, config=config)
-    else:
-        # Until the hf simulation reads prism_kernels.config.PrismConfig it has its own
-        # settings and calls block_input averaging "block_output"; the one place that maps it.
-        phf.enable_prism(model, num_partitions=P, num_means=num_means, compression_rate=cr,
-                         averaging="block_output" if averaging == "block_input" else averaging)
+    phf.enable_prism(model, config=prism_config(P, num_means=num_means, cr=cr, averaging=averaging, **policy))
     return entry.stock_forward(model, inputs)
 
 
@@ -181,9 +191,13 @@ def close(a, b, atol=3e-5):
 
 FAMILIES = ("bert", "roberta", "vit", "dinov2", "gpt2", "llama", "qwen2")
 BLOCK = dict(averaging="block_input")
+PLAIN = dict(anchors="none", segments="runs")      # the paper's plain means (default: anchors, 2-D blocks)
 SCEN2 = [
     dict(name="bert_prism", family="bert", mode="prism", num_means=2),
     dict(name="bert_prism_block", family="bert", mode="prism", num_means=3, **BLOCK),
+    dict(name="bert_plain", family="bert", mode="prism", num_means=2, **PLAIN),
+    dict(name="bert_first_extra", family="bert", mode="prism", num_means=2, anchors="first",
+         anchor_budget="extra"),
     dict(name="bert_voltage", family="bert", mode="voltage"),
     dict(name="bert_cr1", family="bert", mode="prism", cr=1.0),
     dict(name="bert_noverlap", family="bert", mode="prism", num_means=2, overlap=False),
@@ -192,6 +206,7 @@ SCEN2 = [
     dict(name="roberta_cr1", family="roberta", mode="prism", cr=1.0),
     dict(name="vit_prism", family="vit", mode="prism", num_means=2),
     dict(name="vit_prism_block", family="vit", mode="prism", num_means=3, **BLOCK),
+    dict(name="vit_plain", family="vit", mode="prism", num_means=3, **PLAIN),
     dict(name="vit_voltage", family="vit", mode="voltage"),
     dict(name="vit_cr1", family="vit", mode="prism", cr=1.0),
     dict(name="dinov2_prism", family="dinov2", mode="prism", num_means=2),
@@ -204,6 +219,7 @@ SCEN2 = [
     dict(name="gpt2_cr1", family="gpt2", mode="prism", cr=1.0),
     dict(name="llama_prism", family="llama", mode="prism", num_means=2),
     dict(name="llama_prism_block", family="llama", mode="prism", num_means=2, **BLOCK),
+    dict(name="llama_plain_block", family="llama", mode="prism", num_means=2, **BLOCK, **PLAIN),
     dict(name="llama_noverlap", family="llama", mode="prism", num_means=2, overlap=False),
     dict(name="llama_voltage", family="llama", mode="voltage"),
     dict(name="llama_cr1", family="llama", mode="prism", cr=1.0),
@@ -221,6 +237,7 @@ SCEN3 = [
     dict(name="roberta_prism", family="roberta", mode="prism", cr=2.0),
     dict(name="vit_prism", family="vit", mode="prism", cr=2.0),
     dict(name="vit_prism_block", family="vit", mode="prism", cr=2.0, **BLOCK),
+    dict(name="vit_plain", family="vit", mode="prism", cr=2.0, **PLAIN),
     dict(name="vit_voltage", family="vit", mode="voltage"),
     dict(name="dinov2_prism", family="dinov2", mode="prism", cr=3.0),
     dict(name="gpt2_prism", family="gpt2", mode="prism", cr=2.0),
@@ -269,7 +286,8 @@ def test_outputs_equal_simulation_and_stock(run_scenarios):
         else:
             averaging = r["reports"][0]["averaging"]
             assert averaging == s.get("averaging", "attention_input")
-            kw = dict(num_means=s.get("num_means"), cr=s.get("cr"), averaging=averaging)
+            kw = dict(num_means=s.get("num_means"), cr=s.get("cr"), averaging=averaging,
+                      **{k: s[k] for k in POLICY if k in s})
             sim_hidden, sim_head = simulate(fam, inputs, P, weights=s.get("weights"), **kw)
             close(r["hidden"], sim_hidden)
             close(r["head"], sim_head)

@@ -20,7 +20,11 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 import prism_kernels.hf as phf
 import prism_kernels.hf.attention as hfatt
 from prism_kernels.hf import PrismConfig
-from python_ref import device_keys_values, device_tensors, duplicated_attention, local_rows, plan_layout
+from python_ref import (device_keys_values, device_tensors, duplicated_attention, local_rows, plan_from_segments,
+                        plan_layout)
+
+# the paper's segments (no anchors, contiguous runs): what plan_layout describes
+PLAIN = dict(anchors="none", segments="runs")
 
 H = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
          initializer_range=0.2)
@@ -164,7 +168,7 @@ def test_gpt2_layer_against_python_ref(averaging):
     ids = _ids(2, 17)
     blk = model.transformer.h[0]
     D = 64
-    phf.enable_prism(model, num_partitions=3, compression_rate=2.5, averaging=averaging)
+    phf.enable_prism(model, num_partitions=3, compression_rate=2.5, averaging=averaging, **PLAIN)
     store, h = _capture(blk.attn)
     with torch.no_grad():
         hs = model(input_ids=ids, output_hidden_states=True).hidden_states[0]
@@ -182,11 +186,54 @@ def test_vit_layer_against_python_ref(averaging):
     px = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     lay = model.layers[0]
     att = lay.attention
-    phf.enable_prism(model, num_partitions=2, num_means=3, averaging=averaging)
+    phf.enable_prism(model, num_partitions=2, num_means=3, averaging=averaging, **PLAIN)
     store, h = _capture(att)
     with torch.no_grad():
         hs = model(pixel_values=px, output_hidden_states=True).hidden_states[0]
         plan = plan_layout(17, 2, 3)
+        ref = _reference_layer(hs, lay.layernorm_before, att.q_proj, lambda a: (att.k_proj(a), att.v_proj(a)),
+                               att.o_proj, plan, averaging, att.scaling, 4, 16)
+    h.remove()
+    assert torch.allclose(store["out"], ref, atol=1e-5 * ref.abs().max())
+
+
+@pytest.mark.parametrize("averaging", ["attention_input", "block_input"])
+def test_gpt2_anchored_layer_against_python_ref(averaging):
+    """The default policy on a decoder: token 0 is sent alone, out of partition 0's
+    budget. 17 tokens, P = 3 (6 + 6 + 5), CR 2.5: m = 3, 3, 2; the segments are
+    written out by hand and python_ref computes the layer from them."""
+    model = gpt2()
+    ids = _ids(2, 17)
+    blk = model.transformer.h[0]
+    D = 64
+    phf.enable_prism(model, num_partitions=3, compression_rate=2.5, averaging=averaging)
+    store, h = _capture(blk.attn)
+    segs = [[[0], [1, 2, 3], [4, 5]], [[6, 7], [8, 9], [10, 11]], [[12, 13, 14], [15, 16]]]
+    with torch.no_grad():
+        hs = model(input_ids=ids, output_hidden_states=True).hidden_states[0]
+        plan = plan_from_segments(17, [6, 6, 5], segs, causal=True)
+        ref = _reference_layer(hs, blk.ln_1, lambda a: blk.attn.c_attn(a)[..., :D],
+                               lambda a: blk.attn.c_attn(a)[..., D:].split(D, -1), blk.attn.c_proj,
+                               plan, averaging, blk.attn.scaling, 4, 16)
+    h.remove()
+    assert torch.allclose(store["out"], ref, atol=1e-5 * ref.abs().max())
+
+
+@pytest.mark.parametrize("averaging", ["attention_input", "block_input"])
+def test_vit_anchor_and_2d_blocks_against_python_ref(averaging):
+    """The default policy on a ViT: [CLS] alone and 2 x 2 blocks of the 4 x 4 patch
+    grid (tokens 1..16, row-major). P = 2 (9 + 8 tokens), 2 means each plus the
+    anchor on top (anchor_budget="extra"); segments written out by hand."""
+    model = vit()
+    px = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    lay = model.layers[0]
+    att = lay.attention
+    phf.enable_prism(model, num_partitions=2, num_means=2, averaging=averaging, anchor_budget="extra")
+    store, h = _capture(att)
+    segs = [[[0], [1, 2, 5, 6], [3, 4, 7, 8]], [[9, 10, 13, 14], [11, 12, 15, 16]]]
+    with torch.no_grad():
+        hs = model(pixel_values=px, output_hidden_states=True).hidden_states[0]
+        plan = plan_from_segments(17, [9, 8], segs)
         ref = _reference_layer(hs, lay.layernorm_before, att.q_proj, lambda a: (att.k_proj(a), att.v_proj(a)),
                                att.o_proj, plan, averaging, att.scaling, 4, 16)
     h.remove()
@@ -217,7 +264,8 @@ def test_uneven_partitions_against_python_ref(averaging):
     ids = _ids(2, 17)
     blk = model.transformer.h[0]
     D = 64
-    phf.enable_prism(model, num_partitions=2, compression_rate=2.5, averaging=averaging, partition_weights=(2, 1))
+    phf.enable_prism(model, num_partitions=2, compression_rate=2.5, averaging=averaging, partition_weights=(2, 1),
+                     **PLAIN)
     store, h = _capture(blk.attn)
     with torch.no_grad():
         hs = model(input_ids=ids, output_hidden_states=True).hidden_states[0]

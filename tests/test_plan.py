@@ -179,9 +179,13 @@ def test_anchors_are_sent_alone_from_the_same_budget():
     assert segs[1] == [(10, 11, 13, 14, 15), (12,), (16, 17, 18, 19)]
 
 
-def test_more_anchors_than_budget_are_all_kept():
-    plan = P.make_plan(10, 1, 1, anchors=[0, 1])
-    assert [s.tokens for s in plan.partitions[0].segments] == [(0,), (1,), tuple(range(2, 10))]
+def test_shared_budget_keeps_m_rows_extra_adds_the_anchors():
+    segs = lambda plan: [s.tokens for s in plan.partitions[0].segments]
+    assert segs(P.make_plan(10, 1, 1, anchors=[0, 1])) == [tuple(range(10))]
+    assert segs(P.make_plan(10, 1, 2, anchors=[0, 1])) == [(0,), tuple(range(1, 10))]
+    assert segs(P.make_plan(10, 1, 1, anchors=[0, 1], anchor_budget="extra")) == [(0,), (1,), tuple(range(2, 10))]
+    with pytest.raises(ValueError, match="anchor_budget"):
+        P.make_plan(10, 1, 1, anchor_budget="more")
 
 
 def test_grid_segments_are_2d_blocks():

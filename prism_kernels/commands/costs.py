@@ -18,6 +18,8 @@ import json
 import math
 import sys
 
+from prism_kernels.anchors import ANCHOR_BUDGETS, ANCHORS, DEFAULT_ANCHOR_BUDGET, DEFAULT_ANCHORS
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from prism_kernels.costs.comm import DTYPE_BYTES
@@ -39,6 +41,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--averaging", choices=("attention_input", "block_input"), default="attention_input",
                    help="what the means are taken of; sets the wire format (rotary models send K/V means "
                         "under attention_input)")
+    p.add_argument("--anchors", choices=ANCHORS, default=DEFAULT_ANCHORS,
+                   help="tokens sent alone (as `prism run`): special (default), first or none")
+    p.add_argument("--anchor-budget", choices=ANCHOR_BUDGETS, default=DEFAULT_ANCHOR_BUDGET,
+                   help="anchors out of the m means (shared, default: rows unchanged) or on top (extra)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--paper", action="store_true",
                    help="the paper's settings next to the paper's figures (Tables IV-VI)")
@@ -132,7 +138,8 @@ def run(args, p: argparse.ArgumentParser) -> int:
     spec, n, split = _validate(args, p)
     try:
         report = estimate(spec, n, args.partitions, num_means=args.means, compression_rate=args.cr,
-                          dtype_bytes=DTYPE_BYTES[args.dtype], averaging=args.averaging, **split)
+                          dtype_bytes=DTYPE_BYTES[args.dtype], averaging=args.averaging,
+                          anchors=args.anchors, anchor_budget=args.anchor_budget, **split)
     except ValueError as e:           # rules checked in the library (none expected after _validate)
         p.error(str(e))
     if args.json:

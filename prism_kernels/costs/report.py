@@ -14,6 +14,8 @@ import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Union
 
+from ..anchors import DEFAULT_ANCHOR_BUDGET, DEFAULT_ANCHORS, DEFAULT_SEGMENTS, check_policy, resolve
+from ..models.table import token_roles
 from ..plan import make_plan
 from .comm import bytes_for, floats_per_row, received_tokens, voltage_received_tokens, wire_format
 from .flops import COUNTED_TERMS, NOT_COUNTED_TERMS, device_flops, embedding_flops, vision_seq_len
@@ -104,7 +106,8 @@ def estimate(model, seq_len: Optional[int] = None, num_partitions: Optional[int]
              num_means: Union[int, Sequence[int], None] = None,
              compression_rate: Optional[float] = None, dtype_bytes: int = 4, *,
              sizes: Optional[Sequence[int]] = None, weights: Optional[Sequence[float]] = None,
-             averaging: str = "attention_input") -> CostReport:
+             averaging: str = "attention_input", anchors: str = DEFAULT_ANCHORS,
+             anchor_budget: str = DEFAULT_ANCHOR_BUDGET) -> CostReport:
     """Cost of single-device, Voltage and Prism inference of one sequence.
 
     model: preset (see model_configs.PRESETS), transformers model type,
@@ -117,6 +120,9 @@ def estimate(model, seq_len: Optional[int] = None, num_partitions: Optional[int]
         exactly one of the two.
     dtype_bytes: bytes per element of the rows sent (4 for fp32).
     averaging: decides Prism's wire format (the runtime's): rotary models send K/V means.
+    anchors, anchor_budget: tokens sent alone (prism_kernels.anchors, the runtime's
+        defaults): out of the m_j rows ("shared") they leave the rows unchanged;
+        "extra" adds them. (Segment shapes do not change the counts either.)
     Raises ValueError naming the argument and the rule on bad input.
     """
     spec = resolve_model(model)
@@ -128,7 +134,11 @@ def estimate(model, seq_len: Optional[int] = None, num_partitions: Optional[int]
     if isinstance(num_means, numbers.Integral) and not isinstance(num_means, bool):
         # one m for every partition, checked against each partition (1 <= m <= n_j)
         num_means = [num_means] * (num_partitions or len(sizes if sizes is not None else weights))
-    kw = dict(num_means=num_means, compression_rate=compression_rate, sizes=sizes, weights=weights)
+    check_policy(anchors, DEFAULT_SEGMENTS, anchor_budget)
+    roles = token_roles(spec.config)
+    anchor_idx, _ = resolve(n, roles, anchors, "runs")
+    kw = dict(num_means=num_means, compression_rate=compression_rate, sizes=sizes, weights=weights,
+              anchors=anchor_idx, anchor_budget=anchor_budget)
     plan = make_plan(n, num_partitions, **kw)
     sizes, p = list(plan.sizes), plan.num_partitions
     hidden = spec.hidden_size
@@ -151,7 +161,7 @@ def estimate(model, seq_len: Optional[int] = None, num_partitions: Optional[int]
     prism = per_device([q + t for q, t in zip(sizes, p_tokens)])
     causal_tokens = None
     if spec.causal:
-        causal_tokens = received_tokens(make_plan(n, sizes=sizes, num_means=plan.means, causal=True))
+        causal_tokens = received_tokens(make_plan(n, causal=True, **{**kw, "sizes": sizes, "weights": None}))
 
     mean = lambda xs: sum(xs) / len(xs)
     vt, pt = mean(v_tokens), mean(p_tokens)

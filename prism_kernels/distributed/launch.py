@@ -23,6 +23,9 @@ import sys
 import time
 from datetime import timedelta
 
+from ..anchors import (ANCHOR_BUDGETS, ANCHORS, DEFAULT_ANCHOR_BUDGET, DEFAULT_ANCHORS, DEFAULT_SEGMENTS,
+                       SEGMENTS)
+
 
 def add_arguments(p: argparse.ArgumentParser):
     from prism_kernels.models import MODEL_TYPES, SIZES
@@ -42,6 +45,15 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--averaging", default="attention_input", choices=("attention_input", "block_input"),
                    help="what the means are taken of: the keys'/values' input (default) or the block "
                         "input (the paper's); docs/method.md, \"What is averaged\"")
+    p.add_argument("--anchors", default=DEFAULT_ANCHORS, choices=ANCHORS,
+                   help="tokens sent alone instead of averaged: the model's special tokens ([CLS], "
+                        "[SEP], a decoder's first token; default), the first token, or none (the "
+                        "paper's plain means); docs/method.md, \"Anchors and 2-D segments\"")
+    p.add_argument("--segments", default=DEFAULT_SEGMENTS, choices=SEGMENTS,
+                   help="segment shapes: auto = 2-D blocks of the patch grid for vision models, runs "
+                        "for text (default); runs = contiguous runs everywhere (the paper's)")
+    p.add_argument("--anchor-budget", default=DEFAULT_ANCHOR_BUDGET, choices=ANCHOR_BUDGETS,
+                   help="anchors out of the partition's m means (shared, default) or on top (extra)")
     p.add_argument("--partition-weights", default=None,
                    help="comma-separated relative speed of each rank: partition sizes in proportion")
     p.add_argument("--no-overlap", action="store_true", help="wait for the means before any attention")
@@ -228,7 +240,8 @@ def run_config(args, world: int):
                              f"got {args.partition_weights!r}") from None
     if args.mode == "prism":
         prism = PrismConfig(num_partitions=world, num_means=args.num_means, compression_rate=args.cr,
-                            averaging=args.averaging, partition_weights=weights)
+                            averaging=args.averaging, partition_weights=weights, anchors=args.anchors,
+                            segments=args.segments, anchor_budget=args.anchor_budget)
     elif args.mode == "voltage" and weights is not None:     # Voltage: the same partitions, CR = 1
         prism = PrismConfig(num_partitions=world, compression_rate=1.0, partition_weights=weights)
     return RunConfig(mode=args.mode, prism=prism, overlap=not args.no_overlap, gather=args.gather)

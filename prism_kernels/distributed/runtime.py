@@ -66,7 +66,7 @@ class RunConfig:
         """What the means are taken of (prism mode; None in voltage / single: no means)."""
         return self.prism.averaging if self.mode == "prism" else None
 
-    def plan(self, n_tokens: int, world: int, causal: bool):
+    def plan(self, n_tokens: int, world: int, causal: bool, roles=None):
         """The plan of this run (None in single mode). Voltage is the plan at CR = 1:
         every token its own segment, so a device receives the partitions' full rows."""
         if self.mode == "single":
@@ -76,7 +76,7 @@ class RunConfig:
             raise ValueError(f"the PrismConfig has {cfg.num_partitions} partitions but the world size is {world}")
         if self.mode == "voltage":
             cfg = dataclasses.replace(cfg, num_means=None, compression_rate=1.0)
-        plan = cfg.plan(n_tokens, causal)
+        plan = cfg.plan(n_tokens, causal, roles=roles)
         if plan.num_partitions != world:
             raise ValueError(f"{world} partitions (world size) for {n_tokens} tokens; P must be <= N")
         return plan
@@ -176,7 +176,8 @@ class Runtime:
         self.wire = None if cfg.mode == "single" else wire_format(model.config, cfg.mode, self.averaging)
         self.n_tokens = n_tokens
         self.layers = self.entry.layers(model)
-        self.plan = cfg.plan(n_tokens, self.world, self.entry.causal)
+        # the model's special tokens and patch grid decide anchors and segment shapes
+        self.plan = cfg.plan(n_tokens, self.world, self.entry.causal, self.entry.roles(model.config))
         self._rotations = {}
         if self.plan is not None:
             dev = self.plan.device(self.rank)

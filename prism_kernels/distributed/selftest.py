@@ -5,7 +5,8 @@ that each process pays the torch/transformers import once).
         python -m prism_kernels.distributed.selftest OUT.pt SCENARIOS_JSON
 
 SCENARIOS_JSON: a list of {"name", "family", "mode", "num_means"|"cr", "averaging",
-"weights", "overlap", "seq_len"}. Rank 0 saves {name: {"hidden", "head", "reports", "inputs"}} to OUT.pt.
+"anchors", "segments", "anchor_budget", "weights", "overlap", "seq_len"} (absent keys:
+PrismConfig's defaults). Rank 0 saves {name: {"hidden", "head", "reports", "inputs"}} to OUT.pt.
 """
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ def main(argv):
         if s["mode"] == "prism":
             prism = PrismConfig(num_partitions=world, num_means=s.get("num_means"), compression_rate=s.get("cr"),
                                 averaging=s.get("averaging", "attention_input"),
-                                partition_weights=s.get("weights"))
+                                partition_weights=s.get("weights"),
+                                **{k: s[k] for k in ("anchors", "segments", "anchor_budget") if k in s})
         cfg = RunConfig(mode=s["mode"], prism=prism, overlap=s.get("overlap", True), gather="all")
         rt = Runtime(model, Comm(timeout_s=60), cfg, entry.n_tokens(model, inputs))
         res = rt.forward(inputs if rank == 0 else None)

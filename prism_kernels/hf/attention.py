@@ -8,7 +8,9 @@ attention_mask, scaling=..., ...)` with the projections of the *whole* batch
 "Causal mask"):
 
   1. sequences of one real length form a group with one segment plan,
-     `PrismConfig.plan(L, causal)`;
+     `PrismConfig.plan(L, causal, roles)` (roles: the model's special tokens and
+     patch grid, attached by enable_prism; positions count real tokens only, so
+     [SEP] is the last real token of a padded row);
   2. per group and partition, the averaging strategy attached by enable_prism
      (hf/averaging.py) gives the K/V segment means (`plan.partition_means`);
   3. every device of every sequence becomes one row of a stacked batch: its own
@@ -53,6 +55,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from ..anchors import TokenRoles
 from ..api import prism_attention
 from ..config import PrismConfig
 from ..plan import Partition, PrismPlan
@@ -123,11 +126,11 @@ class Layout:
         return res.index_copy_(0, self.out_dst, out.index_select(0, self.out_src))
 
 
-def _groups(key_valid, B, N, config, causal, device) -> List[Group]:
+def _groups(key_valid, B, N, config, causal, device, roles) -> List[Group]:
     if key_valid is None:
         # from the shape alone (no tensor values read: torch.compile traces this path)
         rows = torch.arange(B)
-        plan = config.plan(N, causal)
+        plan = config.plan(N, causal, roles=roles)
         bank, acc = {}, 0
         for j in sorted({s for d in plan.devices for s in d.sources}):
             bank[j] = acc
@@ -150,7 +153,7 @@ def _groups(key_valid, B, N, config, causal, device) -> List[Group]:
         if (int(rows[-1]) - int(rows[0]) + 1 == Bg and int(tok[0, -1]) - int(tok[0, 0]) + 1 == L
                 and bool((tok == tok[0]).all())):
             span = (int(rows[0]), int(rows[-1]) + 1, int(tok[0, 0]))
-        plan = config.plan(L, causal)
+        plan = config.plan(L, causal, roles=roles)
         bank = {}
         for j in sorted({s for d in plan.devices for s in d.sources}):
             bank[j] = acc
@@ -160,8 +163,8 @@ def _groups(key_valid, B, N, config, causal, device) -> List[Group]:
 
 
 def build_layout(key_valid: Optional[torch.Tensor], B: int, N: int, config: PrismConfig,
-                 causal: bool, device) -> Layout:
-    groups = _groups(key_valid, B, N, config, causal, device)
+                 causal: bool, device, roles: Optional[TokenRoles] = None) -> Layout:
+    groups = _groups(key_valid, B, N, config, causal, device, roles)
     devs = [(g, d) for g in groups for d in g.plan.devices]
     nq = max([d.size for _, d in devs] or [1])          # (no max(default=): torch.compile traces this)
     nk = max([d.num_keys for _, d in devs] or [1])
@@ -206,20 +209,20 @@ def build_layout(key_valid: Optional[torch.Tensor], B: int, N: int, config: Pris
 _last_layout: list = [None]   # (signature, key_valid, Layout) of the last layer: one forward's layout
 
 
-def layout_for(key_valid, B, N, config, causal, device) -> Layout:
+def layout_for(key_valid, B, N, config, causal, device, roles=None) -> Layout:
     """build_layout, cached while the shape, settings and padding stay the same (every
     layer of a forward; comparing the [B, N] padding masks costs next to nothing)."""
     if torch.compiler.is_compiling():
         # traced: the layout depends on shapes and settings only (padding never gets here,
         # see prism_attention_forward), so its index tensors are constants of the graph;
         # (a plan needs concrete sizes: compile with dynamic=False when shapes vary)
-        return build_layout(key_valid, B, N, config, causal, device)
-    sig = (B, N, config, causal, str(device))
+        return build_layout(key_valid, B, N, config, causal, device, roles)
+    sig = (B, N, config, causal, str(device), roles)
     last = _last_layout[0]
     if (last is not None and last[0] == sig and (last[1] is None) == (key_valid is None)
             and (key_valid is None or torch.equal(last[1], key_valid))):
         return last[2]
-    layout = build_layout(key_valid, B, N, config, causal, device)
+    layout = build_layout(key_valid, B, N, config, causal, device, roles)
     _last_layout[0] = (sig, None if key_valid is None else key_valid.clone(), layout)
     return layout
 
@@ -236,16 +239,16 @@ class LayerInputs:
 def simulate_prism(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, config: PrismConfig,
                    causal: bool, scale: Optional[float] = None, key_valid: Optional[torch.Tensor] = None,
                    averaging=None, module=None, layout: Optional[Layout] = None,
-                   plans: Optional[list] = None) -> torch.Tensor:
+                   plans: Optional[list] = None, roles: Optional[TokenRoles] = None) -> torch.Tensor:
     """P simulated devices of one attention layer. Returns [B, N, H, d] (HF layout).
 
     query [B, H, N, d]; key, value [B, Hkv, N, d]; key_valid [B, N] bool or None.
     `averaging` (hf/averaging.py; default: means of K and V) gives each partition's
-    K/V means. `plans`, when given a list, receives (group rows, PrismPlan) per group.
+    K/V means. `roles`: the model's special tokens and patch grid (None: text). `plans`, when given a list, receives (group rows, PrismPlan) per group.
     """
     B, H, N, d = query.shape
     Hkv = key.shape[1]
-    lay = layout or build_layout(key_valid, B, N, config, causal, query.device)
+    lay = layout or build_layout(key_valid, B, N, config, causal, query.device, roles)
     if plans is not None:
         plans.extend((g.rows, g.plan) for g in lay.groups)
     if not lay.groups:
@@ -283,6 +286,16 @@ def get_prism_config(module) -> PrismConfig:
     return PrismConfig.from_any(cfg)
 
 
+def get_token_roles(module) -> TokenRoles:
+    """The roles attached by enable_prism, else (a model built with
+    attn_implementation="prism") those of the module's model config."""
+    roles = getattr(module, "_prism_roles", None)
+    if roles is None:
+        from ..models import token_roles
+        roles = token_roles(getattr(module, "config", None))
+    return roles
+
+
 def prism_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                             scaling: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs):
     """transformers AttentionInterface entry "prism". Returns ([B, N, H, d], None)."""
@@ -316,7 +329,7 @@ def prism_attention_forward(module, query, key, value, attention_mask, dropout: 
 def _prism(query, key, value, attention_mask, config, causal, scaling, averaging, module, plans):
     B, Nk = query.shape[0], key.shape[2]
     key_valid = key_valid_from_mask(attention_mask, B, Nk)
-    layout = layout_for(key_valid, B, Nk, config, causal, query.device)
+    layout = layout_for(key_valid, B, Nk, config, causal, query.device, get_token_roles(module))
     return simulate_prism(query, key, value, config=config, causal=causal, scale=scaling, key_valid=key_valid,
                           averaging=averaging, module=module, layout=layout, plans=plans)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+from ..anchors import DEFAULT_ANCHOR_BUDGET, DEFAULT_ANCHORS, DEFAULT_SEGMENTS
 from ..config import PrismConfig
 from .averaging import make_averaging
 
@@ -97,19 +98,24 @@ def _refuse_output_attentions(module, args, kwargs):
 def enable_prism(model, num_partitions: int = 2, *, compression_rate: Optional[float] = None,
                  num_means: Optional[int] = None, averaging: str = "attention_input",
                  backend: str = "auto", partition_weights: Optional[Sequence[float]] = None,
+                 anchors: str = DEFAULT_ANCHORS, segments: str = DEFAULT_SEGMENTS,
+                 anchor_budget: str = DEFAULT_ANCHOR_BUDGET,
                  config: Optional[PrismConfig] = None, allow_untested: bool = False):
     """Run `model` as P simulated Prism devices. Returns the model (modified in place).
 
     Give compression_rate (CR >= 1, Eq. 16) or num_means (m per partition), or a
     ready PrismConfig (or its dict) as `config`. Calling it again replaces the
-    settings. Raises ValueError at once for invalid settings (backend included) and
+    settings. anchors / segments / anchor_budget choose which tokens are sent alone
+    and how the others are grouped (prism_kernels/anchors.py; anchors="none",
+    segments="runs" is the paper's plain means). Raises ValueError at once for invalid settings (backend included) and
     for a model whose config.model_type is not in prism_kernels.models.MODEL_TYPES
     (unless allow_untested=True).
     """
     if config is None:
         config = PrismConfig(num_partitions=num_partitions, num_means=num_means,
                              compression_rate=compression_rate, averaging=averaging, backend=backend,
-                             partition_weights=partition_weights)
+                             partition_weights=partition_weights, anchors=anchors, segments=segments,
+                             anchor_budget=anchor_budget)
     else:
         config = PrismConfig.from_any(config)
     check_supported(model, allow_untested)
@@ -123,9 +129,12 @@ def enable_prism(model, num_partitions: int = 2, *, compression_rate: Optional[f
                           "averaging": strategy, "hook": hook}
     for c in configs:
         c._attn_implementation_internal = "prism"
+    from ..models import token_roles
+    roles = token_roles(model)
     for m in model.modules():
         m._prism_config = config
         m._prism_averaging = strategy
+        m._prism_roles = roles
     return model
 
 
@@ -139,7 +148,7 @@ def disable_prism(model):
     state["averaging"].remove()
     state["hook"].remove()
     for m in model.modules():
-        for name in ("_prism_config", "_prism_averaging"):
+        for name in ("_prism_config", "_prism_averaging", "_prism_roles"):
             m.__dict__.pop(name, None)
     del model._prism_state
     return model

@@ -13,7 +13,9 @@ keyed by `config.model_type`, says
     model's own K/V weights, biases included), and for rotary models how to get
     cos / sin at global positions;
   * how to embed the input at global positions, run one block on local rows,
-    and the final norm and head.
+    and the final norm and head;
+  * where its special tokens and patch grid are (`roles`, for the anchor and
+    segment-shape policies of prism_kernels.anchors).
 
 Adding a family is one `ModelType(...)` in TABLE. `lookup(model_or_config)` finds
 the entry of a model, a config or a model-type name.
@@ -24,6 +26,8 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
+
+from ..anchors import TEXT, TokenRoles
 
 # Random-config sizes. "tiny" for tests; "base" matches ViT-B/16, BERT-base, GPT-2 small.
 SIZES = {
@@ -239,6 +243,20 @@ class ModelType:
         return model
 
     # ---- structure -------------------------------------------------------------------
+    def roles(self, config) -> TokenRoles:
+        """Special tokens and patch grid of this model's inputs: encoders [CLS] ... [SEP]
+        (RoBERTa <s> ... </s>); decoders their first token (BOS, or whatever token
+        starts the sequence: it acts as the attention sink); vision models [CLS] and
+        any register tokens, then the patch grid of the configured image size."""
+        if self.kind == "encoder":
+            return TokenRoles(leading=1, trailing=1)
+        if self.kind == "causal":
+            return TokenRoles(leading=1)
+        pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+        (h, w), (ph, pw) = pair(config.image_size), pair(config.patch_size)
+        return TokenRoles(leading=1 + int(getattr(config, "num_register_tokens", 0) or 0),
+                          patch_grid=(h // ph, w // pw))
+
     def blocks(self, model) -> list:
         return list(_get(model, self.blocks_path))
 
@@ -372,3 +390,12 @@ def build_config(model_type: str, size: str = "tiny"):
 
 def build_model(model_type: str, size: str = "tiny", seed: int = 0, config=None):
     return lookup(model_type).build_model(size, seed, config)
+
+
+def token_roles(model_or_config) -> TokenRoles:
+    """Where the model's special tokens and patch grid are; a model type outside the
+    table (enable_prism's allow_untested) is treated as text whose first token is its
+    only special token."""
+    cfg = getattr(model_or_config, "config", model_or_config)
+    entry = TABLE.get(getattr(cfg, "model_type", None))
+    return entry.roles(cfg) if entry is not None else TEXT

@@ -1,0 +1,114 @@
+"""Which tokens a device sends alone, and how it groups image patches.
+
+Plain segment means (the paper's method) average every token of a segment. Two
+things a model's input has make that lossy (docs/accuracy.md, "Anchors and 2-D
+segments"):
+
+  * attention sinks: [CLS] in BERT and ViT / DINOv2, token 0 in decoders. Many
+    queries put a large share of their attention on them; averaged into their
+    neighbours, that share is lost. Sent alone (an *anchor*: a segment of one
+    token, count 1) they keep it;
+  * image patches in row-major order: contiguous runs wrap across rows of the
+    patch grid. Compact 2-D blocks of the grid average patches that are close in
+    the image.
+
+`TokenRoles` says where a model's special tokens and patch grid are (the model
+table gives one per model type, prism_kernels.models); `PrismConfig.anchors` and
+`PrismConfig.segments` choose the policy; `resolve(...)` turns both into the
+`anchors` and `grid` arguments of plan.make_plan for a sequence of n tokens.
+
+Policies (PrismConfig.anchors):
+  * "special" (default): the model's special tokens: the leading ones ([CLS], BOS or
+    a decoder's first token, register tokens) and the trailing ones ([SEP], </s>);
+  * "first": the first token only;
+  * "none": no anchors, the paper's plain means.
+Segment shapes (PrismConfig.segments):
+  * "auto" (default): compact 2-D blocks of the patch grid for vision models,
+    contiguous runs for text;
+  * "runs": contiguous runs everywhere (the paper's Alg. 2).
+Budget (PrismConfig.anchor_budget):
+  * "shared" (default): anchors come out of the partition's m_j rows, so the
+    compression rate stays what it says: a partition sends exactly m_j rows (with
+    k >= m_j anchors only the first m_j - 1 stay alone; at m_j = 1, one plain mean);
+  * "extra": anchors are sent on top of m_j means.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+ANCHORS = ("special", "first", "none")
+SEGMENTS = ("auto", "runs")
+ANCHOR_BUDGETS = ("shared", "extra")
+DEFAULT_ANCHORS = "special"
+DEFAULT_SEGMENTS = "auto"
+DEFAULT_ANCHOR_BUDGET = "shared"
+
+
+@dataclass(frozen=True)
+class TokenRoles:
+    """Where a model's special tokens and image patches sit in its input sequence.
+
+    leading: special tokens at the start ([CLS] and register tokens; a decoder's
+        first token, which acts as an attention sink whether it is BOS or not);
+    trailing: special tokens at the end ([SEP] of BERT, </s> of RoBERTa);
+    patch_grid: (rows, cols) of the patch grid at the model's configured image
+        size (vision models; None for text). The patches follow the leading tokens.
+    """
+    leading: int = 1
+    trailing: int = 0
+    patch_grid: Optional[Tuple[int, int]] = None
+
+    def __post_init__(self):
+        for name in ("leading", "trailing"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"TokenRoles.{name} must be an integer >= 0, got {v!r}")
+
+    def special(self, n: int) -> Tuple[int, ...]:
+        """Indices of the special tokens of a sequence of n tokens."""
+        lead = range(min(self.leading, n))
+        trail = range(max(len(lead), n - self.trailing), n)
+        return tuple(lead) + tuple(trail)
+
+    def grid(self, n: int) -> Optional[Tuple[int, int, int]]:
+        """(rows, cols, first patch) for a sequence of n tokens, or None when the
+        patches do not form a known grid. The configured grid when n matches it;
+        else a square grid when the patch count is a square (a vision model run at
+        another resolution, e.g. DINOv2's interpolated position embeddings)."""
+        if self.patch_grid is None:
+            return None
+        patches = n - self.leading
+        rows, cols = self.patch_grid
+        if rows * cols == patches:
+            return rows, cols, self.leading
+        side = math.isqrt(max(patches, 0))
+        if patches > 0 and side * side == patches:
+            return side, side, self.leading
+        return None
+
+
+TEXT = TokenRoles()
+
+
+def check_policy(anchors: str, segments: str, anchor_budget: str) -> None:
+    for name, value, choices in (("anchors", anchors, ANCHORS), ("segments", segments, SEGMENTS),
+                                 ("anchor_budget", anchor_budget, ANCHOR_BUDGETS)):
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def resolve(n: int, roles: Optional[TokenRoles], anchors: str = DEFAULT_ANCHORS,
+            segments: str = DEFAULT_SEGMENTS) -> Tuple[Tuple[int, ...], Optional[Tuple[int, int, int]]]:
+    """(anchor token indices, grid or None) of a sequence of n tokens under a policy.
+    roles=None: a text model whose first token is its only special token."""
+    roles = roles or TEXT
+    if anchors == "none":
+        idx: Tuple[int, ...] = ()
+    elif anchors == "first":
+        idx = (0,)
+    else:
+        idx = roles.special(n)
+    grid = roles.grid(n) if segments == "auto" else None
+    return idx, grid
