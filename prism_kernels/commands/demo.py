@@ -12,7 +12,9 @@ one padded batch. Sentence embeddings as sentence-transformers makes them
 CR, m, averaging, cosine), and adds a CR = 1 row at the largest P (unless --cr
 has 1) to show that Prism is exact when every token is sent. For every P and CR
 it prints:
-  * cosine similarity of each sentence's embedding to the exact model's (mean, min);
+  * cosine similarity of each sentence's embedding to the exact model's (mean, min)
+    with the defaults ([CLS] and [SEP] sent alone), and the mean with the paper's
+    plain means ("plain") on the same setting;
   * tokens and bytes each simulated device receives per layer, Prism vs Voltage;
   * GFLOPs per device (the paper's total / P, and the largest device) vs one device,
     counted by prism_kernels.costs (the `prism costs` code);
@@ -83,6 +85,8 @@ TERMS = (
     ("averaging", "attention_input = means of the layer's keys/values (default); block_input = means of the "
                   "block input, normalised (the paper's); the same for post-LN BERT"),
     ("cosine", "cosine similarity of each sentence embedding to the exact (1-device) model's; 1 = identical"),
+    ("anchors", "the default sends [CLS] and [SEP] alone (count 1) out of the same m rows; 'plain' is the "
+                "mean cosine with the paper's plain means (no anchors) on the same setting"),
 )
 
 
@@ -161,9 +165,14 @@ def run(args) -> int:
                 emb = embed(model, batch)
                 dt = time.perf_counter() - t0
             cos = (emb * exact).sum(-1)
+            # the paper's plain means (no anchors, contiguous runs) on the same setting
+            phf.enable_prism(model, num_partitions=P, compression_rate=cr, averaging=args.averaging,
+                             backend=args.backend, anchors="none", segments="runs")
+            plain = (embed(model, batch) * exact).sum(-1)
             s = acct.summary()
             single = s["single_gflops"]
             rows.append(dict(P=P, cr=cr, added_exactness_row=added, cos_mean=cos.mean().item(), cos_min=cos.min().item(), time_s=dt,
+                             plain_cos_mean=plain.mean().item(), plain_cos_min=plain.min().item(),
                              **{k: s[k] for k in (
                                  "compression_rate", "prism_tokens_per_device_layer",
                                  "voltage_tokens_per_device_layer", "prism_bytes_per_device_layer",
@@ -191,17 +200,18 @@ def run(args) -> int:
     for term, meaning in TERMS:
         print(f"  {term:<10}{meaning}")
     print()
-    head = (f"{'setting':<18}{'cos mean':>9}{'cos min':>9}{'CR':>6}  {'Prism recv/layer':>20}  "
+    head = (f"{'setting':<18}{'cos mean':>9}{'cos min':>9}{'plain':>8}{'CR':>6}  {'Prism recv/layer':>20}  "
             f"{'Voltage recv/layer':>20}  {'Prism GFLOPs/dev':>17}  {'Voltage GFLOPs/dev':>18}  {'time':>8}")
     print(head)
     print("-" * len(head))
-    print(f"{'exact (1 device)':<18}{1.0:>9.4f}{1.0:>9.4f}{'-':>6}  {'-':>20}  {'-':>20}  "
+    print(f"{'exact (1 device)':<18}{1.0:>9.4f}{1.0:>9.4f}{'-':>8}{'-':>6}  {'-':>20}  {'-':>20}  "
           f"{single if single is not None else float('nan'):>10.4f} (one) {'':>18}  {t_exact * 1e3:>6.0f}ms")
     for r in rows:
         prism_recv = f"{r['prism_tokens_per_device_layer']:.1f} tok {_fmt_bytes(r['prism_bytes_per_device_layer'])}"
         volt_recv = f"{r['voltage_tokens_per_device_layer']:.1f} tok {_fmt_bytes(r['voltage_bytes_per_device_layer'])}"
         crs = f"{r['compression_rate']:.1f}" if r["compression_rate"] else "-"
-        print(f"{'P=%d CR=%g' % (r['P'], r['cr']):<18}{r['cos_mean']:>9.4f}{r['cos_min']:>9.4f}{crs:>6}  "
+        print(f"{'P=%d CR=%g' % (r['P'], r['cr']):<18}{r['cos_mean']:>9.4f}{r['cos_min']:>9.4f}"
+              f"{r['plain_cos_mean']:>8.4f}{crs:>6}  "
               f"{prism_recv:>20}  {volt_recv:>20}  "
               f"{r['prism_gflops_per_device']:>8.4f} ({r['prism_gflops_max_device']:.4f})  "
               f"{r['voltage_gflops_per_device']:>18.4f}  {r['time_s'] * 1e3:>6.0f}ms")
