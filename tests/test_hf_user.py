@@ -187,3 +187,24 @@ def test_output_attentions_refused_on_the_config_route(make_config, cls):
     assert _out(model).shape == (2, 10, 32)
     with torch.no_grad():     # other collected outputs still work
         assert len(model(input_ids=_ids(), output_hidden_states=True).hidden_states) == 3
+
+
+def test_from_pretrained_names_missing_settings_before_loading_weights(tmp_path, monkeypatch):
+    _bert_config().save_pretrained(tmp_path)          # config.json only: loading weights would fail
+    loads = []
+    monkeypatch.setattr(BertModel, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: loads.append(a) or BertModel(_bert_config())))
+    with pytest.raises(ValueError, match=r"missing num_partitions and compression_rate \(or num_means\).*no saved "
+                                         r"\"prism\" settings"):
+        phf.from_pretrained(BertModel, tmp_path)
+    with pytest.raises(ValueError, match=r"missing compression_rate \(or num_means\)\."):
+        phf.from_pretrained(BertModel, tmp_path, num_partitions=2)
+    with pytest.raises(ValueError, match=r"missing num_partitions\."):
+        phf.from_pretrained(BertModel, tmp_path, compression_rate=4)
+    assert loads == []                                 # no model was loaded
+    # settings saved in config.json (or a config= passed on) are read before loading
+    config = _bert_config()
+    config.prism = PrismConfig(num_partitions=3, compression_rate=2).to_dict()
+    config.save_pretrained(tmp_path)
+    model = phf.from_pretrained(BertModel, tmp_path)
+    assert len(loads) == 1 and phf.prism_config_of(model) == PrismConfig(num_partitions=3, compression_rate=2.0)
