@@ -291,7 +291,10 @@ def make_plan(n_tokens: int, num_partitions: Optional[int] = None,
             raise ValueError(f"grid (rows={rows}, cols={cols}, first={first}) needs "
                              f"{first + rows * cols} tokens, the sequence has {n_tokens}")
         grid = (rows, cols, first)
-    return _make_plan(n_tokens, num_partitions, as_tuple(num_means), compression_rate, bool(causal),
+    # under torch.compile the plan is built while tracing (plain Python on ints); calling the
+    # uncached function there is what dynamo does anyway, without its lru_cache warning
+    build = _make_plan.__wrapped__ if torch.compiler.is_compiling() else _make_plan
+    return build(n_tokens, num_partitions, as_tuple(num_means), compression_rate, bool(causal),
                       as_tuple(sizes), as_tuple(weights), anchors, grid, anchor_budget == "extra",
                       as_tuple(order))
 

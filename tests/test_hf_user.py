@@ -8,11 +8,13 @@
   how to give P and CR;
 * enable_prism refuses invalid settings (backend), non-transformers models and
   model types outside prism_kernels.models.MODEL_TYPES (T5), unless allow_untested;
-* output_attentions=True raises instead of returning empty attentions.
+* output_attentions=True raises instead of returning empty attentions, under
+  enable_prism and on the config route (BERT, GPT-2, Llama).
 """
 import pytest
 import torch
-from transformers import AutoModel, BertConfig, BertModel, T5Config, T5Model
+from transformers import (AutoModel, BertConfig, BertModel, GPT2Config, GPT2Model, LlamaConfig, LlamaModel, T5Config,
+                          T5Model)
 
 import prism_kernels.hf as phf
 from prism_kernels.config import PrismConfig
@@ -162,3 +164,47 @@ def test_output_attentions_in_config_refused():
     with pytest.raises(ValueError, match="output_attentions=True is not supported under Prism"):
         _out(model)
     assert _out(model, output_attentions=False).shape == (2, 10, 32)
+
+
+def _gpt2_config(**kw):
+    return GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=2, **kw)
+
+
+def _llama_config(**kw):
+    return LlamaConfig(vocab_size=VOCAB, max_position_embeddings=64, hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=1, intermediate_size=64, **kw)
+
+
+@pytest.mark.parametrize("make_config,cls", [(_bert_config, BertModel), (_gpt2_config, GPT2Model),
+                                             (_llama_config, LlamaModel)], ids=["bert", "gpt2", "llama"])
+def test_output_attentions_refused_on_the_config_route(make_config, cls):
+    """attn_implementation="prism" at construction: no enable_prism hook, the entry point refuses."""
+    config = make_config()
+    config.prism = PrismConfig(num_partitions=2, compression_rate=2).to_dict()
+    model = cls._from_config(config, attn_implementation="prism").eval()
+    with pytest.raises(ValueError, match="output_attentions=True is not supported under Prism"):
+        _out(model, output_attentions=True)
+    assert _out(model).shape == (2, 10, 32)
+    with torch.no_grad():     # other collected outputs still work
+        assert len(model(input_ids=_ids(), output_hidden_states=True).hidden_states) == 3
+
+
+def test_from_pretrained_names_missing_settings_before_loading_weights(tmp_path, monkeypatch):
+    _bert_config().save_pretrained(tmp_path)          # config.json only: loading weights would fail
+    loads = []
+    monkeypatch.setattr(BertModel, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: loads.append(a) or BertModel(_bert_config())))
+    with pytest.raises(ValueError, match=r"missing num_partitions and compression_rate \(or num_means\).*no saved "
+                                         r"\"prism\" settings"):
+        phf.from_pretrained(BertModel, tmp_path)
+    with pytest.raises(ValueError, match=r"missing compression_rate \(or num_means\)\."):
+        phf.from_pretrained(BertModel, tmp_path, num_partitions=2)
+    with pytest.raises(ValueError, match=r"missing num_partitions\."):
+        phf.from_pretrained(BertModel, tmp_path, compression_rate=4)
+    assert loads == []                                 # no model was loaded
+    # settings saved in config.json (or a config= passed on) are read before loading
+    config = _bert_config()
+    config.prism = PrismConfig(num_partitions=3, compression_rate=2).to_dict()
+    config.save_pretrained(tmp_path)
+    model = phf.from_pretrained(BertModel, tmp_path)
+    assert len(loads) == 1 and phf.prism_config_of(model) == PrismConfig(num_partitions=3, compression_rate=2.0)

@@ -9,8 +9,8 @@ is `model_class.from_pretrained(path, **hf_kwargs)` followed by
 The model loads with its usual attention implementation, so `disable_prism`
 gives back exactly the stock model. Without P and CR / m, the settings saved in
 the checkpoint's config.json under "prism" are used (a model saved after
-`config.prism = PrismConfig(...).to_dict()`); with neither, ValueError says how to
-give them.
+`config.prism = PrismConfig(...).to_dict()`, read from config.json before any
+weight); with neither, ValueError names the missing arguments and says how to give them.
 """
 from __future__ import annotations
 
@@ -51,17 +51,37 @@ def from_pretrained(model_class, path, *, num_partitions: Optional[int] = None,
     if prism_config is not None:
         settings = PrismConfig.from_any(prism_config)
     elif given:
-        if num_partitions is None or (compression_rate is None and num_means is None):
-            raise ValueError(MISSING_SETTINGS)
+        missing = [name for name, v in (("num_partitions", num_partitions),
+                                        ("compression_rate (or num_means)",
+                                         compression_rate if num_means is None else num_means)) if v is None]
+        if missing:
+            raise ValueError(f"from_pretrained: missing {' and '.join(missing)}. {MISSING_SETTINGS}")
         settings = PrismConfig(num_partitions=num_partitions, compression_rate=compression_rate,
                                num_means=num_means, averaging=averaging, backend=backend,
                                partition_weights=partition_weights)
+    else:
+        # the checkpoint's config.json only (no weight read yet): its saved settings or the error
+        saved = getattr(_hf_config(path, hf_kwargs), "prism", None)
+        if saved is None:
+            raise ValueError(f"from_pretrained: missing num_partitions and compression_rate (or num_means), and "
+                             f"the checkpoint's config has no saved \"prism\" settings. {MISSING_SETTINGS}")
+        settings = PrismConfig.from_any(saved)
     if hf_kwargs.get("attn_implementation") == "prism":
         hf_kwargs.pop("attn_implementation")     # enable_prism switches it; disable_prism restores the default
     model = model_class.from_pretrained(path, **hf_kwargs)
-    if settings is None:
-        saved = getattr(getattr(model, "config", None), "prism", None)
-        if saved is None:
-            raise ValueError(MISSING_SETTINGS)
-        settings = PrismConfig.from_any(saved)
     return enable_prism(model, config=settings, allow_untested=allow_untested)
+
+
+# keywords of model_class.from_pretrained that also say where config.json is
+_CONFIG_LOCATION = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder",
+                    "proxies", "trust_remote_code")
+
+
+def _hf_config(path, hf_kwargs):
+    """The transformers config the model will be built with, without loading the model."""
+    from transformers import AutoConfig, PretrainedConfig
+    config = hf_kwargs.get("config")
+    if isinstance(config, PretrainedConfig):
+        return config
+    where = {k: hf_kwargs[k] for k in _CONFIG_LOCATION if k in hf_kwargs}
+    return AutoConfig.from_pretrained(config if config is not None else path, **where)

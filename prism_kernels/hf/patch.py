@@ -24,11 +24,19 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import torch
+
 from ..anchors import DEFAULT_ANCHOR_BUDGET, DEFAULT_ANCHORS, DEFAULT_SEGMENTS
 from ..config import PrismConfig
+from .attention import prism_attention_forward
 from .averaging import make_averaging
 
 _registered = False
+
+try:    # transformers' (private) record of the outputs the running forward collects
+    from transformers.utils.output_capturing import _active_collector as _collector
+except ImportError:     # another transformers version: only the kwargs check remains
+    _collector = None
 
 
 def register() -> None:
@@ -43,10 +51,9 @@ def register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    from .attention import prism_attention_forward
     from .masks import prism_mask
 
-    AttentionInterface.register("prism", prism_attention_forward)
+    AttentionInterface.register("prism", prism_attention_entry)
     AttentionMaskInterface.register("prism", prism_mask)
     _registered = True
 
@@ -93,6 +100,30 @@ def _refuse_output_attentions(module, args, kwargs):
     if kwargs.get("output_attentions", getattr(module.config, "output_attentions", False)):
         raise ValueError(OUTPUT_ATTENTIONS_MESSAGE)
     return None
+
+
+def prism_attention_entry(module, query, key, value, attention_mask, *args, **kwargs):
+    """What "prism" is registered as: hf.attention.prism_attention_forward, refusing output_attentions.
+
+    The refusal lives here as well as in enable_prism's pre-hook because a model built
+    with attn_implementation="prism" (config route) has no hook, and transformers would
+    return empty attentions. Two signals: output_attentions in the attention kwargs
+    (BERT passes the caller's down), and transformers' output collector asking for
+    "attentions" (models such as GPT-2 drop the kwarg and collect through hooks).
+    """
+    # the argument when given, else the config: what transformers itself decides from
+    if kwargs.get("output_attentions", getattr(getattr(module, "config", None), "output_attentions", False)):
+        raise ValueError(OUTPUT_ATTENTIONS_MESSAGE)
+    if _collector is not None:
+        if torch.compiler.is_compiling():
+            # dynamo cannot trace ContextVar.get; while compiling transformers keeps the
+            # collector in a plain attribute (no check when that is not so)
+            collected = getattr(_collector, "global_var", None) if getattr(_collector, "compiling", False) else None
+        else:
+            collected = _collector.get()
+        if collected is not None and "attentions" in collected:
+            raise ValueError(OUTPUT_ATTENTIONS_MESSAGE)
+    return prism_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
 
 
 def enable_prism(model, num_partitions: int = 2, *, compression_rate: Optional[float] = None,
