@@ -16,6 +16,8 @@
   alone ("special"), 2-D blocks of the patch grid for vision models ("auto"), out
   of the same budget ("shared"). anchors="none", segments="runs" is the paper's
   plain means;
+* count_bias: "log" (the paper's log-count bias) or "spread" (an experiment of the
+  simulation: the bias corrected for the spread of a segment's keys, hf/spread_bias.py);
 * backend: the kernels' backend (auto | cpp | triton | torch).
 
 `plan(n_tokens, causal, roles=...)` is the one way to get a PrismPlan from these
@@ -33,6 +35,8 @@ from .anchors import (DEFAULT_ANCHOR_BUDGET, DEFAULT_ANCHORS, DEFAULT_SEGMENTS, 
 from .plan import PrismPlan, check_compression_rate, make_plan
 
 AVERAGING = ("attention_input", "block_input")
+# "log": the paper's log-count bias; "spread": an experiment (simulation only, hf/spread_bias.py)
+COUNT_BIASES = ("log", "spread")
 DEFAULT_AVERAGING = "attention_input"
 
 
@@ -47,6 +51,7 @@ class PrismConfig:
     anchors: str = DEFAULT_ANCHORS
     segments: str = DEFAULT_SEGMENTS
     anchor_budget: str = DEFAULT_ANCHOR_BUDGET
+    count_bias: str = "log"
 
     def __post_init__(self):
         P = self.num_partitions
@@ -63,6 +68,8 @@ class PrismConfig:
         if self.averaging not in AVERAGING:
             raise ValueError(f"averaging must be one of {AVERAGING}, got {self.averaging!r}")
         check_policy(self.anchors, self.segments, self.anchor_budget)
+        if self.count_bias not in COUNT_BIASES:
+            raise ValueError(f"count_bias must be one of {COUNT_BIASES}, got {self.count_bias!r}")
         from .api import BACKENDS
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")

@@ -61,6 +61,7 @@ from ..config import PrismConfig
 from ..plan import Partition, PrismPlan
 from .averaging import ATTENTION_INPUT
 from .masks import key_valid_from_mask
+from .spread_bias import augment, segment_key_spread
 
 BIG = 1 << 40  # a position beyond any real token
 
@@ -258,19 +259,26 @@ def simulate_prism(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     inputs = LayerInputs(module, k3, v3, config.backend)
     # rows of [B * N tokens ; means bank], 2-D: index_select is much faster on 2-D than on [rows, H, d]
     ks, vs = [k3.reshape(B * N, -1)], [v3.reshape(B * N, -1)]
+    spread = config.count_bias == "spread"
+    s = scale if scale is not None else d ** -0.5
+    extra = [k3.new_zeros(B * N, Hkv, dtype=torch.float32)] if spread else None
     for g in lay.groups:
         for part in g.sent():
             km, vm = (averaging or ATTENTION_INPUT).kv_means(inputs, g, part)
             ks.append(km.reshape(-1, Hkv * d).to(key.dtype))
             vs.append(vm.reshape(-1, Hkv * d).to(value.dtype))
+            if spread:
+                extra.append(0.5 * s * segment_key_spread(k3, g, part, Hkv, config.backend))
     R, nq, nk = lay.rows, lay.q_index.numel() // lay.rows, lay.counts.shape[1]
     stack = lambda parts: (torch.cat(parts) if len(parts) > 1 else parts[0]).index_select(0, lay.kv_index)
     q_all = query.transpose(1, 2).reshape(B * N, H * d).index_select(0, lay.q_index)
     k_all, v_all = stack(ks), stack(vs)
     heads = lambda t, n, h: t.view(R, n, h, d).transpose(1, 2)
-    out = prism_attention(heads(q_all, nq, H), heads(k_all, nk, Hkv), heads(v_all, nk, Hkv),
-                          key_counts=lay.counts, causal=lay.q_pos is not None, q_pos=lay.q_pos,
-                          k_pos=lay.k_pos, scale=scale, backend=config.backend)
+    q4, k4, v4 = heads(q_all, nq, H), heads(k_all, nk, Hkv), heads(v_all, nk, Hkv)
+    if spread:
+        q4, k4, v4 = augment(q4, k4, v4, stack(extra).view(R, nk, Hkv).transpose(1, 2), s)
+    out = prism_attention(q4, k4, v4, key_counts=lay.counts, causal=lay.q_pos is not None, q_pos=lay.q_pos,
+                          k_pos=lay.k_pos, scale=s, backend=config.backend)[..., :d]
     return lay.restore(out.transpose(1, 2).reshape(R * nq, H * d)).view(B, N, H, d)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+from ..anchors import DEFAULT_ANCHOR_BUDGET, DEFAULT_ANCHORS, DEFAULT_SEGMENTS
 from ..config import DEFAULT_AVERAGING, PrismConfig
 from .patch import enable_prism
 
@@ -30,13 +31,14 @@ MISSING_SETTINGS = (
 def from_pretrained(model_class, path, *, num_partitions: Optional[int] = None,
                     compression_rate: Optional[float] = None, num_means: Optional[int] = None,
                     averaging: str = DEFAULT_AVERAGING, backend: str = "auto",
-                    partition_weights: Optional[Sequence[float]] = None,
+                    partition_weights: Optional[Sequence[float]] = None, anchors: str = DEFAULT_ANCHORS,
+                    segments: str = DEFAULT_SEGMENTS, anchor_budget: str = DEFAULT_ANCHOR_BUDGET,
                     prism_config: Optional[PrismConfig] = None, allow_untested: bool = False, **hf_kwargs):
     """`model_class.from_pretrained(path, **hf_kwargs)` with Prism enabled; returns the model.
 
     model_class: a transformers model class (BertModel, AutoModel, ...). Prism settings
     as in enable_prism (num_partitions with compression_rate or num_means, averaging,
-    backend, partition_weights) or a ready PrismConfig / dict as `prism_config`; when
+    backend, partition_weights, anchors, segments, anchor_budget) or a ready PrismConfig / dict as `prism_config`; when
     none are given, the checkpoint's saved config.prism. Every other keyword goes to
     transformers (dtype, local_files_only, ...; `config=` is transformers' config).
     """
@@ -58,7 +60,8 @@ def from_pretrained(model_class, path, *, num_partitions: Optional[int] = None,
             raise ValueError(f"from_pretrained: missing {' and '.join(missing)}. {MISSING_SETTINGS}")
         settings = PrismConfig(num_partitions=num_partitions, compression_rate=compression_rate,
                                num_means=num_means, averaging=averaging, backend=backend,
-                               partition_weights=partition_weights)
+                               partition_weights=partition_weights, anchors=anchors, segments=segments,
+                               anchor_budget=anchor_budget)
     else:
         # the checkpoint's config.json only (no weight read yet): its saved settings or the error
         saved = getattr(_hf_config(path, hf_kwargs), "prism", None)
