@@ -149,7 +149,7 @@ def check_options(options, where: str = "--variant") -> None:
 
 def sweep_cells(partitions=(2, 3), crs=DEFAULT_CRS, averagings=AVERAGINGS,
                 secondary_crs=None, variants=None) -> list[Cell]:
-    """exact, then per P: Voltage (CR = 1) and Prism at every CR > 1 for each
+    """exact, then per P: Voltage (when CR 1 is asked) and Prism at every CR > 1 for each
     averaging and each variant (a tuple of enable_prism options; None = one
     variant, the package's defaults). A variant that sets `averaging` runs with
     that averaging only. With `secondary_crs`, averagings after the first run
@@ -159,7 +159,8 @@ def sweep_cells(partitions=(2, 3), crs=DEFAULT_CRS, averagings=AVERAGINGS,
     variants = [()] if not variants else [_canonical_options(v) for v in variants]
     cells = [Cell("exact")]
     for p in partitions:
-        cells.append(Cell("voltage", p))
+        if any(cr == 1 for cr in crs):     # CR = 1 asked: Voltage (equal to exact, a check)
+            cells.append(Cell("voltage", p))
         for opts in variants:
             od = dict(opts)
             avgs = [od.pop("averaging")] if "averaging" in od else list(averagings)
