@@ -81,6 +81,12 @@ def test_costs_dtype_changes_bytes(capsys):
     d = json.loads(out)
     assert d["prism_bytes_devices"] == [768 * 2, 768 * 2]
     assert d["voltage_bytes_devices"] == [128 * 768 * 2] * 2
+    # --wire-dtype, the name shared with `prism run`: bf16 halves fp32's bytes too
+    for dtype, size in (("fp32", 4), ("bf16", 2)):
+        rc, out, _ = run_cli(capsys, "costs", "--model", "bert-base", "--partitions", "2", "--means", "1",
+                             "--wire-dtype", dtype, "--json")
+        d = json.loads(out)
+        assert rc == 0 and d["wire_dtype"] == dtype and d["prism_bytes_devices"] == [768 * size] * 2
 
 
 def test_costs_human_table(capsys):
@@ -163,6 +169,8 @@ BAD = [
      "not allowed with argument --partitions"),
     (["--model", "gpt2", "--seq-len", "16", "--weights", "1,x", "--means", "1"], "--weights", "could not convert"),
     (["--model", "gpt2", "--partitions", "2", "--means", "x"], "--means", "invalid int"),
+    (["--model", "gpt2", "--partitions", "2", "--means", "1", "--wire-dtype", "fp4"], "--wire-dtype",
+     "invalid choice: 'fp4'"),
 ]
 
 
@@ -211,6 +219,10 @@ RUN_BAD = [
     (["--nproc", "2", "--seq-len", "8", "--cr", "4", "--partition-weights", "1,2,3"], "partition_weights",
      "one weight per partition (2)"),
     (["--nproc", "2", "--family", "vit", "--cr", "4", "--seq-len", "5"], "--seq-len", "fixed by its image size"),
+    (["--nproc", "2", "--seq-len", "8", "--cr", "4", "--wire-dtype", "fp8"], "--wire-dtype",
+     "must be one of fp32, fp16, bf16, got 'fp8'"),
+    (["--nproc", "2", "--seq-len", "8", "--mode", "voltage", "--wire-dtype", "float16"], "--wire-dtype",
+     "must be one of fp32, fp16, bf16, got 'float16'"),
 ]
 
 

@@ -7,6 +7,7 @@ compared with
     same PrismConfig, and an independent one written here (the plan, python_ref's
     segment_means and prism_attention, the stock HF model);
   * the stock model itself in voltage mode and at CR = 1,
+  * the same scenario with fp32 on the wire, for fp16 / bf16 wire dtypes,
 and the bytes each rank received per layer with the cost model.
 """
 from __future__ import annotations
@@ -230,6 +231,15 @@ SCEN2 = [
     # uneven partitions (sizes in proportion to device speeds)
     dict(name="gpt2_weights", family="gpt2", mode="prism", cr=2.0, weights=[2.0, 1.0]),
     dict(name="vit_weights_block", family="vit", mode="prism", cr=3.0, weights=[1.0, 3.0], **BLOCK),
+    # fp16 / bf16 on the wire, each against its fp32 scenario ("ref"): hidden rows of the
+    # attention input (BERT), K/V means (Llama), Voltage's full rows (GPT-2), block_input means
+    dict(name="bert_prism_fp16", family="bert", mode="prism", num_means=2, wire_dtype="fp16", ref="bert_prism"),
+    dict(name="llama_prism_fp16", family="llama", mode="prism", num_means=2, wire_dtype="fp16", ref="llama_prism"),
+    dict(name="gpt2_voltage_fp16", family="gpt2", mode="voltage", wire_dtype="fp16", ref="gpt2_voltage"),
+    dict(name="llama_prism_block_fp16", family="llama", mode="prism", num_means=2, wire_dtype="fp16",
+         ref="llama_prism_block", **BLOCK),
+    dict(name="bert_prism_bf16", family="bert", mode="prism", num_means=2, wire_dtype="bf16", ref="bert_prism"),
+    dict(name="llama_prism_bf16", family="llama", mode="prism", num_means=2, wire_dtype="bf16", ref="llama_prism"),
 ]
 SCEN3 = [
     dict(name="bert_prism", family="bert", mode="prism", num_means=2),
@@ -249,7 +259,14 @@ SCEN3 = [
     dict(name="llama_voltage", family="llama", mode="voltage"),
     dict(name="qwen2_prism", family="qwen2", mode="prism", num_means=2),
     dict(name="qwen2_cr1", family="qwen2", mode="prism", cr=1.0),
+    # a causal model where the last rank receives from two ranks, in fp16
+    dict(name="gpt2_prism_fp16", family="gpt2", mode="prism", cr=2.0, wire_dtype="fp16", ref="gpt2_prism"),
+    dict(name="vit_prism_bf16", family="vit", mode="prism", cr=2.0, wire_dtype="bf16", ref="vit_prism"),
 ]
+# IEEE sizes, written here rather than read from the code under test
+ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+# unit roundoff: a value cast to the dtype is off by at most this relative amount
+UNIT_ROUNDOFF = {"fp16": 2.0 ** -11, "bf16": 2.0 ** -8}
 
 
 def test_every_family_is_covered():
@@ -276,6 +293,8 @@ def run_scenarios(request, tmp_path_factory):
 def test_outputs_equal_simulation_and_stock(run_scenarios):
     P, scen, results = run_scenarios
     for s in scen:
+        if "ref" in s:
+            continue            # fp16 / bf16 on the wire: compared with fp32 below
         r = results[s["name"]]
         inputs = r["inputs"]
         fam = s["family"]
@@ -327,14 +346,16 @@ def test_bytes_per_layer_equal_cost_model(run_scenarios):
                 ms = rep["means"]
                 tokens = sum(ms[j] for j in range(P) if j != i and (not causal or j < i))
             width = D if rep["wire"] == "hidden" else 2 * Hkv * entry.head_dim(cfg)
-            want = tokens * width * 4
+            assert rep["wire_dtype"] == s.get("wire_dtype", "fp32"), (s["name"], rep)
+            want = tokens * width * ELEMENT_BYTES[rep["wire_dtype"]]
             # the project's cost model (`prism costs`)
             if s["mode"] == "prism":
                 plan = make_plan(sum(sizes), sizes=sizes, num_means=rep["means"], causal=causal)
                 assert costs.received_tokens(plan)[i] == tokens, (s["name"], i)
             elif not causal:
                 assert costs.voltage_received_tokens(sizes)[i] == tokens, (s["name"], i)
-            assert costs.bytes_for(tokens, width, 4) == want
+            assert costs.bytes_for(tokens, width, costs.dtype_bytes(rep["wire_dtype"])) == want
+            assert tokens * costs.row_bytes(cfg, rep["wire"], rep["wire_dtype"]) == want
             assert rep["expected"] == want, (s["name"], i)
             if tokens == 0:
                 assert all(v == 0 for v in rep["layer_bytes"].values()), (s["name"], i)
@@ -354,6 +375,57 @@ def test_wire_choice(run_scenarios):
             # block_input and Voltage send hidden rows; attention_input for non-rotary
             # models too (D floats <= 2*Hkv*d for multi-head attention)
             assert rep["wire"] == "hidden"
+
+
+def test_low_precision_wire_close_to_fp32(run_scenarios):
+    """fp16 / bf16 on the wire against fp32 on the wire, same scenario.
+
+    Tolerance: the cast rounds every sent element with a relative error <= u (2^-11
+    fp16, 2^-8 bf16), so each layer's received keys/values are off by <= u of their
+    size; an attention output is a convex combination of values, and the logit shift
+    u |q| |k| / sqrt(d) moves the weights by about as much, so each of the 2 layers
+    adds about u relative to the hidden state, and the final norm keeps that scale:
+    4 u of the largest output element (seen here: at most 0.6 u; bf16's error would
+    exceed fp16's bound). The error must also not be 0 (else nothing was cast)."""
+    P, scen, results = run_scenarios
+    checked = set()
+    for s in scen:
+        if "ref" not in s:
+            continue
+        got, ref = results[s["name"]], results[s["ref"]]
+        u = UNIT_ROUNDOFF[s["wire_dtype"]]
+        for key in ("hidden", "head"):
+            a, b = got[key], ref[key]
+            assert a.dtype == b.dtype == torch.float32       # the computation stays in fp32
+            err = float((a - b).abs().max())
+            scale = float(b.abs().max())
+            assert err <= 4 * u * scale, (s["name"], key, err, scale, err / (u * scale))
+        # something was rounded: the hidden rows differ from the fp32 run
+        assert float((got["hidden"] - ref["hidden"]).abs().max()) > 0, s["name"]
+        checked.add((s["family"], s["wire_dtype"]))
+    # at least two families in fp16, and bf16 too
+    assert len({f for f, d in checked if d == "fp16"}) >= (2 if P == 2 else 1), checked
+    assert any(d == "bf16" for f, d in checked), checked
+
+
+def test_to_wire_refuses_fp16_overflow():
+    from prism_kernels.distributed.runtime import to_wire
+    x = torch.tensor([1.0, -70000.0])
+    with pytest.raises(ValueError, match="beyond fp16's range"):
+        to_wire(x, torch.float16, "layer 3 exchange")
+    # bf16 has fp32's exponent range: the same value goes through, rounded
+    assert float(to_wire(x, torch.bfloat16)[1]) == pytest.approx(-70000.0, rel=2.0 ** -8)
+    ok = to_wire(torch.tensor([1.0, 1.0 + 2.0 ** -12, 60000.0]), torch.float16)
+    assert ok.dtype == torch.float16 and ok.tolist() == [1.0, 1.0, 60000.0]
+
+
+def test_run_config_wire_dtype():
+    from prism_kernels.distributed import RunConfig
+    assert RunConfig(mode="voltage").wire_dtype == "fp32"
+    assert RunConfig(mode="voltage", wire_dtype="bf16").wire_dtype == "bf16"
+    for bad in ("fp8", "float16", None, 2):
+        with pytest.raises(ValueError, match=r"wire_dtype must be one of fp32, fp16, bf16, got"):
+            RunConfig(mode="voltage", wire_dtype=bad)
 
 
 def test_overlap_equals_no_overlap(run_scenarios):
@@ -378,7 +450,14 @@ def test_cli_torchrun_and_json(tmp_path):
     # causal: rank 0 receives nothing, rank 1 receives partition 0's 2 means of D=32 floats per layer
     assert d["layer_bytes_per_rank"][0] == {} or set(d["layer_bytes_per_rank"][0].values()) == {0}
     assert set(d["layer_bytes_per_rank"][1].values()) == {2 * 32 * 4}
-    assert len(d["times_s"]) == 2
+    assert len(d["times_s"]) == 2 and d["wire_dtype"] == "fp32"
+    # fp16 on the wire: half the bytes, named in the human-readable report
+    p = subprocess.run([sys.executable, "-m", "prism_kernels.cli", "run", "--nproc", "2", "--family", "gpt2",
+                        "--seq-len", "11", "--mode", "prism", "-m", "2", "--wire-dtype", "fp16", "--no-compare"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "wire=hidden (32 floats per row, fp16)" in p.stdout, p.stdout
+    assert "rank 1: bytes received per layer [128] (cost model 128, match=True)" in p.stdout, p.stdout
 
 
 def test_one_process():

@@ -2,7 +2,7 @@
 
     prism costs --model {vit-b16,bert-base,gpt2,roberta-base,qwen2-0.5b,TYPE,CONFIG.json} --seq-len N
                 (--partitions P | --sizes 100,50 | --weights 2,1) (--means M | --cr CR)
-                [--averaging attention_input|block_input] [--dtype fp32] [--json]
+                [--averaging attention_input|block_input] [--wire-dtype fp32] [--json]
     prism costs --paper [--json]     (the paper's settings next to its figures)
 
 P devices split N evenly; --sizes gives each partition's tokens (uneven allowed),
@@ -36,8 +36,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--means", type=int, default=None, help="segment means per partition M (1 <= M <= n_i)")
     g.add_argument("--cr", type=float, default=None, help="compression rate CR >= 1 (m_i = ceil(n_i / CR))")
-    p.add_argument("--dtype", choices=list(DTYPE_BYTES), default="fp32",
-                   help="element type of the rows sent (default fp32)")
+    # --dtype: the older name, kept as an alias
+    p.add_argument("--wire-dtype", "--dtype", dest="dtype", choices=list(DTYPE_BYTES), default="fp32",
+                   help="element type of the rows sent (default fp32); `prism run --wire-dtype` "
+                        "sends fp32, fp16 or bf16")
     p.add_argument("--averaging", choices=("attention_input", "block_input"), default="attention_input",
                    help="what the means are taken of; sets the wire format (rotary models send K/V means "
                         "under attention_input)")
@@ -144,7 +146,7 @@ def run(args, p: argparse.ArgumentParser) -> int:
         p.error(str(e))
     if args.json:
         d = report.to_dict()
-        d["dtype"] = args.dtype
+        d["dtype"] = d["wire_dtype"] = args.dtype
         json.dump(d, sys.stdout)
         print()
     else:

@@ -12,13 +12,18 @@ device knows. Bytes = rows x floats per row x bytes per element, a row being
             attention_input means of non-rotary models when D <= 2*Hkv*d), or
   "kv":     2*Hkv*d floats (K/V means: rotary models under attention_input, the
             only exact choice there; non-rotary models when that is smaller).
-The runtime (prism_kernels.distributed) sends exactly these rows.
+Bytes per element: the wire dtype (WIRE_DTYPES; `row_bytes`). The runtime
+(prism_kernels.distributed) sends exactly these rows, cast to the wire dtype.
 """
 from __future__ import annotations
 
 from typing import Dict, List, Sequence
 
 DTYPE_BYTES: Dict[str, int] = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8, "fp8": 1}
+
+# Element types the runtime can put on the wire (`prism run --wire-dtype`); the cost
+# model may price the others in DTYPE_BYTES too. fp32 first: the default.
+WIRE_DTYPES = ("fp32", "fp16", "bf16")
 
 
 def received_tokens(plan) -> List[int]:
@@ -68,6 +73,24 @@ def wire_format(config, mode: str = "prism", averaging: str = "attention_input")
 
 def floats_per_row(config, wire: str) -> int:
     return config.hidden_size if wire == "hidden" else kv_width(config)
+
+
+def check_wire_dtype(wire_dtype, name: str = "wire_dtype") -> str:
+    """wire_dtype if it is one of WIRE_DTYPES, else ValueError naming `name` and the choices."""
+    if not isinstance(wire_dtype, str) or wire_dtype not in WIRE_DTYPES:
+        raise ValueError(f"{name} must be one of {', '.join(WIRE_DTYPES)}, got {wire_dtype!r}")
+    return wire_dtype
+
+
+def wire_torch_dtype(wire_dtype: str):
+    """The torch dtype of a wire dtype name ('fp16' -> torch.float16)."""
+    import torch
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[check_wire_dtype(wire_dtype)]
+
+
+def row_bytes(config, wire: str, wire_dtype: str = "fp32") -> int:
+    """Bytes of one row on the wire: floats per row x bytes per element of the wire dtype."""
+    return floats_per_row(config, wire) * DTYPE_BYTES[check_wire_dtype(wire_dtype)]
 
 
 def dtype_bytes(dtype) -> int:

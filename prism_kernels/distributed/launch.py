@@ -57,6 +57,11 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--partition-weights", default=None,
                    help="comma-separated relative speed of each rank: partition sizes in proportion")
     p.add_argument("--no-overlap", action="store_true", help="wait for the means before any attention")
+    # no argparse choices: validate() refuses an unknown dtype, so a Namespace built in
+    # Python is checked the same way as the command line
+    p.add_argument("--wire-dtype", default="fp32", metavar="{fp32,fp16,bf16}",
+                   help="element type of what is sent every layer (means, Voltage's rows); cast back "
+                        "to the compute dtype on receipt (default fp32)")
     p.add_argument("--gather", default="head", choices=("head", "all"),
                    help="what the master collects: what the head needs, or every row")
     p.add_argument("--partitions", "-P", type=int, default=None,
@@ -115,6 +120,7 @@ def validate(args, world=None, model=True):
     WORLD_SIZE in a rank). `model`: also read the model's config (local only, never a hub)
     to check --seq-len against the model's positions."""
     import math
+    from prism_kernels.costs.comm import check_wire_dtype
     from prism_kernels.plan import check_compression_rate
     # processes, partitions
     if args.nproc is not None and not 1 <= args.nproc <= MAX_WORLD:
@@ -147,6 +153,10 @@ def validate(args, world=None, model=True):
         raise Refused("prism mode needs -m/--num-means or --cr")
     if args.mode != "prism" and (args.num_means is not None or args.cr is not None):
         raise Refused(f"-m/--num-means and --cr apply to --mode prism only, not --mode {args.mode}")
+    try:
+        check_wire_dtype(getattr(args, "wire_dtype", "fp32"), "--wire-dtype")
+    except ValueError as e:
+        raise Refused(str(e)) from None
     # timing, threads
     if args.repeat < 1 or args.warmup < 0:
         raise Refused(f"--repeat must be >= 1 and --warmup >= 0, got --repeat {args.repeat} "
@@ -244,7 +254,8 @@ def run_config(args, world: int):
                             segments=args.segments, anchor_budget=args.anchor_budget)
     elif args.mode == "voltage" and weights is not None:     # Voltage: the same partitions, CR = 1
         prism = PrismConfig(num_partitions=world, compression_rate=1.0, partition_weights=weights)
-    return RunConfig(mode=args.mode, prism=prism, overlap=not args.no_overlap, gather=args.gather)
+    return RunConfig(mode=args.mode, prism=prism, overlap=not args.no_overlap, gather=args.gather,
+                     wire_dtype=getattr(args, "wire_dtype", "fp32"))
 
 
 def _fail(rank, code, msg):
@@ -389,7 +400,7 @@ def run(args) -> int:
             except Exception as e:
                 error = str(e)
         settings = {"mode": cfg.mode, "prism": cfg.prism.to_dict() if cfg.prism else None,
-                    "overlap": cfg.overlap, "gather": cfg.gather, "world": world}
+                    "overlap": cfg.overlap, "gather": cfg.gather, "world": world, "wire_dtype": cfg.wire_dtype}
     except Exception as e:
         _fail(rank, 2, f"refused before any compute: {type(e).__name__}: {e}")
 
@@ -443,7 +454,7 @@ def run(args) -> int:
     bytes_ok = all(v == expected for v in layer_bytes.values()) and \
         (rt.plan is None or len(layer_bytes) == (len(rt.layers) if rt.sources else 0) or expected == 0)
     report = {"rank": rank, "world": world, "family": entry.model_type, "mode": cfg.mode,
-              "averaging": rt.averaging, "wire": rt.wire, "n_tokens": n_tokens,
+              "averaging": rt.averaging, "wire": rt.wire, "wire_dtype": cfg.wire_dtype, "n_tokens": n_tokens,
               "sizes": list(rt.plan.sizes) if rt.plan is not None else None,
               "means": list(rt.plan.means) if rt.plan is not None and cfg.mode == "prism" else None,
               "layer_bytes": layer_bytes, "expected_layer_bytes": expected, "bytes_match_cost_model": bytes_ok,
@@ -460,8 +471,8 @@ def run(args) -> int:
         compare = compare_with_single(entry, model, inputs, result, args, single_times)
     if rank == 0:
         if args.json:
-            summary = {k: report[k] for k in ("world", "family", "mode", "averaging", "wire", "n_tokens",
-                                              "sizes", "means")}
+            summary = {k: report[k] for k in ("world", "family", "mode", "averaging", "wire", "wire_dtype",
+                                              "n_tokens", "sizes", "means")}
             summary["layer_bytes_per_rank"] = [r["layer_bytes"] for r in everyone]
             summary["bytes_match_cost_model"] = all(r["bytes_match_cost_model"] for r in everyone)
             if times:
@@ -482,7 +493,8 @@ def run(args) -> int:
         else:
             print(f"prism run: {entry.model_type} mode={cfg.mode} P={world} N={n_tokens} "
                   f"averaging={rt.averaging} wire={rt.wire}"
-                  + (f" ({floats_per_row(model.config, rt.wire)} floats per row)" if rt.wire else ""))
+                  + (f" ({floats_per_row(model.config, rt.wire)} floats per row, {cfg.wire_dtype})"
+                     if rt.wire else ""))
             for r in everyone:
                 per = sorted(set(r["layer_bytes"].values()))
                 print(f"  rank {r['rank']}: bytes received per layer {per} (cost model "

@@ -25,6 +25,12 @@ receives. What the means are taken of is the config's `averaging`
                    and for rotary models rotates the key by the segment's average
                    rotation (mean cos, mean sin).
 Voltage always sends "hidden" rows (the block input).
+
+Wire dtype (RunConfig.wire_dtype, `--wire-dtype`): every per-layer payload is cast
+to it before sending and back to the compute dtype on receipt, so fp16 / bf16 halve
+the bytes of every layer; the computation stays in the model's dtype. The scatter
+of the partitions and the gather of the outputs stay in the compute dtype: they
+happen once per inference, and the gathered rows are the result itself.
 """
 from __future__ import annotations
 
@@ -37,7 +43,8 @@ from typing import Dict, Optional
 import torch
 
 from ..config import PrismConfig
-from ..costs.comm import floats_per_row, wire_format
+from ..costs.comm import (WIRE_DTYPES, bytes_for, check_wire_dtype, floats_per_row, row_bytes, wire_format,
+                          wire_torch_dtype)
 from ..models import apply_rotary, lookup
 from ..plan import partition_means
 from . import overlap
@@ -52,8 +59,10 @@ class RunConfig:
     prism: Optional[PrismConfig] = None      # prism mode: P (= world size), m or CR, averaging, weights
     overlap: bool = True
     gather: str = "head"                     # "head" | "all"
+    wire_dtype: str = "fp32"                 # element type of the per-layer exchange (WIRE_DTYPES)
 
     def __post_init__(self):
+        check_wire_dtype(self.wire_dtype)
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.gather not in ("head", "all"):
@@ -85,10 +94,24 @@ class RunConfig:
         return plan
 
 
-def expected_recv_bytes(plan, model_config, wire: str, rank: int, batch: int = 1) -> int:
+def expected_recv_bytes(plan, model_config, wire: str, rank: int, batch: int = 1,
+                        wire_dtype: str = "fp32") -> int:
     """Cost model of one layer for one device: rows received (the segment means of its
-    source partitions; their full rows in Voltage) x floats per row x 4 bytes (fp32)."""
-    return plan.devices[rank].tokens_received * floats_per_row(model_config, wire) * 4 * batch
+    source partitions; their full rows in Voltage) x bytes per row (floats per row x
+    bytes per element of the wire dtype)."""
+    return bytes_for(plan.devices[rank].tokens_received * batch, row_bytes(model_config, wire, wire_dtype), 1)
+
+
+def to_wire(payload: torch.Tensor, dtype: torch.dtype, what: str = "a payload") -> torch.Tensor:
+    """payload cast to the wire dtype. fp16 overflows to inf beyond 65504 (bf16 has
+    fp32's range), which would turn into NaNs on the receiver: refused instead."""
+    out = payload.to(dtype)
+    if dtype == torch.float16 and payload.dtype != torch.float16:
+        big = torch.finfo(torch.float16).max
+        if bool((payload.abs() > big).any()) and bool(torch.isfinite(payload).all()):
+            raise ValueError(f"{what}: a value beyond fp16's range (|x| > {big:g}) would be sent "
+                             f"as inf; use --wire-dtype bf16 or fp32")
+    return out
 
 
 # ------------------------------------------------------------------------------------------
@@ -140,6 +163,8 @@ class LayerCtx:
 
     def _start(self, payload):
         rt = self.rt
+        if rt.receivers:
+            payload = to_wire(payload, rt.wire_dtype, f"layer {self.layer.index} exchange")
         send = {p: payload for p in rt.receivers}
         recv = {j: rt.recv_buffer(j) for j in rt.sources}
         self.pending = rt.comm.start(f"layer {self.layer.index} exchange", "layer", self.layer.index, send, recv)
@@ -154,7 +179,7 @@ class LayerCtx:
         got = self.pending.wait()
         ks, vs = [], []
         for j in rt.sources:
-            t = got[j]
+            t = got[j].to(rt.compute_dtype)            # back from the wire dtype
             if rt.wire == "kv":
                 k, v = t[:, 0], t[:, 1]
             elif self.exchange_in_attention:           # attention-input means: project
@@ -177,6 +202,8 @@ class Runtime:
         self.batch = batch
         self.averaging = cfg.averaging
         self.wire = None if cfg.mode == "single" else wire_format(model.config, cfg.mode, self.averaging)
+        self.wire_dtype = wire_torch_dtype(cfg.wire_dtype)
+        self.compute_dtype = next(model.parameters()).dtype
         self.n_tokens = n_tokens
         self.layers = self.entry.layers(model)
         # the model's special tokens and patch grid decide anchors and segment shapes
@@ -221,11 +248,12 @@ class Runtime:
         c = self.model.config
         if self.wire == "kv":
             e = self.entry
-            return torch.empty(self.batch, 2, e.num_kv_heads(c), rows, e.head_dim(c))
-        return torch.empty(self.batch, rows, c.hidden_size)
+            return torch.empty(self.batch, 2, e.num_kv_heads(c), rows, e.head_dim(c), dtype=self.wire_dtype)
+        return torch.empty(self.batch, rows, c.hidden_size, dtype=self.wire_dtype)
 
     def expected_layer_bytes(self) -> int:
-        return expected_recv_bytes(self.plan, self.model.config, self.wire, self.rank, self.batch)
+        return expected_recv_bytes(self.plan, self.model.config, self.wire, self.rank, self.batch,
+                                   self.cfg.wire_dtype)
 
     # ------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -5,8 +5,8 @@ that each process pays the torch/transformers import once).
         python -m prism_kernels.distributed.selftest OUT.pt SCENARIOS_JSON
 
 SCENARIOS_JSON: a list of {"name", "family", "mode", "num_means"|"cr", "averaging",
-"anchors", "segments", "anchor_budget", "weights", "overlap", "seq_len"} (absent keys:
-PrismConfig's defaults). Rank 0 saves {name: {"hidden", "head", "reports", "inputs"}} to OUT.pt.
+"anchors", "segments", "anchor_budget", "weights", "overlap", "seq_len", "wire_dtype"} (absent
+keys: the defaults). Rank 0 saves {name: {"hidden", "head", "reports", "inputs"}} to OUT.pt.
 """
 from __future__ import annotations
 
@@ -43,13 +43,14 @@ def main(argv):
                                 averaging=s.get("averaging", "attention_input"),
                                 partition_weights=s.get("weights"),
                                 **{k: s[k] for k in ("anchors", "segments", "anchor_budget") if k in s})
-        cfg = RunConfig(mode=s["mode"], prism=prism, overlap=s.get("overlap", True), gather="all")
+        cfg = RunConfig(mode=s["mode"], prism=prism, overlap=s.get("overlap", True), gather="all",
+                        wire_dtype=s.get("wire_dtype", "fp32"))
         rt = Runtime(model, Comm(timeout_s=60), cfg, entry.n_tokens(model, inputs))
         res = rt.forward(inputs if rank == 0 else None)
         plan = rt.plan
         rep = {"rank": rank, "layer_bytes": rt.comm.bytes.per_layer("layer"),
                "expected": rt.expected_layer_bytes() if plan is not None else 0,
-               "wire": rt.wire, "averaging": rt.averaging,
+               "wire": rt.wire, "wire_dtype": cfg.wire_dtype, "averaging": rt.averaging,
                "means": list(plan.means) if plan is not None else None,
                "tokens_received": plan.devices[rank].tokens_received if plan is not None else 0,
                "sizes": list(plan.sizes) if plan is not None else None}
