@@ -26,7 +26,9 @@ def test_dead_rank_is_named_and_others_exit():
     for r in (0, 2):
         rc, out, err = res[r]
         assert rc == 3, err[-2000:]
-        assert "rank 1 died" in err, err[-2000:]
+        # rank 1 is named; under load rank 0 may also see rank 2 gone (it leaves as soon as it
+        # sees rank 1 die) before it reads rank 1's socket: "rank 1, rank 2 died"
+        assert re.search(r"rank 1(, rank \d+)* died", err), err[-2000:]
         assert ended[r] - t_fault < TIMEOUT + GRACE
 
 
