@@ -96,7 +96,8 @@ class _ExtendLast(PrismConfig):
 
 
 @pytest.mark.parametrize("model_type,P,averaging", [("llama", 2, "attention_input"), ("llama", 3, "attention_input"),
-                                                    ("gpt2", 3, "attention_input"), ("llama", 3, "block_input")])
+                                                    ("gpt2", 3, "attention_input"), ("llama", 3, "block_input"),
+                                                    ("qwen2", 3, "attention_input")])
 def test_prism_decode_equals_forward_with_extended_last_partition(model_type, P, averaging):
     CR = 4
     model = build_model(model_type)
@@ -256,3 +257,33 @@ def test_plain_forward_unchanged_and_refusals():
             model.model(ids[:, :1], cache=cache, use_cache=True)
     with pytest.raises(ValueError, match="PrismCache"):
         phf.cache_rows(out.cache)
+
+
+def test_cache_passed_by_the_caller_chooses_the_mode():
+    model = build_model("llama")
+    ids = _ids()
+    phf.enable_prism(model, num_partitions=3, compression_rate=4, decode="exact")
+    want = _generate(model, ids)
+    phf.enable_prism(model, num_partitions=3, compression_rate=4)            # decode="prism"
+    prism = _generate(model, ids)
+    got = _generate(model, ids, cache=phf.PrismCache("exact"))
+    assert got[2].cache.decode == "exact"
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert not torch.equal(prism[1], want[1])
+
+
+def test_unsupported_generation_setups_raise():
+    # count_bias="spread" has no prism decode cache
+    model = build_model("llama")
+    phf.enable_prism(model, num_partitions=2, compression_rate=4, count_bias="spread")
+    with pytest.raises(NotImplementedError, match="count_bias"):
+        _generate(model, _ids())
+    # attn_implementation="prism" without enable_prism: no hook, the first decode step says what to do
+    cfg = build_model("llama").config
+    cfg.prism = PrismConfig(num_partitions=2, compression_rate=4).to_dict()
+    model = build_model("llama", config=cfg)
+    model.config._attn_implementation_internal = "prism"
+    for c in (m.config for m in model.modules() if hasattr(m, "config")):
+        c._attn_implementation_internal = "prism"
+    with pytest.raises(NotImplementedError, match="enable_prism"):
+        _generate(model, _ids())
