@@ -221,6 +221,15 @@ def test_sampling_and_several_sequences_per_prompt():
     assert _generate(model, ids, **kw)[0].shape == ref.shape
 
 
+def test_beam_search_at_cr1_reproduces_stock():
+    """Beam search reorders the cache (PrismCacheLayer.reorder_cache)."""
+    model = build_model("llama")
+    ids = _ids(batch=2)
+    ref = model.generate(ids, max_new_tokens=NEW, num_beams=3, do_sample=False, pad_token_id=0)
+    phf.enable_prism(model, num_partitions=3, compression_rate=1)
+    assert torch.equal(model.generate(ids, max_new_tokens=NEW, num_beams=3, do_sample=False, pad_token_id=0), ref)
+
+
 def test_disable_restores_stock_generation_and_bad_decode_refused():
     model = build_model("gpt2")
     ids = _ids()

@@ -197,7 +197,11 @@ def _cache_argument(model) -> Optional[str]:
 def _install_cache_hooks(model, generation) -> list:
     """Hooks that give the prism attention the call's PrismCache (hf/generation.py)."""
     name = _cache_argument(model)
-    if name is None:
+    from ..models.table import TABLE
+    entry = TABLE.get(getattr(model.config, "model_type", None))
+    # decoders only: an encoder called with use_cache=True keeps its stock behaviour
+    causal = entry.kind == "causal" if entry is not None else bool(getattr(model.config, "is_decoder", False))
+    if name is None or not causal:
         return []
     from transformers.cache_utils import DynamicCache
 
