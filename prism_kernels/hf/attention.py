@@ -37,6 +37,10 @@ with causal=True a key at position BIG+1 is seen by no query and a query at -1
 sees nothing; non-causal models then use q_pos = BIG for every real query and
 k_pos = 0 for every real key).
 
+Generation (hf/generation.py): when the keys given are a PrismCache layer's, the
+prefill runs the simulation above and keeps the last device's rows in the cache, and
+a decode step attends the cache with its counts and positions (_with_cache).
+
 torch.compile: without padding (attention_mask=None) the layout depends on the
 shape and settings only; under compilation it is built inside the traced graph
 from Python ints (plans from shapes, no tensor value read, no per-call cache
@@ -326,8 +330,8 @@ def prism_attention_forward(module, query, key, value, attention_mask, dropout: 
     if Nq != Nk:
         raise NotImplementedError(
             f"prism attention simulates one forward over the whole sequence (queries == keys); got "
-            f"{Nq} queries and {Nk} keys (a KV cache during generation?). Generate under prism_kernels.hf.enable_prism (it supplies a "
-            f"PrismCache), or run with use_cache=False.")
+            f"{Nq} queries and {Nk} keys (a KV cache during generation?). Generate under "
+            f"prism_kernels.hf.enable_prism (it supplies a PrismCache), or run with use_cache=False.")
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
     averaging = getattr(module, "_prism_averaging", None)
     if averaging is None and config.averaging != "attention_input":
