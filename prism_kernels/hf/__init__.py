@@ -14,11 +14,13 @@ and AttentionMaskInterface); a model built with it reads its settings from
 Modules: attention (the simulation, one segment plan per sequence length from
 PrismConfig.plan), averaging (what the means are taken of), masks (padding),
 patch (enable/disable, which models are supported), loading (from_pretrained),
+generation (the decoding device's KV cache for generate: PrismCache, cache_rows),
 accounting (per-device tokens, bytes and FLOPs of a
 real forward). PrismConfig is prism_kernels.config.PrismConfig.
 """
 from ..config import PrismConfig
 from .attention import prism_attention_forward, simulate_prism
+from .generation import DECODE_MODES, CacheReport, PrismCache, cache_rows
 from .masks import prism_mask
 from .loading import from_pretrained
 from .patch import disable_prism, enable_prism, prism_config_of, register, supported_model_types
@@ -26,5 +28,5 @@ from .patch import disable_prism, enable_prism, prism_config_of, register, suppo
 register()
 
 __all__ = ["PrismConfig", "enable_prism", "disable_prism", "from_pretrained", "prism_config_of", "register",
-           "supported_model_types",
+           "supported_model_types", "PrismCache", "CacheReport", "cache_rows", "DECODE_MODES",
            "prism_attention_forward", "prism_mask", "simulate_prism"]

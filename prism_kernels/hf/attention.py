@@ -37,6 +37,10 @@ with causal=True a key at position BIG+1 is seen by no query and a query at -1
 sees nothing; non-causal models then use q_pos = BIG for every real query and
 k_pos = 0 for every real key).
 
+Generation (hf/generation.py): when the keys given are a PrismCache layer's, the
+prefill runs the simulation above and keeps the last device's rows in the cache, and
+a decode step attends the cache with its counts and positions (_with_cache).
+
 torch.compile: without padding (attention_mask=None) the layout depends on the
 shape and settings only; under compilation it is built inside the traced graph
 from Python ints (plans from shapes, no tensor value read, no per-call cache
@@ -240,12 +244,15 @@ class LayerInputs:
 def simulate_prism(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, config: PrismConfig,
                    causal: bool, scale: Optional[float] = None, key_valid: Optional[torch.Tensor] = None,
                    averaging=None, module=None, layout: Optional[Layout] = None,
-                   plans: Optional[list] = None, roles: Optional[TokenRoles] = None) -> torch.Tensor:
+                   plans: Optional[list] = None, roles: Optional[TokenRoles] = None,
+                   capture=None) -> torch.Tensor:
     """P simulated devices of one attention layer. Returns [B, N, H, d] (HF layout).
 
     query [B, H, N, d]; key, value [B, Hkv, N, d]; key_valid [B, N] bool or None.
     `averaging` (hf/averaging.py; default: means of K and V) gives each partition's
     K/V means. `roles`: the model's special tokens and patch grid (None: text). `plans`, when given a list, receives (group rows, PrismPlan) per group.
+    `capture(layout, k_rows, v_rows)`, when given, sees every device's key / value rows
+    ([R * nk, Hkv * d], slot order of the layout): generation keeps the last device's.
     """
     B, H, N, d = query.shape
     Hkv = key.shape[1]
@@ -273,6 +280,8 @@ def simulate_prism(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     stack = lambda parts: (torch.cat(parts) if len(parts) > 1 else parts[0]).index_select(0, lay.kv_index)
     q_all = query.transpose(1, 2).reshape(B * N, H * d).index_select(0, lay.q_index)
     k_all, v_all = stack(ks), stack(vs)
+    if capture is not None:
+        capture(lay, k_all, v_all)
     heads = lambda t, n, h: t.view(R, n, h, d).transpose(1, 2)
     q4, k4, v4 = heads(q_all, nq, H), heads(k_all, nk, Hkv), heads(v_all, nk, Hkv)
     if spread:
@@ -313,10 +322,16 @@ def prism_attention_forward(module, query, key, value, attention_mask, dropout: 
     config = get_prism_config(module)
     B, H, Nq, _ = query.shape
     Nk = key.shape[2]
+    holder = getattr(module, "_prism_generation", None)
+    cache = holder["cache"] if holder is not None else None
+    layer = cache.layer_of(module, key) if cache is not None else None
+    if layer is not None:       # generation: a PrismCache holds this layer's keys (hf/generation.py)
+        return _with_cache(cache, layer, module, query, key, value, attention_mask, config, scaling), None
     if Nq != Nk:
         raise NotImplementedError(
             f"prism attention simulates one forward over the whole sequence (queries == keys); got "
-            f"{Nq} queries and {Nk} keys (a KV cache during generation?). Run with use_cache=False.")
+            f"{Nq} queries and {Nk} keys (a KV cache during generation?). Generate under "
+            f"prism_kernels.hf.enable_prism (it supplies a PrismCache), or run with use_cache=False.")
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
     averaging = getattr(module, "_prism_averaging", None)
     if averaging is None and config.averaging != "attention_input":
@@ -332,6 +347,29 @@ def prism_attention_forward(module, query, key, value, attention_mask, dropout: 
     else:
         out = _prism(query, key, value, attention_mask, config, causal, scaling, averaging, module, plans)
     return out, None
+
+
+def _with_cache(cache, layer, module, query, key, value, attention_mask, config, scaling):
+    """Prefill (the layer was empty): simulate the P devices, keep the last one's cache.
+    Decode: the last device's queries against its cached rows plus the new ones."""
+    from . import generation
+    if not getattr(module, "is_causal", False):
+        raise NotImplementedError("generation with a PrismCache needs a causal (decoder) attention layer")
+    if layer.counts is not None:
+        return generation.decode_step(layer, query, key, value, attention_mask, config, scaling)
+    averaging = getattr(module, "_prism_averaging", None)
+    B, Nk = query.shape[0], key.shape[2]
+    key_valid = key_valid_from_mask(attention_mask, B, Nk)
+    layout = layout_for(key_valid, B, Nk, config, True, query.device, get_token_roles(module))
+    if not layout.groups:
+        raise ValueError("prism generation: every prompt of the batch is empty (all padding)")
+    seen = {}
+    out = simulate_prism(query, key, value, config=config, causal=True, scale=scaling, key_valid=key_valid,
+                         averaging=averaging, module=module, layout=layout,
+                         plans=getattr(module, "_prism_plans", None),
+                         capture=lambda lay, k, v: seen.update(lay=lay, k=k, v=v))
+    generation.prefill(layer, cache.decode, seen["lay"], seen["k"], seen["v"], key, value, key_valid, config)
+    return out
 
 
 def _prism(query, key, value, attention_mask, config, causal, scaling, averaging, module, plans):

@@ -15,6 +15,10 @@ extras Prism cannot simulate (T5's relative position bias, for instance) and tha
 the tests cover. `allow_untested=True` skips the model-type check for another
 model whose attention uses the interface; it then fails, if at all, at the forward.
 
+For generation (hf/generation.py) a second forward pre-hook hands the attention the
+call's PrismCache: it replaces the empty DynamicCache that `generate` creates (or a
+missing cache under use_cache=True) by a PrismCache of the model's `decode` mode.
+
 It also installs a forward pre-hook on the model that refuses
 output_attentions=True (argument or config): the fused Prism kernel never
 materialises attention weights, and transformers would otherwise return empty
@@ -131,7 +135,7 @@ def enable_prism(model, num_partitions: int = 2, *, compression_rate: Optional[f
                  backend: str = "auto", partition_weights: Optional[Sequence[float]] = None,
                  anchors: str = DEFAULT_ANCHORS, segments: str = DEFAULT_SEGMENTS,
                  anchor_budget: str = DEFAULT_ANCHOR_BUDGET, count_bias: str = "log",
-                 config: Optional[PrismConfig] = None, allow_untested: bool = False):
+                 config: Optional[PrismConfig] = None, allow_untested: bool = False, decode: str = "prism"):
     """Run `model` as P simulated Prism devices. Returns the model (modified in place).
 
     Give compression_rate (CR >= 1, Eq. 16) or num_means (m per partition), or a
@@ -142,7 +146,14 @@ def enable_prism(model, num_partitions: int = 2, *, compression_rate: Optional[f
     (hf/spread_bias.py). Raises ValueError at once for invalid settings (backend included) and
     for a model whose config.model_type is not in prism_kernels.models.MODEL_TYPES
     (unless allow_untested=True).
+
+    decode: what the last device decodes from after a Prism prefill in `generate`
+    (hf/generation.py): "prism" (its own rows + the segment means it received, with
+    their counts), "exact" (every prompt token's row) or "voltage" (the same rows,
+    gathered onto the last device; accounted in bytes).
     """
+    from .generation import check_decode
+    check_decode(decode)
     if config is None:
         config = PrismConfig(num_partitions=num_partitions, num_means=num_means,
                              compression_rate=compression_rate, averaging=averaging, backend=backend,
@@ -157,8 +168,10 @@ def enable_prism(model, num_partitions: int = 2, *, compression_rate: Optional[f
     strategy = make_averaging(config.averaging, model)
     configs = _configs(model)
     hook = model.register_forward_pre_hook(_refuse_output_attentions, with_kwargs=True)
+    generation = {"decode": decode, "cache": None}
+    hooks = [hook] + _install_cache_hooks(model, generation)
     model._prism_state = {"attn": [(c, c._attn_implementation_internal) for c in configs],
-                          "averaging": strategy, "hook": hook}
+                          "averaging": strategy, "hooks": hooks}
     for c in configs:
         c._attn_implementation_internal = "prism"
     from ..models import token_roles
@@ -167,7 +180,49 @@ def enable_prism(model, num_partitions: int = 2, *, compression_rate: Optional[f
         m._prism_config = config
         m._prism_averaging = strategy
         m._prism_roles = roles
+        m._prism_generation = generation
     return model
+
+
+def _cache_argument(model) -> Optional[str]:
+    """The name under which model.forward takes its KV cache, None for a model without one."""
+    import inspect
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    return next((n for n in ("cache", "past_key_values") if n in params), None)
+
+
+def _install_cache_hooks(model, generation) -> list:
+    """Hooks that give the prism attention the call's PrismCache (hf/generation.py)."""
+    name = _cache_argument(model)
+    from ..models.table import TABLE
+    entry = TABLE.get(getattr(model.config, "model_type", None))
+    # decoders only: an encoder called with use_cache=True keeps its stock behaviour
+    causal = entry.kind == "causal" if entry is not None else bool(getattr(model.config, "is_decoder", False))
+    if name is None or not causal:
+        return []
+    from transformers.cache_utils import DynamicCache
+
+    from .generation import PrismCache
+
+    def before(module, args, kwargs):
+        key = next((n for n in ("cache", "past_key_values") if kwargs.get(n) is not None), name)
+        cache = kwargs.get(key)
+        if (cache is None and kwargs.get("use_cache") is True) or (
+                type(cache) is DynamicCache and cache.get_seq_length() == 0):
+            # generate's fresh DynamicCache (or use_cache=True without one): the decoding
+            # device's cache instead; the model returns it and generate goes on with it
+            cache = PrismCache(generation["decode"])
+            kwargs[key] = cache
+        generation["cache"] = cache if isinstance(cache, PrismCache) else None
+        return args, kwargs
+
+    def after(module, args, output):
+        generation["cache"] = None
+
+    return [model.register_forward_pre_hook(before, with_kwargs=True), model.register_forward_hook(after)]
 
 
 def disable_prism(model):
@@ -178,9 +233,10 @@ def disable_prism(model):
     for c, impl in state["attn"]:
         c._attn_implementation_internal = impl
     state["averaging"].remove()
-    state["hook"].remove()
+    for h in state["hooks"]:
+        h.remove()
     for m in model.modules():
-        for name in ("_prism_config", "_prism_averaging", "_prism_roles"):
+        for name in ("_prism_config", "_prism_averaging", "_prism_roles", "_prism_generation"):
             m.__dict__.pop(name, None)
     del model._prism_state
     return model
