@@ -101,16 +101,22 @@ without them.
 """
 
 
-def _pick(cells, p, cr, avg):
+PLAIN = "anchors=none,segments=runs"
+
+
+def _pick(cells, p, cr, avg, opt=""):
     old = {"block_input": "block_output"}.get(avg, avg)     # the name in results stored before the rename
-    return cells.get(f"prism|P={p}|CR={cr:g}|avg={avg}") or cells.get(f"prism|P={p}|CR={cr:g}|avg={old}")
+    suffix = f"|opt={opt}" if opt else ""
+    return (cells.get(f"prism|P={p}|CR={cr:g}|avg={avg}{suffix}")
+            or cells.get(f"prism|P={p}|CR={cr:g}|avg={old}{suffix}"))
 
 
 def summary(results: Path) -> str:
-    """One line per task: exact, Voltage, and Prism near the paper's settings and at the
-    largest CR run, for both averaging variants (attention_input / block_input)."""
-    lines = ["| task | metric | exact | Voltage P=2 / P=3 | Prism P=2, CR≈10 | Prism P=3, CR≈6.55–10 | "
-             "Prism P=2, largest CR | Prism P=3, largest CR |", "|---|---|---|---|---|---|---|---|"]
+    """One line per task: exact, then Prism near the paper's settings with the package's
+    defaults (anchors, 2-D blocks) and with the paper's plain means, each with its
+    difference to exact and that difference's paired 95 % interval."""
+    lines = ["| task | metric | exact | P=2 default | P=2 plain means | P=3 default | P=3 plain means |",
+             "|---|---|---|---|---|---|---|"]
     for name in SWEEPS:
         f = results / f"accuracy_{name}.json"
         if not f.exists():
@@ -118,31 +124,28 @@ def summary(results: Path) -> str:
         d = json.loads(f.read_text())
         cells, meta = d["cells"], d["meta"]
         m = "bpc" if meta.get("primary") == "bpc" else "accuracy"
-        fmt = (lambda v: f"{v:.3f}") if m == "bpc" else (lambda v: f"{100 * v:.1f}")
+        scale, digits = (1, 3) if m == "bpc" else (100, 1)
+        fmt = lambda v: f"{scale * v:.{digits}f}"
         ex = cells.get("exact|P=1|CR=-|avg=-")
         if not ex:
             continue
 
-        def both(p, cr):
-            vals = [_pick(cells, p, cr, a) for a in ("attention_input", "block_input")]
-            return " / ".join("–" if v is None else fmt(v[m]) for v in vals) + f" (CR {cr:g})"
-
-        def near(p, targets):
-            crs = sorted({float(k.split("|")[2][3:]) for k in cells if k.startswith(f"prism|P={p}|")})
-            for t in targets:
-                if t in crs:
-                    return both(p, t)
+        def cell(p, targets, opt):
+            for cr in targets:
+                c = _pick(cells, p, cr, "attention_input", opt)
+                if c is not None:
+                    diff, ci = c.get(f"{m}_diff"), c.get(f"{m}_diff_ci")
+                    extra = ""
+                    if diff is not None and ci:
+                        extra = f", Δ {scale * diff:+.{digits}f} [{scale * ci[0]:+.{digits}f}, {scale * ci[1]:+.{digits}f}]"
+                    return f"{fmt(c[m])} (CR {cr:g}{extra})"
             return "–"
 
-        def largest(p):
-            crs = sorted({float(k.split("|")[2][3:]) for k in cells if k.startswith(f"prism|P={p}|")})
-            return both(p, crs[-1]) if crs else "–"
-
-        volt = " / ".join(fmt(cells[k][m]) if k in cells else "–"
-                          for k in ("voltage|P=2|CR=-|avg=-", "voltage|P=3|CR=-|avg=-"))
         label = "BPC (lower is better)" if m == "bpc" else "probe accuracy %"
-        lines.append(f"| {name} | {label} | {fmt(ex[m])} | {volt} | {near(2, (9.9, 10.0, 8.0))} | "
-                     f"{near(3, (6.55, 10.0, 9.9, 8.0))} | {largest(2)} | {largest(3)} |")
+        n = ex.get("n_test") or meta.get("n_test") or meta.get("windows")
+        lines.append(f"| {name} | {label} | {fmt(ex[m])} (n = {n}) | {cell(2, (9.9, 10.0, 8.0), '')} | "
+                     f"{cell(2, (9.9, 10.0, 8.0), PLAIN)} | {cell(3, (6.55, 8.0, 10.0), '')} | "
+                     f"{cell(3, (6.55, 8.0, 10.0), PLAIN)} |")
     return "\n".join(lines)
 
 
@@ -153,8 +156,12 @@ def main():
     args = ap.parse_args()
     rel = Path(os.path.relpath(args.results, args.out.parent))
     parts = [INTRO, "## Summary\n",
-             "Each Prism cell: attention_input / block_input averaging. Test-set sizes and seeds are in "
-             "the per-task settings below.\n", summary(args.results), ""]
+             "Prism with the package's defaults (the model's special tokens sent alone, 2-D blocks of the "
+             "patch grid for vision models, attention_input averaging) next to the paper's plain means "
+             "(`anchors=none,segments=runs`), at the paper's settings. Δ = Prism - exact on the same test "
+             "items with its paired 95 % interval. Test-set sizes and seeds are in the per-task settings "
+             "below; what each variant contributes is in \"Findings\" at the end.\n",
+             summary(args.results), ""]
     for name in SWEEPS:
         md = args.results / f"accuracy_{name}.md"
         if not md.exists():
@@ -163,18 +170,19 @@ def main():
         body = md.read_text().split("\n", 1)[1]
         body = body.replace(f"](accuracy_{name}.png)", f"]({rel}/accuracy_{name}.png)")
         parts.append(f"## `{name}`\n{body}")
-    res_dir = args.results / "accuracy_resolution"
+    res_dir = args.results / "accuracy_224px"
     if res_dir.exists():
-        parts.append("## Resolution check: DINOv2 on Fashion-MNIST at 112 px vs 224 px\n")
-        parts.append("Same seed, 300 training and 100 test images for both resolutions (smaller than the "
-                     "sweep above: 224 px costs 4x), P = 2 and 3 at the paper's CR 6.55. 224 px = 16x16 "
-                     "patches + [CLS] = 257 tokens, 112 px = 65 tokens.\n")
-        for r in ("224px", "112px"):
-            md = res_dir / r / "accuracy_dinov2-fashion.md"
+        parts.append("## DINOv2 at 224 px (the paper's resolution)\n")
+        parts.append("16x16 patches + [CLS] = 257 tokens (112 px: 65). Same seed and test images as the "
+                     "112 px tables; fewer cells, since 224 px costs about 4x.\n")
+        for name in ("dinov2-fashion", "dinov2-digits"):
+            md = res_dir / f"accuracy_{name}.md"
             if md.exists():
-                table = md.read_text().split("\n\n")
-                body = [t for t in table if t.startswith("| method")]
-                parts.append(f"**{r}**\n\n" + (body[0] if body else "") + "\n")
+                text = md.read_text()
+                settings = [t for t in text.split("\n\n") if t.startswith("Settings")]
+                body = [t for t in text.split("\n\n") if t.startswith("| method")]
+                parts.append(f"**{name}, 224 px**\n\n" + (settings[0] + "\n\n" if settings else "")
+                             + (body[0] if body else "") + "\n")
     parts.append("# Fine-tuning with Prism in the loop\n")
     for name in FINETUNES:
         md = args.results / f"accuracy_{name}.md"
