@@ -6,7 +6,7 @@ deadlines and byte counting), handshake (config check before compute), runtime
 prism_kernels.models), overlap (the attention function; local keys while the
 means are in flight, LSE merge).
 """
-from .runtime import MODES, WIRE_DTYPES, RunConfig, Runtime, expected_recv_bytes, floats_per_row, wire_format
+from .runtime import INPUTS, MODES, WIRE_DTYPES, RunConfig, Runtime, expected_recv_bytes, floats_per_row, wire_format
 
-__all__ = ["MODES", "WIRE_DTYPES", "RunConfig", "Runtime", "expected_recv_bytes", "floats_per_row",
+__all__ = ["INPUTS", "MODES", "WIRE_DTYPES", "RunConfig", "Runtime", "expected_recv_bytes", "floats_per_row",
            "wire_format"]
