@@ -446,7 +446,7 @@ def run(args) -> int:
                 error = str(e)
         settings = {"mode": cfg.mode, "prism": cfg.prism.to_dict() if cfg.prism else None,
                     "overlap": cfg.overlap, "gather": cfg.gather, "world": world, "wire_dtype": cfg.wire_dtype,
-                    "input": cfg.input, "calibrate": bool(args.calibrate)}
+                    "input": cfg.input, "calibrate": bool(getattr(args, "calibrate", False))}
         meta = None if inputs is None else {"shape": list(inputs.shape), "dtype": str(inputs.dtype)}
     except Exception as e:
         _fail(rank, 2, f"refused before any compute: {type(e).__name__}: {e}")
@@ -454,7 +454,7 @@ def run(args) -> int:
     calibration = None
     try:
         n_tokens, meta = handshake(model, settings, n_tokens, error, timeout_s=args.timeout, input_meta=meta)
-        if args.calibrate and cfg.mode != "single":
+        if getattr(args, "calibrate", False) and cfg.mode != "single":
             from .calibrate import CALIBRATE_TOKENS, agree_speeds, time_one_block
             t = time_one_block(entry, model, max(1, min(CALIBRATE_TOKENS, -(-n_tokens // world))))
             calibration = agree_speeds(t)     # rank 0's decision: every rank builds the same plan
