@@ -61,6 +61,18 @@ def test_broken_command_module_is_not_hidden(monkeypatch):
         cli.build_parser()
 
 
+def test_costs_startup_bytes(capsys):
+    rc, out, err = run_cli(capsys, "costs", "--model", "bert-base", "--seq-len", "256", "--partitions", "2",
+                           "--cr", "10")
+    assert rc == 0, err
+    assert ("start-up, once per inference (rank 0 -> each device): raw input (int64) 0 B, 1.0 KiB; "
+            "fp32 hidden states 0 B, 384.0 KiB") in out, out
+    rc, out, err = run_cli(capsys, "costs", "--model", "vit-b16", "--partitions", "2", "--cr", "10",
+                           "--input-dtype", "uint8", "--json")
+    d = json.loads(out)
+    assert d["startup_input_dtype"] == "uint8" and d["startup_raw_bytes_devices"] == [0, 7 * 16 * 224 * 3]
+
+
 def test_costs_json_matches_api(capsys):
     rc, out, err = run_cli(capsys, "costs", "--model", "gpt2", "--seq-len", "256", "--partitions", "2",
                            "--cr", "10", "--json")
@@ -219,6 +231,25 @@ RUN_BAD = [
     (["--nproc", "2", "--seq-len", "8", "--cr", "4", "--partition-weights", "1,2,3"], "partition_weights",
      "one weight per partition (2)"),
     (["--nproc", "2", "--family", "vit", "--cr", "4", "--seq-len", "5"], "--seq-len", "fixed by its image size"),
+    (["--nproc", "2", "--seq-len", "8", "--cr", "4", "--speeds", "1,0.5,2"], "--speeds 1,0.5,2",
+     "one weight per partition (2), got 3"),
+    (["--nproc", "2", "--seq-len", "8", "--cr", "4", "--speeds", "1,0"], "--speeds", "finite numbers > 0"),
+    (["--nproc", "2", "--seq-len", "8", "--cr", "4", "--speeds", "1,-0.5"], "--speeds", "finite numbers > 0"),
+    (["--nproc", "2", "--seq-len", "8", "--cr", "4", "--speeds", "1,inf"], "--speeds", "finite numbers > 0"),
+    (["--nproc", "2", "--seq-len", "8", "--cr", "4", "--speeds", "fast,slow"], "--speeds",
+     "comma-separated numbers"),
+    (["--nproc", "2", "--seq-len", "8", "--cr", "4", "--partition-weights", "1,0"], "--partition-weights",
+     "finite numbers > 0"),
+    (["--nproc", "2", "--seq-len", "8", "--cr", "4", "--calibrate", "--speeds", "1,1"],
+     "--calibrate and --speeds", "give one"),
+    (["--nproc", "2", "--seq-len", "8", "--cr", "4", "--calibrate", "--partition-weights", "1,1"],
+     "--calibrate and --partition-weights", "give one"),
+    (["--nproc", "2", "--seq-len", "8", "--cr", "4", "--speeds", "1,1", "--partition-weights", "1,1"],
+     "--partition-weights is the older name of --speeds", "give one"),
+    (["--nproc", "2", "--seq-len", "8", "--mode", "single", "--calibrate"], "--calibrate",
+     "single mode has no partitions"),
+    (["--nproc", "2", "--seq-len", "8", "--mode", "single", "--speeds", "1,2"], "--speeds",
+     "single mode has no partitions"),
     (["--nproc", "2", "--seq-len", "8", "--cr", "4", "--wire-dtype", "fp8"], "--wire-dtype",
      "must be one of fp32, fp16, bf16, got 'fp8'"),
     (["--nproc", "2", "--seq-len", "8", "--mode", "voltage", "--wire-dtype", "float16"], "--wire-dtype",
@@ -275,6 +306,22 @@ def test_run_argparse_errors_exit_2(capsys, no_launch):
     with pytest.raises(SystemExit) as e:
         cli.main(["run", "--nproc", "2", "--seq-len", "8", "--cr", "abc"])
     assert e.value.code == 2 and "argument --cr: invalid float value" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli.main(["run", "--nproc", "2", "--seq-len", "8", "--cr", "2", "--input", "pixels"])
+    assert e.value.code == 2 and "argument --input: invalid choice: 'pixels'" in capsys.readouterr().err
+
+
+def test_run_input_and_calibrate_reach_the_ranks():
+    from prism_kernels.distributed import launch
+    args = cli.build_parser().parse_args(["run", "--nproc", "2", "--seq-len", "9", "-m", "1", "--input", "hidden",
+                                          "--calibrate"])
+    argv = launch.args_to_argv(args)
+    assert argv[argv.index("--input") + 1] == "hidden" and "--calibrate" in argv
+    args = cli.build_parser().parse_args(["run", "--nproc", "2", "--seq-len", "9", "-m", "1", "--speeds", "1,0.5"])
+    argv = launch.args_to_argv(args)
+    assert argv[argv.index("--speeds") + 1] == "1,0.5" and "--input" not in argv      # raw: the default
+    assert launch.run_config(args, 2).prism.partition_weights == (1.0, 0.5)
+    assert launch.run_config(args, 2).input == "raw"
 
 
 def test_run_rank_refuses_with_one_line():

@@ -263,6 +263,12 @@ SCEN3 = [
     dict(name="gpt2_prism_fp16", family="gpt2", mode="prism", cr=2.0, wire_dtype="fp16", ref="gpt2_prism"),
     dict(name="vit_prism_bf16", family="vit", mode="prism", cr=2.0, wire_dtype="bf16", ref="vit_prism"),
 ]
+# the hidden-state start-up (`--input hidden`, rank 0 embeds everything) for one prism
+# scenario of every family: the default raw start-up must give the same outputs
+for _scen in (SCEN2, SCEN3):
+    for _fam in FAMILIES:
+        _s = next(s for s in _scen if s["family"] == _fam and s["mode"] == "prism" and "ref" not in s)
+        _scen.append(dict(_s, name=_s["name"] + "_hidden_input", input="hidden", hidden_of=_s["name"]))
 # IEEE sizes, written here rather than read from the code under test
 ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 # unit roundoff: a value cast to the dtype is off by at most this relative amount
@@ -293,8 +299,8 @@ def run_scenarios(request, tmp_path_factory):
 def test_outputs_equal_simulation_and_stock(run_scenarios):
     P, scen, results = run_scenarios
     for s in scen:
-        if "ref" in s:
-            continue            # fp16 / bf16 on the wire: compared with fp32 below
+        if "ref" in s or "hidden_of" in s:
+            continue            # fp16 / bf16 on the wire, hidden-state start-up: compared below
         r = results[s["name"]]
         inputs = r["inputs"]
         fam = s["family"]
@@ -361,6 +367,75 @@ def test_bytes_per_layer_equal_cost_model(run_scenarios):
                 assert all(v == 0 for v in rep["layer_bytes"].values()), (s["name"], i)
             else:
                 assert rep["layer_bytes"] == {L: want for L in range(layers)}, (s["name"], i, rep)
+
+
+def test_raw_input_equals_hidden_input(run_scenarios):
+    """Every rank embedding its own slice of the raw input gives the outputs of rank 0
+    embedding everything and scattering hidden states, for every family."""
+    P, scen, results = run_scenarios
+    pairs = [(s["hidden_of"], s["name"]) for s in scen if "hidden_of" in s]
+    assert {s["family"] for s in scen if "hidden_of" in s} == set(FAMILIES)
+    for raw, hidden in pairs:
+        a, b = results[raw], results[hidden]
+        assert a["reports"][0]["input"] == "raw" and b["reports"][0]["input"] == "hidden"
+        for key in ("hidden", "head"):
+            torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
+
+
+def _startup_bytes_here(family, input, sizes, inputs, i):
+    """What rank i must receive before the first layer, from the input itself: its token
+    ids, or the pixel rows of the patch rows of its patches ([CLS] first), or n_i fp32 rows."""
+    from prism_kernels.models import lookup
+    cfg = lookup(family).build_config("tiny")
+    if i == 0:
+        return 0
+    if input == "hidden":
+        return sizes[i] * cfg.hidden_size * 4
+    first = sum(sizes[:i])
+    if inputs.dim() == 2:                                  # token ids
+        return sizes[i] * inputs.element_size()
+    B, C, H, W = inputs.shape
+    p = cfg.patch_size
+    per_row = W // p
+    grid_rows = {(t - 1) // per_row for t in range(first, first + sizes[i]) if t >= 1}
+    return len(grid_rows) * p * W * C * inputs.element_size()
+
+
+def test_startup_bytes_equal_cost_model(run_scenarios):
+    P, scen, results = run_scenarios
+    for s in scen:
+        r = results[s["name"]]
+        for rep in r["reports"]:
+            i = rep["rank"]
+            if s["mode"] == "single":
+                assert rep["startup_bytes"] == 0
+                continue
+            want = _startup_bytes_here(s["family"], s.get("input", "raw"), rep["sizes"], r["inputs"], i)
+            assert rep["startup_bytes"] == want == rep["expected_startup"], (s["name"], i, rep, want)
+            if i > 0:
+                assert want > 0
+
+
+def test_embed_slice_equals_rows_of_embed():
+    """ModelType.embed_slice of the part input_slice names equals those rows of embed on
+    the whole input, for every family and partitions starting anywhere (vision: mid-row)."""
+    from prism_kernels.models import lookup
+    for fam in FAMILIES:
+        e = lookup(fam)
+        m = e.build_model("tiny", seed=0)
+        x = e.make_input(m.config, 13, seed=0)
+        with torch.no_grad():
+            full = e.embed(m, x)
+            N = full.shape[1]
+            for cuts in ([0, N], [0, 1, N], [0, 6, N], [0, 2, 3, N - 1, N], [0, N // 3, 2 * N // 3, N]):
+                for a, b in zip(cuts, cuts[1:]):
+                    d, lo, hi = e.input_slice(m.config, x.shape, a, b)
+                    rows = e.embed_slice(m, x.narrow(d, lo, hi - lo), a, b, x.shape)
+                    torch.testing.assert_close(rows, full[:, a:b], atol=1e-6, rtol=0)
+                    if e.input_kind == "image":       # a strip: the patch rows of its patches only
+                        p, gw = m.config.patch_size, x.shape[3] // m.config.patch_size
+                        rows = {(t - 1) // gw for t in range(max(a, 1), b)}
+                        assert hi - lo == len(rows) * p and (not rows or lo == min(rows) * p), (fam, a, b)
 
 
 def test_wire_choice(run_scenarios):
@@ -457,7 +532,45 @@ def test_cli_torchrun_and_json(tmp_path):
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "wire=hidden (32 floats per row, fp16)" in p.stdout, p.stdout
-    assert "rank 1: bytes received per layer [128] (cost model 128, match=True)" in p.stdout, p.stdout
+    assert ("rank 1: start-up bytes 40 (raw; cost model 40), bytes received per layer [128] "
+            "(cost model 128, match=True)") in p.stdout, p.stdout
+    # raw start-up: rank 1 receives its 5 int64 token ids, not 5 rows of 32 floats
+    assert d["input"] == "raw" and d["startup_bytes_per_rank"] == [0, 5 * 8], d
+    assert d["speeds"] is None and d["calibrated"] is False
+
+
+def test_cli_calibrate(tmp_path):
+    """--calibrate on 2 ranks: the sizes reported are proportional_sizes of the speeds
+    reported, and the outputs equal the independent simulation with those partitions."""
+    from prism_kernels.plan import proportional_sizes
+    out = tmp_path / "out.pt"
+    res, _ = launch(2, ["--family", "bert", "--seq-len", "12", "--cr", "2", "--calibrate", "--json",
+                        "--gather", "all", "--no-compare", "--out", str(out)])
+    for rc, o, e in res:
+        assert rc == 0, e[-3000:]
+    d = json.loads([l for l in res[0][1].splitlines() if l.startswith("{")][-1])
+    assert d["calibrated"] is True and len(d["calibration_times_s"]) == 2
+    speeds = d["speeds"]
+    assert max(speeds) == 1.0 and all(0 < w <= 1 for w in speeds)
+    t = d["calibration_times_s"]
+    assert speeds == pytest.approx([min(t) / x for x in t])
+    assert d["sizes"] == proportional_sizes(12, speeds)
+    assert d["bytes_match_cost_model"]
+    saved = torch.load(out, weights_only=False)
+    hidden, head = simulate("bert", saved["inputs"], 2, cr=2.0, weights=speeds)
+    close(saved["result"]["hidden"], hidden)
+    close(saved["result"]["head"], head)
+
+
+def test_cli_speeds_equal_partition_weights(tmp_path):
+    """--speeds 1,0.5 and its older name --partition-weights 1,0.5 give sizes 2:1."""
+    for flag in ("--speeds", "--partition-weights"):
+        res, _ = launch(2, ["--family", "gpt2", "--seq-len", "12", "-m", "2", flag, "1,0.5", "--json",
+                            "--no-compare"])
+        for rc, o, e in res:
+            assert rc == 0, e[-3000:]
+        d = json.loads([l for l in res[0][1].splitlines() if l.startswith("{")][-1])
+        assert d["sizes"] == [8, 4] and d["speeds"] == [1.0, 0.5] and d["calibrated"] is False, d
 
 
 def test_one_process():

@@ -2,14 +2,17 @@
 
     prism costs --model {vit-b16,bert-base,gpt2,roberta-base,qwen2-0.5b,TYPE,CONFIG.json} --seq-len N
                 (--partitions P | --sizes 100,50 | --weights 2,1) (--means M | --cr CR)
-                [--averaging attention_input|block_input] [--wire-dtype fp32] [--json]
+                [--averaging attention_input|block_input] [--wire-dtype fp32]
+                [--input-dtype int64|int32|fp32|uint8] [--json]
     prism costs --paper [--json]     (the paper's settings next to its figures)
 
 P devices split N evenly; --sizes gives each partition's tokens (uneven allowed),
 --weights sizes in proportion (device speeds). M is the number of segment means
 per partition; CR gives m = ceil(n_i / CR) per partition (Eq. 16). FLOPs are
 counted by running each device's share of the model (built from its config on
-the meta device) under torch.utils.flop_counter. See docs/costs.md.
+the meta device) under torch.utils.flop_counter. The start-up bytes (once per
+inference) are given for both `prism run --input raw` (each device's slice of the
+raw input, in --input-dtype) and `--input hidden` (fp32 hidden states). See docs/costs.md.
 """
 from __future__ import annotations
 
@@ -40,6 +43,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wire-dtype", "--dtype", dest="dtype", choices=list(DTYPE_BYTES), default="fp32",
                    help="element type of the rows sent (default fp32); `prism run --wire-dtype` "
                         "sends fp32, fp16 or bf16")
+    from prism_kernels.costs.comm import INPUT_DTYPE_BYTES
+    p.add_argument("--input-dtype", choices=list(INPUT_DTYPE_BYTES), default=None,
+                   help="element type of the raw input in the start-up bytes (default: int64 token ids, "
+                        "fp32 pixel_values; uint8 for 8-bit images)")
     p.add_argument("--averaging", choices=("attention_input", "block_input"), default="attention_input",
                    help="what the means are taken of; sets the wire format (rotary models send K/V means "
                         "under attention_input)")
@@ -141,7 +148,8 @@ def run(args, p: argparse.ArgumentParser) -> int:
     try:
         report = estimate(spec, n, args.partitions, num_means=args.means, compression_rate=args.cr,
                           dtype_bytes=DTYPE_BYTES[args.dtype], averaging=args.averaging,
-                          anchors=args.anchors, anchor_budget=args.anchor_budget, **split)
+                          anchors=args.anchors, anchor_budget=args.anchor_budget,
+                          input_dtype=args.input_dtype, **split)
     except ValueError as e:           # rules checked in the library (none expected after _validate)
         p.error(str(e))
     if args.json:

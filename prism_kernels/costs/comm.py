@@ -14,6 +14,12 @@ device knows. Bytes = rows x floats per row x bytes per element, a row being
             only exact choice there; non-rotary models when that is smaller).
 Bytes per element: the wire dtype (WIRE_DTYPES; `row_bytes`). The runtime
 (prism_kernels.distributed) sends exactly these rows, cast to the wire dtype.
+
+Start-up (once per inference, before the first layer; `startup_bytes`): rank 0 holds
+the input and sends device i >= 1 either its partition's hidden states ("hidden":
+n_i rows of D floats in the compute dtype) or the part of the raw input it embeds
+itself ("raw": its n_i token ids; for an image the pixel rows of the patch rows its
+tokens lie in, whole rows of the image, so a little more than its patches).
 """
 from __future__ import annotations
 
@@ -40,6 +46,55 @@ def voltage_received_tokens(sizes: Sequence[int]) -> List[int]:
     """Voltage: rows (full hidden states) device i receives per layer, N - n_i."""
     n = sum(sizes)
     return [n - s for s in sizes]
+
+
+INPUT_DTYPE_BYTES: Dict[str, int] = {"int64": 8, "int32": 4, "fp32": 4, "fp16": 2, "bf16": 2, "uint8": 1}
+STARTUP_INPUTS = ("raw", "hidden")
+
+
+def _vision_geometry(config):
+    """(channels, image height, width, patch height, width, leading tokens) or None for text."""
+    if getattr(config, "patch_size", None) is None or getattr(config, "image_size", None) is None:
+        return None
+    pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+    (h, w), (ph, pw) = pair(config.image_size), pair(config.patch_size)
+    leading = 1 + int(getattr(config, "num_register_tokens", 0) or 0)
+    return int(getattr(config, "num_channels", 3)), h, w, ph, pw, leading
+
+
+def startup_bytes(config, sizes: Sequence[int], input: str = "raw", *, input_bytes: int = None,
+                  hidden_bytes: int = 4, batch: int = 1) -> List[int]:
+    """Bytes each device receives before the first layer (rank 0: 0, it holds the input).
+
+    hidden: n_i rows of D elements of `hidden_bytes` (the compute dtype, fp32: 4).
+    raw:    text: n_i token ids of `input_bytes` (int64: 8, the default);
+            image: the pixel rows of every patch row holding one of device i's
+            patches (its first tokens may be [CLS] / registers, which need no pixels),
+            x image width x channels x `input_bytes` (fp32 pixel_values: 4, the default;
+            uint8: 1)."""
+    if input not in STARTUP_INPUTS:
+        raise ValueError(f"input must be one of {STARTUP_INPUTS}, got {input!r}")
+    geo = _vision_geometry(config)
+    if input_bytes is None:
+        input_bytes = 4 if geo is not None else 8
+    out, start = [], 0
+    for i, n in enumerate(sizes):
+        stop = start + n
+        if i == 0:
+            b = 0
+        elif input == "hidden":
+            b = n * config.hidden_size * hidden_bytes
+        elif geo is None:
+            b = n * input_bytes
+        else:
+            c, h, w, ph, pw, lead = geo
+            per_row = w // pw                      # patches per grid row
+            first, last = max(start, lead) - lead, stop - 1 - lead     # patch indices
+            rows = 0 if last < first else last // per_row - first // per_row + 1
+            b = rows * ph * w * c * input_bytes
+        out.append(int(b) * batch)
+        start = stop
+    return out
 
 
 def bytes_for(tokens: int, hidden_size: int, dtype_bytes: int = 4) -> int:

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence, Union
 from ..anchors import DEFAULT_ANCHOR_BUDGET, DEFAULT_ANCHORS, DEFAULT_SEGMENTS, check_policy, resolve
 from ..models.table import token_roles
 from ..plan import make_plan
-from .comm import bytes_for, floats_per_row, received_tokens, voltage_received_tokens, wire_format
+from .comm import INPUT_DTYPE_BYTES, bytes_for, floats_per_row, startup_bytes, received_tokens, voltage_received_tokens, wire_format
 from .flops import COUNTED_TERMS, NOT_COUNTED_TERMS, device_flops, embedding_flops, vision_seq_len
 from .model_configs import resolve_model
 
@@ -69,6 +69,12 @@ class CostReport:
     single_terms_gflops: Dict[str, float] = field(default_factory=dict)
     counted_terms: str = COUNTED_TERMS
     not_counted_terms: str = NOT_COUNTED_TERMS
+    # once per inference, before the first layer (costs.comm.startup_bytes): what rank 0
+    # sends each device, its slice of the raw input (`prism run --input raw`, the default)
+    # or its partition's fp32 hidden states (`--input hidden`); rank 0's entry is 0
+    startup_raw_bytes_devices: List[int] = field(default_factory=list)
+    startup_hidden_bytes_devices: List[int] = field(default_factory=list)
+    startup_input_dtype: str = ""      # element type of the raw input priced (int64 ids, fp32 pixels, ...)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -107,7 +113,7 @@ def estimate(model, seq_len: Optional[int] = None, num_partitions: Optional[int]
              compression_rate: Optional[float] = None, dtype_bytes: int = 4, *,
              sizes: Optional[Sequence[int]] = None, weights: Optional[Sequence[float]] = None,
              averaging: str = "attention_input", anchors: str = DEFAULT_ANCHORS,
-             anchor_budget: str = DEFAULT_ANCHOR_BUDGET) -> CostReport:
+             anchor_budget: str = DEFAULT_ANCHOR_BUDGET, input_dtype: Optional[str] = None) -> CostReport:
     """Cost of single-device, Voltage and Prism inference of one sequence.
 
     model: preset (see model_configs.PRESETS), transformers model type,
@@ -120,6 +126,8 @@ def estimate(model, seq_len: Optional[int] = None, num_partitions: Optional[int]
         exactly one of the two.
     dtype_bytes: bytes per element of the rows sent (4 for fp32).
     averaging: decides Prism's wire format (the runtime's): rotary models send K/V means.
+    input_dtype: element type of the raw input for the start-up bytes (INPUT_DTYPE_BYTES;
+        default int64 token ids, fp32 pixel_values; uint8 for 8-bit images).
     anchors, anchor_budget: tokens sent alone (prism_kernels.anchors, the runtime's
         defaults): out of the m_j rows ("shared") they leave the rows unchanged;
         "extra" adds them. (Segment shapes do not change the counts either.)
@@ -127,6 +135,10 @@ def estimate(model, seq_len: Optional[int] = None, num_partitions: Optional[int]
     """
     spec = resolve_model(model)
     n = resolve_seq_len(spec, seq_len)
+    if input_dtype is None:
+        input_dtype = "fp32" if spec.kind == "vision" else "int64"
+    if input_dtype not in INPUT_DTYPE_BYTES:
+        raise ValueError(f"input_dtype must be one of {', '.join(INPUT_DTYPE_BYTES)}, got {input_dtype!r}")
     if isinstance(dtype_bytes, bool) or not isinstance(dtype_bytes, numbers.Integral) or dtype_bytes < 1:
         raise ValueError(f"dtype_bytes must be an integer >= 1, got {dtype_bytes!r}")
     if num_partitions is None and sizes is None and weights is None:
@@ -192,6 +204,10 @@ def estimate(model, seq_len: Optional[int] = None, num_partitions: Optional[int]
         comp_speedup_pct=100.0 * (1.0 - (p_total / p) / (single.total / 1e9)),
         voltage_comp_speedup_pct=100.0 * (1.0 - (v_total / p) / (single.total / 1e9)),
         single_terms_gflops={k: v / 1e9 for k, v in single.terms.items()},
+        startup_raw_bytes_devices=startup_bytes(spec.config, sizes, "raw",
+                                                input_bytes=INPUT_DTYPE_BYTES[input_dtype]),
+        startup_hidden_bytes_devices=startup_bytes(spec.config, sizes, "hidden"),
+        startup_input_dtype=input_dtype,
     )
 
 
@@ -231,6 +247,10 @@ def format_report(r: CostReport) -> str:
         out.append(f"causal model: a Prism device needs only earlier partitions' means, "
                    f"{r.prism_causal_tokens_devices} tokens/layer (mean {r.prism_causal_tokens_per_layer:g}); "
                    f"the figures above count all, as the paper does")
+    if r.startup_raw_bytes_devices:
+        out.append(f"start-up, once per inference (rank 0 -> each device): raw input ({r.startup_input_dtype}) "
+                   + ", ".join(_fmt_bytes(b) for b in r.startup_raw_bytes_devices)
+                   + "; fp32 hidden states " + ", ".join(_fmt_bytes(b) for b in r.startup_hidden_bytes_devices))
     out.append(f"FLOPs counted (torch.utils.flop_counter on the HF model, per device): {r.counted_terms}. "
                f"Not counted: {r.not_counted_terms}.")
     return "\n".join(out)

@@ -4,9 +4,10 @@ Modules: launch (the `prism run` entry point), comm (point-to-point exchanges wi
 deadlines and byte counting), handshake (config check before compute), runtime
 (per-rank block loop on the plan of a PrismConfig and the model table of
 prism_kernels.models), overlap (the attention function; local keys while the
-means are in flight, LSE merge).
+means are in flight, LSE merge), calibrate (`--calibrate`: per-rank block timing, speeds
+decided by rank 0).
 """
-from .runtime import MODES, WIRE_DTYPES, RunConfig, Runtime, expected_recv_bytes, floats_per_row, wire_format
+from .runtime import INPUTS, MODES, WIRE_DTYPES, RunConfig, Runtime, expected_recv_bytes, floats_per_row, wire_format
 
-__all__ = ["MODES", "WIRE_DTYPES", "RunConfig", "Runtime", "expected_recv_bytes", "floats_per_row",
+__all__ = ["INPUTS", "MODES", "WIRE_DTYPES", "RunConfig", "Runtime", "expected_recv_bytes", "floats_per_row",
            "wire_format"]

@@ -125,14 +125,23 @@ class Comm:
         self._tag += 1
         tag = self._tag
         recvs, sends = [], []
-        for peer in sorted(recv):
-            buf = recv[peer]
-            recvs.append((peer, dist.irecv(buf, src=peer, group=self.group, tag=tag), buf))
-            self.bytes.recv[(phase, layer)] += self._nbytes(buf)
-        for peer in sorted(send):
-            t = send[peer].contiguous()
-            sends.append((peer, dist.isend(t, dst=peer, group=self.group, tag=tag)))
-            self.bytes.sent[(phase, layer)] += self._nbytes(t)
+        peer = None
+        try:
+            for peer in sorted(recv):
+                buf = recv[peer]
+                recvs.append((peer, dist.irecv(buf, src=peer, group=self.group, tag=tag), buf))
+                self.bytes.recv[(phase, layer)] += self._nbytes(buf)
+            for peer in sorted(send):
+                t = send[peer].contiguous()
+                sends.append((peer, dist.isend(t, dst=peer, group=self.group, tag=tag)))
+                self.bytes.sent[(phase, layer)] += self._nbytes(t)
+        except RuntimeError as e:
+            # gloo refuses to even post a transfer to a peer whose connection has closed
+            # (it died before this exchange started): the same named failure as in wait()
+            if not _looks_dead(e):
+                raise
+            raise PeerFailure([peer], f"died before {what} on rank {self.rank}",
+                              str(e).splitlines()[0][:200]) from None
         return Pending(self, what, sends, recvs)
 
     def barrier(self, what: str):

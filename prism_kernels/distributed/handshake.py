@@ -52,13 +52,16 @@ def fingerprint(model, settings: Dict) -> Dict:
 
 
 def handshake(model, settings: Dict, n_tokens: Optional[int], error: Optional[str] = None,
-              timeout_s: float = 60.0) -> int:
-    """All ranks exchange fingerprints; returns N (from rank 0). Raises ConfigRefused
-    on every rank when a rank differs from rank 0 or rank 0 reports an error."""
+              timeout_s: float = 60.0, input_meta: Optional[Dict] = None):
+    """All ranks exchange fingerprints; returns (N, input_meta) from rank 0 (input_meta:
+    the input's shape and dtype, which the other ranks need to receive their slice of
+    the raw input). Raises ConfigRefused on every rank when a rank differs from rank 0
+    or rank 0 reports an error."""
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = fingerprint(model, settings)
     mine["rank"] = rank
     mine["n_tokens"] = n_tokens if rank == 0 else None
+    mine["input_meta"] = input_meta if rank == 0 else None
     mine["error"] = error
     everyone = [None] * world
     dist.all_gather_object(everyone, mine)
@@ -78,4 +81,4 @@ def handshake(model, settings: Dict, n_tokens: Optional[int], error: Optional[st
     if n is not None and world > n:
         raise ConfigRefused(f"refused before any compute: {world} partitions (world size) for {n} tokens; "
                             f"P must be <= the number of tokens")
-    return n
+    return n, ref["input_meta"]

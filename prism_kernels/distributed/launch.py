@@ -54,8 +54,17 @@ def add_arguments(p: argparse.ArgumentParser):
                         "for text (default); runs = contiguous runs everywhere (the paper's)")
     p.add_argument("--anchor-budget", default=DEFAULT_ANCHOR_BUDGET, choices=ANCHOR_BUDGETS,
                    help="anchors out of the partition's m means (shared, default) or on top (extra)")
-    p.add_argument("--partition-weights", default=None,
-                   help="comma-separated relative speed of each rank: partition sizes in proportion")
+    p.add_argument("--speeds", default=None,
+                   help="comma-separated relative speed of each rank (e.g. 1,0.5): partition sizes in "
+                        "proportion (plan.proportional_sizes)")
+    p.add_argument("--partition-weights", default=None, help="the older name of --speeds")
+    p.add_argument("--calibrate", action="store_true",
+                   help="measure each rank's speed at start-up (one block on a short input) and size "
+                        "the partitions in proportion; not with --speeds")
+    p.add_argument("--input", default="raw", choices=("raw", "hidden"),
+                   help="what rank 0 sends each rank at start-up: its slice of the raw input, which it "
+                        "embeds itself (token ids; an image's pixel rows; default), or its partition "
+                        "of hidden states embedded by rank 0")
     p.add_argument("--no-overlap", action="store_true", help="wait for the means before any attention")
     # no argparse choices: validate() refuses an unknown dtype, so a Namespace built in
     # Python is checked the same way as the command line
@@ -157,6 +166,13 @@ def validate(args, world=None, model=True):
         check_wire_dtype(getattr(args, "wire_dtype", "fp32"), "--wire-dtype")
     except ValueError as e:
         raise Refused(str(e)) from None
+    speeds_flag, _ = _speeds_arg(args)
+    if getattr(args, "calibrate", False) and speeds_flag is not None:
+        raise Refused(f"--calibrate and {speeds_flag} given: give one (measured or stated speeds)")
+    if args.mode == "single" and (speeds_flag is not None or getattr(args, "calibrate", False)):
+        raise Refused(f"{speeds_flag or '--calibrate'} applies to --mode prism or voltage (single "
+                      f"mode has no partitions)")
+    parse_speeds(args, world)
     # timing, threads
     if args.repeat < 1 or args.warmup < 0:
         raise Refused(f"--repeat must be >= 1 and --warmup >= 0, got --repeat {args.repeat} "
@@ -236,18 +252,47 @@ def check_model_args(args, world=None):
     return entry, cfg
 
 
-def run_config(args, world: int):
-    """The RunConfig of the command line: a PrismConfig with P = the world size in prism mode."""
+def _speeds_arg(args):
+    """(flag, value) of the stated speeds: --speeds or its older name --partition-weights."""
+    speeds, old = getattr(args, "speeds", None), getattr(args, "partition_weights", None)
+    if speeds is not None and old is not None:
+        raise Refused("--speeds and --partition-weights given: --partition-weights is the older name "
+                      "of --speeds, give one")
+    if speeds is not None:
+        return "--speeds", speeds
+    if old is not None:
+        return "--partition-weights", old
+    return None, None
+
+
+def parse_speeds(args, world=None):
+    """The stated speeds as a tuple of floats (None when not given), checked: numbers,
+    finite and > 0, one per rank when the world size is known."""
+    import math
+    flag, value = _speeds_arg(args)
+    if value is None:
+        return None
+    try:
+        speeds = tuple(float(w) for w in value.split(","))
+    except ValueError:
+        raise Refused(f"{flag} must be comma-separated numbers, got {value!r}") from None
+    bad = [w for w in speeds if not (math.isfinite(w) and w > 0)]
+    if bad:
+        raise Refused(f"{flag} must be finite numbers > 0 (relative speeds), got {value!r}")
+    if world is not None and len(speeds) != world:
+        raise Refused(f"{flag} {value}: partition_weights must have one weight per partition ({world}), "
+                      f"got {len(speeds)}")
+    return speeds
+
+
+def run_config(args, world: int, weights=None):
+    """The RunConfig of the command line: a PrismConfig with P = the world size in prism mode.
+    `weights`: measured speeds (--calibrate), instead of the stated ones."""
     from prism_kernels.config import PrismConfig
     from .runtime import RunConfig
     prism = None
-    weights = None
-    if args.partition_weights is not None:
-        try:
-            weights = tuple(float(w) for w in args.partition_weights.split(","))
-        except ValueError:
-            raise ValueError(f"--partition-weights must be comma-separated numbers, "
-                             f"got {args.partition_weights!r}") from None
+    if weights is None:
+        weights = parse_speeds(args, world)
     if args.mode == "prism":
         prism = PrismConfig(num_partitions=world, num_means=args.num_means, compression_rate=args.cr,
                             averaging=args.averaging, partition_weights=weights, anchors=args.anchors,
@@ -255,7 +300,7 @@ def run_config(args, world: int):
     elif args.mode == "voltage" and weights is not None:     # Voltage: the same partitions, CR = 1
         prism = PrismConfig(num_partitions=world, compression_rate=1.0, partition_weights=weights)
     return RunConfig(mode=args.mode, prism=prism, overlap=not args.no_overlap, gather=args.gather,
-                     wire_dtype=getattr(args, "wire_dtype", "fp32"))
+                     wire_dtype=getattr(args, "wire_dtype", "fp32"), input=getattr(args, "input", "raw"))
 
 
 def _fail(rank, code, msg):
@@ -400,15 +445,24 @@ def run(args) -> int:
             except Exception as e:
                 error = str(e)
         settings = {"mode": cfg.mode, "prism": cfg.prism.to_dict() if cfg.prism else None,
-                    "overlap": cfg.overlap, "gather": cfg.gather, "world": world, "wire_dtype": cfg.wire_dtype}
+                    "overlap": cfg.overlap, "gather": cfg.gather, "world": world, "wire_dtype": cfg.wire_dtype,
+                    "input": cfg.input, "calibrate": bool(getattr(args, "calibrate", False))}
+        meta = None if inputs is None else {"shape": list(inputs.shape), "dtype": str(inputs.dtype)}
     except Exception as e:
         _fail(rank, 2, f"refused before any compute: {type(e).__name__}: {e}")
 
+    calibration = None
     try:
-        n_tokens = handshake(model, settings, n_tokens, error, timeout_s=args.timeout)
+        n_tokens, meta = handshake(model, settings, n_tokens, error, timeout_s=args.timeout, input_meta=meta)
+        if getattr(args, "calibrate", False) and cfg.mode != "single":
+            from .calibrate import CALIBRATE_TOKENS, agree_speeds, time_one_block
+            t = time_one_block(entry, model, max(1, min(CALIBRATE_TOKENS, -(-n_tokens // world))))
+            calibration = agree_speeds(t)     # rank 0's decision: every rank builds the same plan
+            cfg = run_config(args, world, weights=tuple(calibration["speeds"]))
         comm = Comm(timeout_s=args.timeout)
         try:
-            rt = Runtime(model, comm, cfg, n_tokens)
+            rt = Runtime(model, comm, cfg, n_tokens, input_shape=meta["shape"],
+                         input_dtype=getattr(torch, meta["dtype"].replace("torch.", "")))
         except ValueError as e:
             raise ConfigRefused(f"refused before any compute: {e}") from None
     except ConfigRefused as e:
@@ -452,13 +506,16 @@ def run(args) -> int:
     layer_bytes = {k[1]: v for k, v in first_bytes.items() if k[0] == "layer"}
     expected = rt.expected_layer_bytes() if rt.plan is not None else 0
     bytes_ok = all(v == expected for v in layer_bytes.values()) and \
-        (rt.plan is None or len(layer_bytes) == (len(rt.layers) if rt.sources else 0) or expected == 0)
+        (rt.plan is None or len(layer_bytes) == (len(rt.layers) if rt.sources else 0) or expected == 0) and \
+        first_bytes.get(("scatter", 0), 0) == rt.expected_startup_bytes()
     report = {"rank": rank, "world": world, "family": entry.model_type, "mode": cfg.mode,
               "averaging": rt.averaging, "wire": rt.wire, "wire_dtype": cfg.wire_dtype, "n_tokens": n_tokens,
               "sizes": list(rt.plan.sizes) if rt.plan is not None else None,
               "means": list(rt.plan.means) if rt.plan is not None and cfg.mode == "prism" else None,
               "layer_bytes": layer_bytes, "expected_layer_bytes": expected, "bytes_match_cost_model": bytes_ok,
-              "scatter_bytes": first_bytes.get(("scatter", 0), 0), "gather_bytes": first_bytes.get(("gather", 0), 0),
+              "startup_bytes": first_bytes.get(("scatter", 0), 0),
+              "expected_startup_bytes": rt.expected_startup_bytes(),
+              "gather_bytes": first_bytes.get(("gather", 0), 0),
               "times_s": times, "wait_s": waits}
     # every rank's bytes, collected on rank 0 (tiny)
     everyone = [None] * world
@@ -473,7 +530,14 @@ def run(args) -> int:
         if args.json:
             summary = {k: report[k] for k in ("world", "family", "mode", "averaging", "wire", "wire_dtype",
                                               "n_tokens", "sizes", "means")}
+            summary["input"] = cfg.input
+            summary["startup_bytes_per_rank"] = [r["startup_bytes"] for r in everyone]
             summary["layer_bytes_per_rank"] = [r["layer_bytes"] for r in everyone]
+            summary["speeds"] = list(cfg.prism.partition_weights) if cfg.prism is not None and \
+                cfg.prism.partition_weights is not None else None
+            summary["calibrated"] = calibration is not None
+            if calibration is not None:
+                summary["calibration_times_s"] = calibration["times_s"]
             summary["bytes_match_cost_model"] = all(r["bytes_match_cost_model"] for r in everyone)
             if times:
                 ts = sorted(times)
@@ -495,9 +559,16 @@ def run(args) -> int:
                   f"averaging={rt.averaging} wire={rt.wire}"
                   + (f" ({floats_per_row(model.config, rt.wire)} floats per row, {cfg.wire_dtype})"
                      if rt.wire else ""))
+            if cfg.prism is not None and cfg.prism.partition_weights is not None:
+                how = ("measured: one block "
+                       + ", ".join(f"{t * 1e3:.2f}" for t in calibration["times_s"]) + " ms"
+                       if calibration is not None else "stated")
+                print(f"  speeds {[round(w, 3) for w in cfg.prism.partition_weights]} ({how}) -> "
+                      f"partition sizes {list(rt.plan.sizes)}")
             for r in everyone:
                 per = sorted(set(r["layer_bytes"].values()))
-                print(f"  rank {r['rank']}: bytes received per layer {per} (cost model "
+                print(f"  rank {r['rank']}: start-up bytes {r['startup_bytes']} ({cfg.input}; cost model "
+                      f"{r['expected_startup_bytes']}), bytes received per layer {per} (cost model "
                       f"{r['expected_layer_bytes']}, match={r['bytes_match_cost_model']})")
             if times:
                 print(f"  latency: median {sorted(times)[len(times) // 2] * 1e3:.1f} ms over {len(times)} runs")

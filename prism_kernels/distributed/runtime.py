@@ -1,5 +1,5 @@
-"""The per-rank loop: the master embeds the input and scatters the partitions,
-every rank runs the blocks on its partition with an exchange per layer, the master
+"""The per-rank loop: the master sends each rank its slice of the raw input (or,
+with input "hidden", embeds everything and scatters the partitions), every rank runs the blocks on its partition with an exchange per layer, the master
 gathers what the head needs (docs/distributed.md).
 
 Modes
@@ -26,10 +26,19 @@ receives. What the means are taken of is the config's `averaging`
                    rotation (mean cos, mean sin).
 Voltage always sends "hidden" rows (the block input).
 
+Start-up (RunConfig.input, `--input`):
+  raw      (default) rank 0 sends rank i only the part of the input it needs to embed
+           its own tokens (ModelType.input_slice: its token ids; for an image the pixel
+           rows of its patch rows, in the input's dtype) and every rank embeds its rows
+           at their global positions (ModelType.embed_slice). Ids are 8 bytes a token
+           instead of 4*D, and each rank does its own share of the embedding.
+  hidden   rank 0 embeds all N rows and sends rank i its partition of hidden states.
+Both give the same rows (tests); the bytes are costs.comm.startup_bytes.
+
 Wire dtype (RunConfig.wire_dtype, `--wire-dtype`): every per-layer payload is cast
 to it before sending and back to the compute dtype on receipt, so fp16 / bf16 halve
-the bytes of every layer; the computation stays in the model's dtype. The scatter
-of the partitions and the gather of the outputs stay in the compute dtype: they
+the bytes of every layer; the computation stays in the model's dtype. The start-up
+scatter (hidden states or the raw input as given) and the gather of the outputs stay in the compute dtype: they
 happen once per inference, and the gathered rows are the result itself.
 """
 from __future__ import annotations
@@ -43,14 +52,15 @@ from typing import Dict, Optional
 import torch
 
 from ..config import PrismConfig
-from ..costs.comm import (WIRE_DTYPES, bytes_for, check_wire_dtype, floats_per_row, row_bytes, wire_format,
-                          wire_torch_dtype)
+from ..costs.comm import (INPUT_DTYPE_BYTES, WIRE_DTYPES, bytes_for, check_wire_dtype, floats_per_row, row_bytes,
+                          startup_bytes, wire_format, wire_torch_dtype)
 from ..models import apply_rotary, lookup
 from ..plan import partition_means
 from . import overlap
 from .comm import Comm
 
 MODES = ("prism", "voltage", "single")
+INPUTS = ("raw", "hidden")
 
 
 @dataclass
@@ -60,9 +70,12 @@ class RunConfig:
     overlap: bool = True
     gather: str = "head"                     # "head" | "all"
     wire_dtype: str = "fp32"                 # element type of the per-layer exchange (WIRE_DTYPES)
+    input: str = "raw"                       # what rank 0 sends at start-up: "raw" input slices | "hidden" rows
 
     def __post_init__(self):
         check_wire_dtype(self.wire_dtype)
+        if self.input not in INPUTS:
+            raise ValueError(f"input must be one of {INPUTS}, got {self.input!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.gather not in ("head", "all"):
@@ -196,8 +209,13 @@ class LayerCtx:
 class Runtime:
     """One rank's state for one model, one input length and one configuration."""
 
-    def __init__(self, model, comm: Comm, cfg: RunConfig, n_tokens: int, batch: int = 1):
+    def __init__(self, model, comm: Comm, cfg: RunConfig, n_tokens: int, batch: int = 1,
+                 input_shape=None, input_dtype: Optional[torch.dtype] = None):
+        """input_shape / input_dtype: of the whole raw input (rank 0's, told in the
+        handshake); every rank needs them in raw mode to size what it receives."""
         self.model, self.entry, self.comm, self.cfg = model, lookup(model), comm, cfg
+        self.input_shape = None if input_shape is None else tuple(int(x) for x in input_shape)
+        self.input_dtype = input_dtype
         self.rank, self.world = comm.rank, comm.world
         self.batch = batch
         self.averaging = cfg.averaging
@@ -217,6 +235,8 @@ class Runtime:
             self.q_pos = torch.tensor(dev.query_positions, dtype=torch.int64)
             self.remote_counts = torch.tensor(dev.counts[dev.size:], dtype=torch.int64)
             self.remote_pos = torch.tensor(dev.key_positions[dev.size:], dtype=torch.int64)
+            if cfg.input == "raw" and self.rank != 0 and (self.input_shape is None or self.input_dtype is None):
+                raise ValueError("input 'raw': ranks other than 0 need the input's shape and dtype")
         self._capture_hooks = []
         if cfg.mode == "prism" and self.averaging == "attention_input" and self.wire == "hidden":
             for layer in self.layers:
@@ -251,6 +271,52 @@ class Runtime:
             return torch.empty(self.batch, 2, e.num_kv_heads(c), rows, e.head_dim(c), dtype=self.wire_dtype)
         return torch.empty(self.batch, rows, c.hidden_size, dtype=self.wire_dtype)
 
+    def token_range(self, j: int):
+        o = self.plan.offsets[j]
+        return o, o + self.plan.sizes[j]
+
+    def raw_slice_index(self, j: int, shape):
+        """(dim, begin, end) of the raw input rank j embeds."""
+        return self.entry.input_slice(self.model.config, shape, *self.token_range(j))
+
+    def expected_startup_bytes(self) -> int:
+        """Cost model of what this rank receives before the first layer."""
+        if self.plan is None:
+            return 0
+        if self.cfg.input == "hidden":
+            return startup_bytes(self.model.config, self.plan.sizes, "hidden", batch=self.batch)[self.rank]
+        dt = str(self.input_dtype).replace("torch.", "")
+        name = {"int64": "int64", "int32": "int32", "float32": "fp32", "float16": "fp16",
+                "bfloat16": "bf16", "uint8": "uint8"}.get(dt)
+        if name is None:
+            raise ValueError(f"no cost-model entry for an input of dtype {self.input_dtype}")
+        return startup_bytes(self.model.config, self.plan.sizes, "raw", input_bytes=INPUT_DTYPE_BYTES[name],
+                             batch=self.batch)[self.rank]
+
+    def _start_raw(self, inputs):
+        """Raw start-up: each rank embeds its own tokens from its slice of the input."""
+        e, m, rank = self.entry, self.model, self.rank
+        if rank == 0:
+            shape = tuple(inputs.shape)
+            send = {}
+            for j in range(1, self.world):
+                d, a, b = self.raw_slice_index(j, shape)
+                if b > a:                   # a rank with no pixels to embed ([CLS] only) gets nothing
+                    send[j] = inputs.narrow(d, a, b - a).contiguous()
+            pend = self.comm.start("scatter of the raw input", "scatter", 0, send, {})
+            d, a, b = self.raw_slice_index(0, shape)
+            h = e.embed_slice(m, inputs.narrow(d, a, b - a), *self.token_range(0), shape)
+            pend.wait()
+            return h.contiguous()
+        shape = self.input_shape
+        d, a, b = self.raw_slice_index(rank, shape)
+        buf_shape = list(shape)
+        buf_shape[d] = b - a
+        buf = torch.empty(buf_shape, dtype=self.input_dtype)
+        if b > a:
+            buf = self.comm.start("scatter of the raw input", "scatter", 0, {}, {0: buf}).wait()[0]
+        return e.embed_slice(m, buf, *self.token_range(rank), shape).contiguous()
+
     def expected_layer_bytes(self) -> int:
         return expected_recv_bytes(self.plan, self.model.config, self.wire, self.rank, self.batch,
                                    self.cfg.wire_dtype)
@@ -268,8 +334,10 @@ class Runtime:
             return {"head": head, "hidden": hidden}
         rank, plan = self.rank, self.plan
         D = m.config.hidden_size
-        # 1. master: embed and scatter the partitions
-        if rank == 0:
+        # 1. raw: every rank embeds its slice of the input; hidden: the master embeds and scatters
+        if cfg.input == "raw":
+            h = self._start_raw(inputs)
+        elif rank == 0:
             parts = torch.split(e.embed(m, inputs), list(plan.sizes), dim=1)
             pend = self.comm.start("scatter of the partitions", "scatter", 0,
                                    {j: parts[j] for j in range(1, self.world)}, {})

@@ -5,8 +5,8 @@ that each process pays the torch/transformers import once).
         python -m prism_kernels.distributed.selftest OUT.pt SCENARIOS_JSON
 
 SCENARIOS_JSON: a list of {"name", "family", "mode", "num_means"|"cr", "averaging",
-"anchors", "segments", "anchor_budget", "weights", "overlap", "seq_len", "wire_dtype"} (absent
-keys: the defaults). Rank 0 saves {name: {"hidden", "head", "reports", "inputs"}} to OUT.pt.
+"anchors", "segments", "anchor_budget", "weights", "overlap", "seq_len", "wire_dtype", "input"}
+(absent keys: the defaults). Rank 0 saves {name: {"hidden", "head", "reports", "inputs"}} to OUT.pt.
 """
 from __future__ import annotations
 
@@ -44,12 +44,16 @@ def main(argv):
                                 partition_weights=s.get("weights"),
                                 **{k: s[k] for k in ("anchors", "segments", "anchor_budget") if k in s})
         cfg = RunConfig(mode=s["mode"], prism=prism, overlap=s.get("overlap", True), gather="all",
-                        wire_dtype=s.get("wire_dtype", "fp32"))
-        rt = Runtime(model, Comm(timeout_s=60), cfg, entry.n_tokens(model, inputs))
+                        wire_dtype=s.get("wire_dtype", "fp32"), input=s.get("input", "raw"))
+        # every rank makes the same input, but only its shape and dtype are used off rank 0
+        rt = Runtime(model, Comm(timeout_s=60), cfg, entry.n_tokens(model, inputs),
+                     input_shape=inputs.shape, input_dtype=inputs.dtype)
         res = rt.forward(inputs if rank == 0 else None)
         plan = rt.plan
         rep = {"rank": rank, "layer_bytes": rt.comm.bytes.per_layer("layer"),
                "expected": rt.expected_layer_bytes() if plan is not None else 0,
+               "startup_bytes": rt.comm.bytes.recv.get(("scatter", 0), 0),
+               "expected_startup": rt.expected_startup_bytes(), "input": cfg.input,
                "wire": rt.wire, "wire_dtype": cfg.wire_dtype, "averaging": rt.averaging,
                "means": list(plan.means) if plan is not None else None,
                "tokens_received": plan.devices[rank].tokens_received if plan is not None else 0,

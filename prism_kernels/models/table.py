@@ -104,6 +104,47 @@ def _embed_image(model, pixel_values, positions):
     return model.embeddings(pixel_values)
 
 
+def _positions_vit(emb, height, width, n_patches):
+    # ViTEmbeddings.forward adds its table as is unless asked to interpolate (the runtime never asks)
+    return emb.position_embeddings
+
+
+def _positions_dinov2(emb, height, width, n_patches):
+    # Dinov2Embeddings.forward always goes through interpolate_pos_encoding (the identity at
+    # the configured size); only the shape of its first argument is read
+    like = torch.empty(1, n_patches + 1, emb.position_embeddings.shape[-1], device="meta")
+    return emb.interpolate_pos_encoding(like, height, width)
+
+
+def _image_grid(model_or_config, shape):
+    """(patch height, patch width, patches per row, patches) of an image of `shape` [B, C, H, W]."""
+    cfg = getattr(model_or_config, "config", model_or_config)
+    p = cfg.patch_size
+    ph, pw = tuple(p) if isinstance(p, (tuple, list)) else (p, p)
+    gw = shape[3] // pw
+    return ph, pw, gw, (shape[2] // ph) * gw
+
+
+def _image_rows(positions_fn):
+    """Rows [start, stop) of the embedding of an image, from the pixel rows of the patch rows
+    they cover (`strip`, ModelType.input_slice): the model's own conv on the strip, the
+    rows of the position table of the whole image, [CLS] (+ its position) for row 0."""
+    def embed_rows(model, strip, start, stop, shape):
+        emb = model.embeddings
+        _, _, gw, n_patches = _image_grid(model, shape)
+        pos = positions_fn(emb, shape[2], shape[3], n_patches)
+        rows = []
+        if start == 0:
+            rows.append(emb.cls_token.expand(strip.shape[0], -1, -1) + pos[:, :1])
+        p0, p1 = max(start, 1) - 1, stop - 1             # patch indices of tokens [start, stop)
+        if p1 > p0:
+            first = (p0 // gw) * gw                        # the strip starts at this patch
+            patches = emb.patch_embeddings(strip)[:, p0 - first:p1 - first]
+            rows.append(patches + pos[:, 1 + p0:1 + p1])
+        return emb.dropout(torch.cat(rows, dim=1))
+    return embed_rows
+
+
 def _embed_gpt2(model, ids, positions):
     t = model.transformer
     return t.drop(t.wte(ids) + t.wpe(_positions(ids, positions)))
@@ -198,6 +239,7 @@ class ModelType:
     run_block_fn: Callable           # (entry, model, block, h, positions) -> h
     final_norm_path: Optional[str]   # model -> final norm (None: none)
     rotary_path: Optional[str] = None  # model -> rotary embedding module (rotary models)
+    embed_rows_fn: Optional[Callable] = None  # vision: (model, pixel strip, start, stop, image shape) -> rows
 
     # ---- building --------------------------------------------------------------------
     @property
@@ -314,6 +356,27 @@ class ModelType:
         (default 0..n-1), or the whole image."""
         return self.embed_fn(model, inputs, positions)
 
+    def input_slice(self, config, shape, start: int, stop: int) -> Tuple[int, int, int]:
+        """(dim, begin, end): the part of a raw input of `shape` a rank needs to embed
+        tokens [start, stop) itself: token ids [start, stop) (dim 1) for text; for an
+        image the pixel rows (dim 2) of the patch rows its patches lie in (empty for a
+        rank holding only [CLS])."""
+        if self.input_kind == "text":
+            return 1, start, stop
+        ph, _, gw, _ = _image_grid(config, shape)
+        p0, p1 = max(start, 1) - 1, stop - 1
+        if p1 <= p0:
+            return 2, 0, 0
+        return 2, (p0 // gw) * ph, ((p1 - 1) // gw + 1) * ph
+
+    def embed_slice(self, model, raw: torch.Tensor, start: int, stop: int, shape) -> torch.Tensor:
+        """Rows [start, stop) of the first block's input [B, stop - start, D] from the part
+        of the raw input `input_slice` names (shape: the whole input's); equal to those rows
+        of `embed` on the whole input."""
+        if self.input_kind == "text":
+            return self.embed(model, raw, torch.arange(start, stop))
+        return self.embed_rows_fn(model, raw, start, stop, tuple(shape))
+
     def n_tokens(self, model, inputs: torch.Tensor) -> int:
         if self.input_kind == "image":
             with torch.no_grad():
@@ -347,9 +410,9 @@ class ModelType:
 
 
 def _entry(model_type, kind, model_class, make_config, blocks, attention, pre_norm, kv, embed, run, final,
-           rotary=None):
+           rotary=None, embed_rows=None):
     return ModelType(model_type, kind, model_class, make_config, blocks, attention, pre_norm, kv, embed, run,
-                     final, rotary)
+                     final, rotary, embed_rows)
 
 
 TABLE: Dict[str, ModelType] = {e.model_type: e for e in (
@@ -358,9 +421,9 @@ TABLE: Dict[str, ModelType] = {e.model_type: e for e in (
     _entry("roberta", "encoder", "RobertaModel", _cfg_roberta, "encoder.layer", "attention.self", None,
            _kv_bert, _embed_roberta, _run_plain, None),
     _entry("vit", "vision", "ViTModel", _cfg_vit, "layers", "attention", "layernorm_before",
-           _kv_proj, _embed_image, _run_plain, "layernorm"),
+           _kv_proj, _embed_image, _run_plain, "layernorm", embed_rows=_image_rows(_positions_vit)),
     _entry("dinov2", "vision", "Dinov2Model", _cfg_dinov2, "encoder.layer", "attention", "norm1",
-           _kv_proj, _embed_image, _run_plain, "layernorm"),
+           _kv_proj, _embed_image, _run_plain, "layernorm", embed_rows=_image_rows(_positions_dinov2)),
     _entry("gpt2", "causal", "GPT2LMHeadModel", _cfg_gpt2, "transformer.h", "attn", "ln_1",
            _kv_gpt2, _embed_gpt2, _run_gpt2, "transformer.ln_f"),
     _entry("llama", "causal", "LlamaForCausalLM", _cfg_llama, "model.layers", "self_attn", "input_layernorm",
