@@ -162,17 +162,16 @@ def _capture(module):
     return store, h
 
 
-@pytest.mark.parametrize("averaging", ["attention_input", "block_input"])
-def test_gpt2_layer_against_python_ref(averaging):
+def _gpt2_layer_vs_python_ref(averaging, plan, **settings):
+    """GPT-2 layer 0 under enable_prism(**settings) against python_ref on `plan` (17 tokens)."""
     model = gpt2()
     ids = _ids(2, 17)
     blk = model.transformer.h[0]
     D = 64
-    phf.enable_prism(model, num_partitions=3, compression_rate=2.5, averaging=averaging, **PLAIN)
+    phf.enable_prism(model, averaging=averaging, **settings)
     store, h = _capture(blk.attn)
     with torch.no_grad():
         hs = model(input_ids=ids, output_hidden_states=True).hidden_states[0]
-        plan = plan_layout(17, 3, compression_rate=2.5, causal=True)
         ref = _reference_layer(hs, blk.ln_1, lambda a: blk.attn.c_attn(a)[..., :D],
                                lambda a: blk.attn.c_attn(a)[..., D:].split(D, -1), blk.attn.c_proj,
                                plan, averaging, blk.attn.scaling, 4, 16)
@@ -180,21 +179,31 @@ def test_gpt2_layer_against_python_ref(averaging):
     assert torch.allclose(store["out"], ref, atol=1e-5 * ref.abs().max())
 
 
-@pytest.mark.parametrize("averaging", ["attention_input", "block_input"])
-def test_vit_layer_against_python_ref(averaging):
+def _vit_layer_vs_python_ref(averaging, plan, **settings):
+    """ViT layer 0 (17 tokens: [CLS] + 4 x 4 patches) under enable_prism(**settings) against python_ref."""
     model = vit()
     px = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     lay = model.layers[0]
     att = lay.attention
-    phf.enable_prism(model, num_partitions=2, num_means=3, averaging=averaging, **PLAIN)
+    phf.enable_prism(model, averaging=averaging, **settings)
     store, h = _capture(att)
     with torch.no_grad():
         hs = model(pixel_values=px, output_hidden_states=True).hidden_states[0]
-        plan = plan_layout(17, 2, 3)
         ref = _reference_layer(hs, lay.layernorm_before, att.q_proj, lambda a: (att.k_proj(a), att.v_proj(a)),
                                att.o_proj, plan, averaging, att.scaling, 4, 16)
     h.remove()
     assert torch.allclose(store["out"], ref, atol=1e-5 * ref.abs().max())
+
+
+@pytest.mark.parametrize("averaging", ["attention_input", "block_input"])
+def test_gpt2_layer_against_python_ref(averaging):
+    _gpt2_layer_vs_python_ref(averaging, plan_layout(17, 3, compression_rate=2.5, causal=True),
+                              num_partitions=3, compression_rate=2.5, **PLAIN)
+
+
+@pytest.mark.parametrize("averaging", ["attention_input", "block_input"])
+def test_vit_layer_against_python_ref(averaging):
+    _vit_layer_vs_python_ref(averaging, plan_layout(17, 2, 3), num_partitions=2, num_means=3, **PLAIN)
 
 
 @pytest.mark.parametrize("averaging", ["attention_input", "block_input"])
@@ -202,21 +211,9 @@ def test_gpt2_anchored_layer_against_python_ref(averaging):
     """The default policy on a decoder: token 0 is sent alone, out of partition 0's
     budget. 17 tokens, P = 3 (6 + 6 + 5), CR 2.5: m = 3, 3, 2; the segments are
     written out by hand and python_ref computes the layer from them."""
-    model = gpt2()
-    ids = _ids(2, 17)
-    blk = model.transformer.h[0]
-    D = 64
-    phf.enable_prism(model, num_partitions=3, compression_rate=2.5, averaging=averaging)
-    store, h = _capture(blk.attn)
     segs = [[[0], [1, 2, 3], [4, 5]], [[6, 7], [8, 9], [10, 11]], [[12, 13, 14], [15, 16]]]
-    with torch.no_grad():
-        hs = model(input_ids=ids, output_hidden_states=True).hidden_states[0]
-        plan = plan_from_segments(17, [6, 6, 5], segs, causal=True)
-        ref = _reference_layer(hs, blk.ln_1, lambda a: blk.attn.c_attn(a)[..., :D],
-                               lambda a: blk.attn.c_attn(a)[..., D:].split(D, -1), blk.attn.c_proj,
-                               plan, averaging, blk.attn.scaling, 4, 16)
-    h.remove()
-    assert torch.allclose(store["out"], ref, atol=1e-5 * ref.abs().max())
+    _gpt2_layer_vs_python_ref(averaging, plan_from_segments(17, [6, 6, 5], segs, causal=True),
+                              num_partitions=3, compression_rate=2.5)
 
 
 @pytest.mark.parametrize("averaging", ["attention_input", "block_input"])
@@ -224,20 +221,9 @@ def test_vit_anchor_and_2d_blocks_against_python_ref(averaging):
     """The default policy on a ViT: [CLS] alone and 2 x 2 blocks of the 4 x 4 patch
     grid (tokens 1..16, row-major). P = 2 (9 + 8 tokens), 2 means each plus the
     anchor on top (anchor_budget="extra"); segments written out by hand."""
-    model = vit()
-    px = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    lay = model.layers[0]
-    att = lay.attention
-    phf.enable_prism(model, num_partitions=2, num_means=2, averaging=averaging, anchor_budget="extra")
-    store, h = _capture(att)
     segs = [[[0], [1, 2, 5, 6], [3, 4, 7, 8]], [[9, 10, 13, 14], [11, 12, 15, 16]]]
-    with torch.no_grad():
-        hs = model(pixel_values=px, output_hidden_states=True).hidden_states[0]
-        plan = plan_from_segments(17, [9, 8], segs)
-        ref = _reference_layer(hs, lay.layernorm_before, att.q_proj, lambda a: (att.k_proj(a), att.v_proj(a)),
-                               att.o_proj, plan, averaging, att.scaling, 4, 16)
-    h.remove()
-    assert torch.allclose(store["out"], ref, atol=1e-5 * ref.abs().max())
+    _vit_layer_vs_python_ref(averaging, plan_from_segments(17, [9, 8], segs), num_partitions=2, num_means=2,
+                             anchor_budget="extra")
 
 
 def _ref_plan(sizes, cr, causal):
@@ -260,20 +246,8 @@ def _ref_plan(sizes, cr, causal):
 @pytest.mark.parametrize("averaging", ["attention_input", "block_input"])
 def test_uneven_partitions_against_python_ref(averaging):
     """partition_weights (2, 1): 17 tokens split 11 + 6; the layer equals python_ref on that split."""
-    model = gpt2()
-    ids = _ids(2, 17)
-    blk = model.transformer.h[0]
-    D = 64
-    phf.enable_prism(model, num_partitions=2, compression_rate=2.5, averaging=averaging, partition_weights=(2, 1),
-                     **PLAIN)
-    store, h = _capture(blk.attn)
-    with torch.no_grad():
-        hs = model(input_ids=ids, output_hidden_states=True).hidden_states[0]
-        ref = _reference_layer(hs, blk.ln_1, lambda a: blk.attn.c_attn(a)[..., :D],
-                               lambda a: blk.attn.c_attn(a)[..., D:].split(D, -1), blk.attn.c_proj,
-                               _ref_plan([11, 6], 2.5, True), averaging, blk.attn.scaling, 4, 16)
-    h.remove()
-    assert torch.allclose(store["out"], ref, atol=1e-5 * ref.abs().max())
+    _gpt2_layer_vs_python_ref(averaging, _ref_plan([11, 6], 2.5, True), num_partitions=2, compression_rate=2.5,
+                              partition_weights=(2, 1), **PLAIN)
 
 
 @pytest.mark.parametrize("make", [bert, gpt2])
