@@ -113,9 +113,22 @@ def cache_root() -> pathlib.Path:
     return pathlib.Path(base) / "prism_kernels"
 
 
+def _sources_tag() -> str:
+    """A short hash of where the sources are and what they say: torch's build files name
+    the sources by path, so two checkouts (or an edited one) sharing one build folder
+    would rebuild each other's extension on every start."""
+    import hashlib
+    root = source_dir()
+    h = hashlib.sha1(str(root).encode())
+    for f in sorted(root.glob("*.cpp")) + sorted(root.glob("*.h")):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:10]
+
+
 def cache_dir(variant: str) -> pathlib.Path:
     import torch
-    tag = f"{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-{variant}"
+    tag = f"{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-{variant}-{_sources_tag()}"
     if sanitize_requested():
         tag += "-sanitize"
     return cache_root() / tag
