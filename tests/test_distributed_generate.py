@@ -115,3 +115,33 @@ def test_misuse_refused_before_any_process(argv, named, capsys):
 def test_cli_registers_generate():
     from prism_kernels.cli import main
     assert main(["generate"] + _with(decode="nope")) == 2
+
+
+def test_saved_model_with_prompt_file_streams_text(tmp_path):
+    """--model DIR --prompt-file F: the prompt is tokenised with the model's tokenizer and the
+    last rank prints the generated text (a tiny word-level tokenizer, made here: no hub)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    model = build_model("gpt2", "tiny", seed=0)
+    V = model.config.vocab_size
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(V)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0")
+    model.generation_config.eos_token_id = None
+    model.config.eos_token_id = None
+    model.save_pretrained(tmp_path / "m")
+    fast.save_pretrained(tmp_path / "m")
+    prompt = " ".join(f"w{(7 * i + 3) % V}" for i in range(N))
+    (tmp_path / "p.txt").write_text(prompt)
+    argv = ["--model", str(tmp_path / "m"), "--prompt-file", str(tmp_path / "p.txt"), "--max-new-tokens",
+            str(NEW), "--decode", "prism", "-m", "2", "--timeout", "30"]
+    res, _ = launch(2, argv, module="prism_kernels.distributed.generate", timeout=120)
+    for r, (rc, out, err) in enumerate(res):
+        assert rc == 0, f"rank {r} rc={rc}\n{out}\n{err}"
+    ids = fast(prompt, return_tensors="pt")["input_ids"]
+    phf.enable_prism(model, num_partitions=2, num_means=2, decode="prism")
+    want = model.generate(ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0)[0, N:].tolist()
+    lines = res[1][1].splitlines()
+    assert lines[0].startswith("prism generate: gpt2 P=2 N=12 decode=prism")
+    assert lines[1] == fast.decode(want, skip_special_tokens=True)
+    assert "per token 0" in res[1][1]
