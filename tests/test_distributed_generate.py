@@ -35,7 +35,6 @@ def _simulated(family, decode, cr):
     """The one-process simulation's greedy tokens; cr None: the stock model."""
     model = build_model(family, "tiny", seed=0)
     ids = lookup(family).make_input(model.config, N, seed=0)
-    model.generation_config.eos_token_id = None      # the runtime generates exactly NEW tokens
     if cr is not None:
         phf.enable_prism(model, num_partitions=2, compression_rate=cr, decode=decode)
     out = model.generate(ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
@@ -65,7 +64,8 @@ def test_tokens_equal_simulation(family, decode, cr):
         assert got["cache_rows_per_layer"] == n1 + got["means"][0]     # own rows + received means
     assert got["full_cache_bytes"] == layers * N * row
     assert got["cache_bytes"] == layers * got["cache_rows_per_layer"] * row
-    assert len(got["decode_step_s"]) == NEW - 1
+    assert len(got["decode_step_s"]) == len(got["tokens"]) - 1 and 1 <= len(got["tokens"]) <= NEW
+    assert got["control_bytes"] == 8                                # the final "done" to rank 0
 
 
 def test_exact_equals_voltage_and_counts_its_bytes():
@@ -74,8 +74,9 @@ def test_exact_equals_voltage_and_counts_its_bytes():
     config = build_model("llama", "tiny").config
     entry = lookup("llama")
     H, d = config.num_attention_heads, entry.head_dim(config)
-    # per token and layer: the query to rank 0 (H*d floats), its output and lse back (H*(d+1))
-    assert got["decode_bytes_per_token"] == config.num_hidden_layers * (H * d + H * (d + 1)) * 4
+    # per token and layer: the query to rank 0 (H*d floats), its output and lse back (H*(d+1));
+    # per token: the "a step follows" integer to rank 0
+    assert got["decode_bytes_per_token"] == config.num_hidden_layers * (H * d + H * (d + 1)) * 4 + 8
     assert got["post_prefill_bytes"] == 0
 
 
@@ -118,8 +119,9 @@ def test_cli_registers_generate():
 
 
 def test_saved_model_with_prompt_file_streams_text(tmp_path):
-    """--model DIR --prompt-file F: the prompt is tokenised with the model's tokenizer and the
-    last rank prints the generated text (a tiny word-level tokenizer, made here: no hub)."""
+    """--model DIR --prompt-file F: the prompt is tokenised with the model's tokenizer, the
+    last rank prints the generated text (a tiny word-level tokenizer, made here: no hub) and
+    stops after the model's EOS token, as generate() does."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     model = build_model("gpt2", "tiny", seed=0)
@@ -127,20 +129,23 @@ def test_saved_model_with_prompt_file_streams_text(tmp_path):
     tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(V)}, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0")
-    model.generation_config.eos_token_id = None
-    model.config.eos_token_id = None
-    model.save_pretrained(tmp_path / "m")
-    fast.save_pretrained(tmp_path / "m")
     prompt = " ".join(f"w{(7 * i + 3) % V}" for i in range(N))
     (tmp_path / "p.txt").write_text(prompt)
+    ids = fast(prompt, return_tensors="pt")["input_ids"]
+    ref = build_model("gpt2", "tiny", seed=0)
+    ref.generation_config.eos_token_id = None
+    phf.enable_prism(ref, num_partitions=2, num_means=2, decode="prism")
+    free = ref.generate(ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0)[0, N:].tolist()
+    stop = free[2]                          # make the third token the EOS: generation stops there
+    want = free[:free.index(stop) + 1]
+    model.generation_config.eos_token_id = stop
+    model.save_pretrained(tmp_path / "m")
+    fast.save_pretrained(tmp_path / "m")
     argv = ["--model", str(tmp_path / "m"), "--prompt-file", str(tmp_path / "p.txt"), "--max-new-tokens",
             str(NEW), "--decode", "prism", "-m", "2", "--timeout", "30"]
     res, _ = launch(2, argv, module="prism_kernels.distributed.generate", timeout=120)
     for r, (rc, out, err) in enumerate(res):
         assert rc == 0, f"rank {r} rc={rc}\n{out}\n{err}"
-    ids = fast(prompt, return_tensors="pt")["input_ids"]
-    phf.enable_prism(model, num_partitions=2, num_means=2, decode="prism")
-    want = model.generate(ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0)[0, N:].tolist()
     lines = res[1][1].splitlines()
     assert lines[0].startswith("prism generate: gpt2 P=2 N=12 decode=prism")
     assert lines[1] == fast.decode(want, skip_special_tokens=True)

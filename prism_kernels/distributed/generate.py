@@ -18,8 +18,11 @@ per-layer cache holds, and what crosses the wire, depends on --decode:
            query to every other rank, which returns (partial output, log-sum-exp) over its
            own prompt rows; the last rank merges them with its own part.
 
-Greedy decoding generates exactly --max-new-tokens tokens (no stop at EOS: in exact mode
-every rank must run the same number of steps). Exit codes as `prism run`.
+Greedy decoding stops after --max-new-tokens tokens or the model's EOS token (not with
+--ignore-eos). The other ranks wait for a one-integer message from the last rank: "a step
+follows" before each exact-mode step, "done" at the end; they wait for it without a deadline
+(the last rank may decode for longer than --timeout), a broken connection is still reported.
+Exit codes as `prism run`.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ from datetime import timedelta
 
 DECODES = ("prism", "exact", "voltage")
 GEN_ATTN = "prism_generate"
+IDLE_WAIT_S = 30 * 24 * 3600.0     # "no deadline" for a rank waiting while the last one decodes
 
 
 # ------------------------------------------------------------------------------------------
@@ -66,6 +70,8 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--no-overlap", action="store_true")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds before a silent peer is declared stalled")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="generate exactly --max-new-tokens tokens (default: stop after the model's EOS token)")
     p.add_argument("--json", action="store_true", help="the last rank prints one JSON line (no streaming)")
 
 
@@ -304,16 +310,32 @@ class Generator:
                 out, lse = merge_by_lse(out, lse, t[..., :-1].to(out.dtype), t[..., -1])
         return out.transpose(1, 2).contiguous(), None
 
-    def serve_exact(self, steps: int):
-        """exact mode, ranks other than the last: answer every (token, layer) query with the
-        attention over this rank's own prompt rows (all earlier than any new token)."""
+    def signal(self, more: bool):
+        """Last rank: tell the others a decode step follows (exact mode; counted with the
+        step's bytes) or that decoding is over."""
+        import torch
+        flag = torch.tensor([1 if more else 0], dtype=torch.int64)
+        self.rt.comm.start("decode control", "decode" if more else "control", -1,
+                           {j: flag for j in range(self.last)}, {}).wait()
+
+    def serve(self):
+        """Ranks other than the last, after the prefill: wait for the last rank's messages
+        until "done"; in exact mode answer every (step, layer) query with the attention over
+        this rank's own prompt rows (all earlier than any new token)."""
         import torch
         import prism_kernels as pk
         rt = self.rt
         c = rt.model.config
         H, d = c.num_attention_heads, rt.entry.head_dim(c)
         k0 = self.local[0][0]
-        for _ in range(steps):
+        while True:
+            flag = torch.empty(1, dtype=torch.int64)
+            pend = rt.comm.start("decode control", "decode", -1, {}, {self.last: flag})
+            # no deadline: the last rank decodes alone for as long as it takes
+            if int(pend.wait(timeout_s=IDLE_WAIT_S)[self.last][0]) == 0:
+                rt.comm.bytes.recv[("decode", -1)] -= 8            # the final "done": not a step's
+                rt.comm.bytes.recv[("control", -1)] += 8
+                return
             for i in range(len(rt.layers)):
                 q = rt.comm.start(f"decode layer {i}", "decode", i, {},
                                   {self.last: torch.empty(k0.shape[0], H, 1, d, dtype=k0.dtype)}).wait()[self.last]
@@ -342,6 +364,15 @@ class Generator:
 
 
 # ------------------------------------------------------------------------------------------
+
+def _eos_ids(model) -> set:
+    """The model's EOS token ids (generation config, else config), as generate() stops on."""
+    for src in (getattr(model, "generation_config", None), model.config):
+        e = getattr(src, "eos_token_id", None)
+        if e is not None:
+            return set(e) if isinstance(e, (list, tuple)) else {int(e)}
+    return set()
+
 
 def _fail(rank, code, msg):
     sys.stderr.write(f"prism generate: rank {rank}: error: {msg}\n")
@@ -462,14 +493,20 @@ def run(args) -> int:
             t_post = time.perf_counter() - t1
             if rank == last:
                 rows_after_prefill = gen.cache_rows()
+                eos = set() if args.ignore_eos else _eos_ids(model)
                 for s in range(1, K):
+                    if tokens[-1] in eos:
+                        break
+                    if args.decode == "exact":
+                        gen.signal(True)
                     t = time.perf_counter()
                     logits = gen.step(tokens[-1], n_tokens + s - 1)
                     tokens.append(int(logits.argmax(-1)[0]))
                     step_times.append(time.perf_counter() - t)
                     show(tokens[-1])
-            elif args.decode == "exact":
-                gen.serve_exact(K - 1)
+                gen.signal(False)
+            else:
+                gen.serve()
             if stream:
                 sys.stdout.write("\n")
             comm.barrier("end")
@@ -486,6 +523,7 @@ def run(args) -> int:
               "layer_bytes": {k[1]: v for k, v in b.items() if k[0] == "layer"},
               "post_prefill_bytes": sum(v for k, v in b.items() if k[0] == "post_prefill"),
               "decode_bytes": sum(v for k, v in b.items() if k[0] == "decode"),
+              "control_bytes": sum(v for k, v in b.items() if k[0] == "control"),
               "prefill_s": t_prefill}
     everyone = [None] * world
     try:
@@ -508,7 +546,8 @@ def run(args) -> int:
             "post_prefill_bytes": sum(r["post_prefill_bytes"] for r in everyone),
             # every byte any rank received while decoding, per generated token after the first
             "decode_bytes_total": decode_total,
-            "decode_bytes_per_token": decode_total / (K - 1) if K > 1 else 0.0,
+            "decode_bytes_per_token": decode_total / len(step_times) if step_times else 0.0,
+            "control_bytes": sum(r["control_bytes"] for r in everyone),
             "cache_rows_per_layer": rows_after_prefill, "full_cache_rows_per_layer": n_tokens,
             "cache_bytes": rows_after_prefill * row_bytes * L, "full_cache_bytes": n_tokens * row_bytes * L,
         }
