@@ -80,6 +80,19 @@ def test_exact_equals_voltage_and_counts_its_bytes():
     assert got["post_prefill_bytes"] == 0
 
 
+def test_idle_rank_waits_longer_than_timeout_while_the_last_rank_decodes():
+    """Decoding is the last rank's alone and may take longer than --timeout: the other rank
+    waits for its "done" without a deadline (here decoding stalls 3 s against --timeout 1)."""
+    argv = ["--family", "llama", "--seq-len", str(N), "--max-new-tokens", "3", "--decode", "prism",
+            "--cr", "3", "--json", "--timeout", "1", "--ignore-eos"]
+    res, _ = launch(2, argv, module="prism_kernels.distributed.generate", timeout=120,
+                    env_per_rank={1: {"PRISM_FAULT": "stall:rank=1:layer=-1:seconds=3"}})
+    for r, (rc, out, err) in enumerate(res):
+        assert rc == 0, f"rank {r} rc={rc}\n{out}\n{err}"
+    got = json.loads(res[1][1].strip().splitlines()[-1])
+    assert len(got["tokens"]) == 3 and sum(got["decode_step_s"]) < 1.0    # the stall is before the timer
+
+
 BASE = ["--nproc", "2", "--family", "llama", "--seq-len", "8", "--max-new-tokens", "3", "--cr", "2"]
 
 

@@ -407,7 +407,7 @@ def run(args) -> int:
 
     from .comm import Comm, PeerFailure
     from .handshake import ConfigRefused, handshake
-    from .runtime import Runtime
+    from .runtime import Runtime, _maybe_fault
     from . import overlap
     last = world - 1
     tokenizer = None
@@ -499,6 +499,7 @@ def run(args) -> int:
                         break
                     if args.decode == "exact":
                         gen.signal(True)
+                    _maybe_fault(rank, -1)      # tests: PRISM_FAULT=stall:rank=R:layer=-1 stalls decoding
                     t = time.perf_counter()
                     logits = gen.step(tokens[-1], n_tokens + s - 1)
                     tokens.append(int(logits.argmax(-1)[0]))
