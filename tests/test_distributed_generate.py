@@ -31,12 +31,12 @@ def _run(family, decode, cr, extra=()):
     return json.loads(res[1][1].strip().splitlines()[-1])
 
 
-def _simulated(family, decode, cr):
+def _simulated(family, decode, cr, **prism_kw):
     """The one-process simulation's greedy tokens; cr None: the stock model."""
     model = build_model(family, "tiny", seed=0)
     ids = lookup(family).make_input(model.config, N, seed=0)
     if cr is not None:
-        phf.enable_prism(model, num_partitions=2, compression_rate=cr, decode=decode)
+        phf.enable_prism(model, num_partitions=2, compression_rate=cr, decode=decode, **prism_kw)
     out = model.generate(ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
     return out[0, N:].tolist(), model.config
 
@@ -66,6 +66,14 @@ def test_tokens_equal_simulation(family, decode, cr):
     assert got["cache_bytes"] == layers * got["cache_rows_per_layer"] * row
     assert len(got["decode_step_s"]) == len(got["tokens"]) - 1 and 1 <= len(got["tokens"]) <= NEW
     assert got["control_bytes"] == 8                                # the final "done" to rank 0
+
+
+@pytest.mark.parametrize("family,extra,kw", [
+    ("qwen2", [], {}),                                                     # rotary, K/V biases, GQA
+    ("llama", ["--averaging", "block_input", "--no-overlap"], {"averaging": "block_input"}),
+])
+def test_other_settings_equal_simulation(family, extra, kw):
+    assert _run(family, "prism", 3, extra)["tokens"] == _simulated(family, "prism", 3, **kw)[0]
 
 
 def test_exact_equals_voltage_and_counts_its_bytes():

@@ -264,7 +264,6 @@ class Generator:
         rt = self.rt
         L = len(rt.layers)
         if rt.rank != self.last:
-            k0 = self.local[0][0]
             payload = torch.stack([torch.stack(self.local[i], 1) for i in range(L)], 1)  # [B, L, 2, Hkv, n, d]
             rt.comm.start("K/V after the prefill", "post_prefill", 0, {self.last: payload}, {}).wait()
             return
