@@ -14,7 +14,7 @@ import importlib.util
 import sys
 from typing import List, Optional
 
-COMMANDS = ["costs", "demo", "run", "eval"]
+COMMANDS = ["costs", "demo", "run", "generate", "eval"]
 
 
 def _version() -> str:

@@ -35,7 +35,7 @@ def test_console_entry_point_no_args():
 
 
 def test_commands_list_and_missing_modules_skipped(monkeypatch):
-    assert cli.COMMANDS == ["costs", "demo", "run", "eval"]
+    assert cli.COMMANDS == ["costs", "demo", "run", "generate", "eval"]
     monkeypatch.setattr(cli, "COMMANDS", ["costs", "zz_not_written_yet"])
     parser = cli.build_parser()
     args = parser.parse_args(["costs", "--model", "gpt2", "--partitions", "2", "--means", "1"])

@@ -62,15 +62,17 @@ class Pending:
         self.sends = sends      # [(peer, work)]
         self.recvs = recvs      # [(peer, work, tensor)]
 
-    def wait(self) -> Dict[int, torch.Tensor]:
+    def wait(self, timeout_s: Optional[float] = None) -> Dict[int, torch.Tensor]:
+        """timeout_s: this wait's deadline instead of the Comm's (a rank idle while another
+        works for an unknown time, e.g. decoding; a broken connection is still reported)."""
         t_start = time.perf_counter()
         try:
-            return self._wait()
+            return self._wait(self.comm.timeout_s if timeout_s is None else float(timeout_s))
         finally:
             self.comm.wait_s += time.perf_counter() - t_start
 
-    def _wait(self) -> Dict[int, torch.Tensor]:
-        deadline = time.monotonic() + self.comm.timeout_s
+    def _wait(self, timeout_s: float) -> Dict[int, torch.Tensor]:
+        deadline = time.monotonic() + timeout_s
         out = {}
         stalled, dead = [], []
         errors = {}
@@ -89,7 +91,7 @@ class Pending:
             raise PeerFailure(dead, f"died during {self.what} on rank {self.comm.rank}",
                               "; ".join(errors.get(p, "") for p in dead))
         if stalled:
-            raise PeerFailure(stalled, f"stalled: nothing received within {self.comm.timeout_s:g} s "
+            raise PeerFailure(stalled, f"stalled: nothing received within {timeout_s:g} s "
                               f"during {self.what} on rank {self.comm.rank}")
         for peer, work in self.sends:
             left = max(0.05, deadline - time.monotonic())

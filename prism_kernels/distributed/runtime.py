@@ -334,6 +334,25 @@ class Runtime:
             return {"head": head, "hidden": hidden}
         rank, plan = self.rank, self.plan
         D = m.config.hidden_size
+        h = self.run_blocks(inputs)
+        # 3. final norm and gather
+        h = e.final_norm(m, h)
+        if not (e.causal or cfg.gather == "all"):
+            return {"head": e.head(m, h[:, :1]), "hidden": h} if rank == 0 else None
+        if rank != 0:
+            self.comm.start("gather of the outputs", "gather", 0, {0: h}, {}).wait()
+            return None
+        bufs = {j: torch.empty(self.batch, plan.sizes[j], D) for j in range(1, self.world)}
+        got = self.comm.start("gather of the outputs", "gather", 0, {}, bufs).wait()
+        full = torch.cat([h] + [got[j] for j in range(1, self.world)], dim=1)
+        return {"head": e.head(m, full) if e.causal else e.head(m, full[:, :1]), "hidden": full}
+
+    def run_blocks(self, inputs: Optional[torch.Tensor]) -> torch.Tensor:
+        """Start-up and every block with its exchange: this rank's rows after the last
+        block (before the final norm). Shared by forward and `prism generate`'s prefill."""
+        e, m, cfg = self.entry, self.model, self.cfg
+        rank, plan = self.rank, self.plan
+        D = m.config.hidden_size
         # 1. raw: every rank embeds its slice of the input; hidden: the master embeds and scatters
         if cfg.input == "raw":
             h = self._start_raw(inputs)
@@ -357,14 +376,4 @@ class Runtime:
             if ctx.pending is None:
                 raise RuntimeError(f"layer {layer.index}: the attention function did not run "
                                    f"(wrong attn implementation?)")
-        # 3. final norm and gather
-        h = e.final_norm(m, h)
-        if not (e.causal or cfg.gather == "all"):
-            return {"head": e.head(m, h[:, :1]), "hidden": h} if rank == 0 else None
-        if rank != 0:
-            self.comm.start("gather of the outputs", "gather", 0, {0: h}, {}).wait()
-            return None
-        bufs = {j: torch.empty(self.batch, plan.sizes[j], D) for j in range(1, self.world)}
-        got = self.comm.start("gather of the outputs", "gather", 0, {}, bufs).wait()
-        full = torch.cat([h] + [got[j] for j in range(1, self.world)], dim=1)
-        return {"head": e.head(m, full) if e.causal else e.head(m, full[:, :1]), "hidden": full}
+        return h
