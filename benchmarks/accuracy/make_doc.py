@@ -25,18 +25,32 @@ exact (single-device) model's score is in every table.
 
 ```bash
 pip install onnx onnxruntime gguf accelerate    # conversion of the ONNX / GGUF models (no torch change)
-prism eval --task minilm-spam minilm-austen --cr 1 2 4 8 16 32 64 85 --out benchmarks/results   # or: python -m prism_kernels.commands.eval ...
-prism eval --task dinov2-fashion --cr 1 2 4 6.55 9.9 32 64 --out benchmarks/results
-prism eval --task dinov2-digits --cr 1 2 6.55 9.9 32 64 --out benchmarks/results
-prism eval --task smollm2-austen --cr 1 2 4 10 32 128 --out benchmarks/results
-prism eval --task finetune-minilm-austen finetune-minilm-spam finetune-dinov2-fashion finetune-dinov2-digits --out benchmarks/results
-# Prism variants side by side (extra enable_prism keywords; 'default' = the package's defaults):
-prism eval --task minilm-austen --partitions 2 3 --cr 1 8 64 --variant default --variant anchors=none,segments=runs \\
-    --variant anchors=special --out benchmarks/results/variants
-prism eval --task dinov2-fashion --image-size 224 --n-train 300 --limit 100 --cr 1 6.55 \\
-    --out benchmarks/results/accuracy_resolution/224px          # resolution check (and 112px)
+# as run for the tables below (each adds its cells to DIR/accuracy_<task>.json):
+V="--variant default --variant anchors=none,segments=runs"
+prism eval --task dinov2-fashion --partitions 2 --cr 9.9 $V --variant anchors=special,segments=runs \\
+    --variant anchors=none,segments=auto --variant count_bias=spread --out benchmarks/results
+prism eval --task dinov2-fashion --partitions 3 --cr 6.55 $V --variant anchors=special,segments=runs \\
+    --variant anchors=none,segments=auto --variant count_bias=spread --out benchmarks/results
+prism eval --task dinov2-fashion --partitions 2 --cr 9.9 --variant averaging=block_input \\
+    --variant averaging=block_input,anchors=none,segments=runs --variant anchor_budget=extra --out benchmarks/results
+prism eval --task dinov2-fashion --partitions 2 --cr 2 4 16 64 $V --out benchmarks/results
+prism eval --task minilm-austen --partitions 2 --cr 8 --n-train 600 --limit 600 $V --variant anchors=first \\
+    --variant count_bias=spread --out benchmarks/results
+prism eval --task minilm-austen --partitions 3 --cr 8 --n-train 600 --limit 600 $V --variant count_bias=spread \\
+    --out benchmarks/results
+prism eval --task dinov2-digits --partitions 2 --cr 9.9 $V --out benchmarks/results
+prism eval --task dinov2-digits --partitions 3 --cr 6.55 $V --out benchmarks/results
+prism eval --task smollm2-austen --partitions 2 --cr 10 $V --variant averaging=block_input \\
+    --variant averaging=block_input,anchors=none,segments=runs --out benchmarks/results
+prism eval --task minilm-spam --partitions 2 --cr 8 64 --n-train 500 $V --variant anchor_budget=extra \\
+    --out benchmarks/results
+prism eval --task dinov2-fashion --image-size 224 --n-train 500 --partitions 2 --cr 9.9 $V \\
+    --out benchmarks/results/accuracy_224px                  # and --partitions 3 --cr 6.55
+prism eval --task dinov2-digits --image-size 224 --partitions 2 --cr 9.9 --out benchmarks/results/accuracy_224px
+prism eval --task finetune-dinov2-fashion --out benchmarks/results   # fine-tuning with Prism in the loop
 python benchmarks/accuracy/make_doc.py           # rebuilds this page
 ```
+(all with `--averaging attention_input --threads 2`, except smollm2-austen which runs both averagings.)
 
 On first use `prism eval` fetches what its task needs (~320 MB in all, about
 20 s on a fast link) into `~/.cache/prism-kernels` (`$PRISM_CACHE`, or
@@ -69,8 +83,12 @@ exchanging full hidden states (run as Prism with one mean per token, which is
 the same attention: CR = 1); **prism** = segment means at nominal compression
 rate CR, m_j = ceil(n_j / CR) (Eq. 16), with either averaging variant
 (`block_input`: the paper's, means of the block input, K/V = proj(LN(mean X));
-`attention_input`: means of the keys/values, i.e. of LN(X)). The per-task tables
-were stored when `block_input` was called `block_output` and keep that label. **eff. CR** is
+`attention_input`: means of the keys/values, i.e. of LN(X)), and a *variant*:
+`default` = the package's defaults (the model's special tokens sent alone out of the
+same budget, 2-D blocks of the patch grid for vision models; docs/method.md, "Anchors
+and 2-D segments"), `anchors=none,segments=runs` = the paper's plain means, other
+variants as named (`count_bias=spread`: the experimental spread-corrected bias;
+`anchor_budget=extra`: anchors on top of the m_j means). **eff. CR** is
 Voltage's tokens received per device per layer over Prism's, averaged over
 devices and test sequences; it saturates at about n_i once every partition
 sends a single mean. For causal SmolLM2 a device only needs earlier partitions'
