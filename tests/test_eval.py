@@ -865,7 +865,7 @@ def test_finetune_whole_vit_with_prism_never_reads_test_split():
     from prism_kernels.eval.finetune import FINETUNE_TASKS, RECIPES, _train_last_layers
     from prism_kernels.hf import prism_config_of
 
-    assert FINETUNE_TASKS["finetune-dinov2-fashion"][3:] == ("attention_input", "all", 2, "full")
+    assert FINETUNE_TASKS["finetune-dinov2-fashion"][3:] == ("attention_input", "all", 1, "full")
 
     class TrainOnlySplit:
         def __init__(self, x, y):
