@@ -851,3 +851,59 @@ def test_eval_variants_reach_the_sweep(cache, monkeypatch):
     assert seen[-1] == [(), (("averaging", "block_input"), ("backend", "torch"))]
     assert cli.main(["eval", "--task", "minilm-spam", "--report-only"]) == 0
     assert seen[-1] is None
+
+
+def test_finetune_whole_vit_with_prism_never_reads_test_split():
+    """The whole-model recipe (every parameter but the patch embedding) updates the
+    backbone of a tiny random DINOv2 with Prism active in every training forward,
+    and never touches the test split (reading it raises)."""
+    pytest.importorskip("prism_kernels.hf")
+    from types import SimpleNamespace
+
+    from transformers import Dinov2Config, Dinov2Model
+
+    from prism_kernels.eval.finetune import FINETUNE_TASKS, RECIPES, _train_last_layers
+    from prism_kernels.hf import prism_config_of
+
+    assert FINETUNE_TASKS["finetune-dinov2-fashion"][3:] == ("attention_input", "all", 1, "full")
+
+    class TrainOnlySplit:
+        def __init__(self, x, y):
+            self.x_train, self.y_train = x, y
+
+        @property
+        def x_test(self):
+            raise AssertionError("fine-tuning read the test split")
+
+        y_test = x_test
+
+    torch.manual_seed(0)
+    cfg = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                       patch_size=7, image_size=28, attn_implementation="eager")
+    model = Dinov2Model(cfg).eval()
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 20)
+    x = rng.random((20, 28, 28)).astype(np.float32)
+    x[y == 1, :, :14] += 0.5                           # class 1: brighter left half
+    probe = LinearProbe(Cs=(1.0,)).fit(rng.normal(size=(20, 64)), y)
+    seen = []
+    # the hook travels with the trainer's deep copy of the model
+    model.register_forward_hook(lambda m, i, o: seen.append((prism_config_of(m) is not None,
+                                                             torch.is_grad_enabled())))
+    task = SimpleNamespace(model=model, probe=probe, params={"batch": 5, "image_size": 28},
+                           split=TrainOnlySplit(x, y))
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    r = RECIPES["full"]
+    tuned, head, losses = _train_last_layers(task, Cell("prism", 2, 4.0, "attention_input"), "all", epochs=2,
+                                             seed=0, lr=1e-3, head_lr=r["head_lr"], schedule=r["schedule"],
+                                             augment=r["augment"], progress=False)
+    assert len(losses) == 8 and all(np.isfinite(losses))
+    assert seen and all(on and grad for on, grad in seen)      # Prism on, with gradients, every step
+    assert prism_config_of(tuned) is None                      # switched off again afterwards
+    for n, p in tuned.named_parameters():
+        if n == "embeddings.mask_token":                       # used only for masked inputs
+            continue
+        changed = (p - before[n]).abs().max() > 0
+        assert changed == ("patch_embeddings" not in n), n     # all but the patch embedding trained
+    for n, p in model.named_parameters():                      # the task's model untouched
+        torch.testing.assert_close(p, before[n])
