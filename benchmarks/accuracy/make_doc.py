@@ -135,8 +135,9 @@ def summary(results: Path) -> str:
     difference to exact and that difference's paired 95 % interval."""
     lines = ["| task | metric | exact | P=2 default | P=2 plain means | P=3 default | P=3 plain means |",
              "|---|---|---|---|---|---|---|"]
-    for name in SWEEPS:
-        f = results / f"accuracy_{name}.json"
+    rows = [(name, results / f"accuracy_{name}.json") for name in SWEEPS]
+    rows.insert(3, ("dinov2-fashion, 224 px", results / "accuracy_224px" / "accuracy_dinov2-fashion.json"))
+    for name, f in rows:
         if not f.exists():
             continue
         d = json.loads(f.read_text())

@@ -261,7 +261,7 @@ def run_finetune(name: str, args) -> None:
     cells = store.cells()
     if layers == "all":
         how = (f"AdamW (weight decay 0.01), lr {recipe['lr']:g} for every parameter but the patch embedding "
-               f"(frozen) and {recipe['head_lr']:g} for the head, {recipe['schedule']} schedule, {epochs} epochs, "
+               f"(frozen) and {recipe['head_lr']:g} for the head, {recipe['schedule']} schedule, {epochs} epoch{'s' if epochs != 1 else ''}, "
                "gradient clipping 1.0, dropout off, batches of the task's batch size"
                + (", random horizontal flips and shifts of up to 2 px" if recipe["augment"] else "")
                + "; the head initialised from the probe refitted on Prism features; Prism active in every "
