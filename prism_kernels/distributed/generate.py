@@ -32,7 +32,6 @@ import os
 import sys
 import threading
 import time
-from datetime import timedelta
 
 DECODES = ("prism", "exact", "voltage")
 GEN_ATTN = "prism_generate"
@@ -374,19 +373,16 @@ def _eos_ids(model) -> set:
 
 
 def _fail(rank, code, msg):
-    sys.stderr.write(f"prism generate: rank {rank}: error: {msg}\n")
-    sys.stderr.flush()
-    sys.stdout.flush()
-    os._exit(code)   # never wait on a broken process group
+    from .launch import fail
+    fail(rank, code, msg, "prism generate")
 
 
 def run(args) -> int:
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if args.nproc is not None and args.nproc != world:
-        _fail(rank, 2, f"refused before any compute: --nproc {args.nproc} inside a launched rank "
-                       f"(world size {world}); drop --nproc when torchrun or RANK/WORLD_SIZE start the ranks")
-    from .launch import load_model, run_config
+    from .launch import (build_runtime, fail_setup, join_process_group, load_model, refuse_nproc_inside_rank,
+                         run_config)
+    refuse_nproc_inside_rank(args, rank, world, "prism generate")
     try:
         validate(args, world=world)
         ns = _run_namespace(args)
@@ -396,17 +392,11 @@ def run(args) -> int:
 
     import torch
     import torch.distributed as dist
-    torch.set_num_threads(args.threads)
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
-    try:
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=args.timeout))
-    except Exception as e:
-        _fail(rank, 3, f"could not join the process group within {args.timeout:g} s: {str(e).splitlines()[0]}")
+    join_process_group(args, rank, world, "prism generate")
 
-    from .comm import Comm, PeerFailure
+    from .comm import PeerFailure
     from .handshake import ConfigRefused, handshake
-    from .runtime import Runtime, _maybe_fault
+    from .runtime import _maybe_fault
     from . import overlap
     last = world - 1
     tokenizer = None
@@ -445,17 +435,9 @@ def run(args) -> int:
                                              getattr(model.config, "n_positions", None) or 1 << 62):
             raise ConfigRefused(f"refused before any compute: the prompt's {n_tokens} tokens + --max-new-tokens "
                                 f"{args.max_new_tokens} exceed the model's positions")
-        comm = Comm(timeout_s=args.timeout)
-        try:
-            rt = Runtime(model, comm, cfg, n_tokens, input_shape=meta["shape"],
-                         input_dtype=getattr(torch, meta["dtype"].replace("torch.", "")))
-        except ValueError as e:
-            raise ConfigRefused(f"refused before any compute: {e}") from None
-    except ConfigRefused as e:
-        _fail(rank, 2, str(e))
+        comm, rt = build_runtime(model, cfg, n_tokens, meta, args.timeout)
     except Exception as e:
-        _fail(rank, 3, f"handshake failed (a rank died or is stalled?): {type(e).__name__}: "
-                       f"{str(e).splitlines()[0] if str(e) else ''}")
+        fail_setup(rank, e, "prism generate")
 
     gen = Generator(rt, args.decode)
     K = args.max_new_tokens

@@ -303,11 +303,62 @@ def run_config(args, world: int, weights=None):
                      wire_dtype=getattr(args, "wire_dtype", "fp32"), input=getattr(args, "input", "raw"))
 
 
-def _fail(rank, code, msg):
-    sys.stderr.write(f"prism run: rank {rank}: error: {msg}\n")
+def fail(rank, code, msg, command="prism run"):
+    sys.stderr.write(f"{command}: rank {rank}: error: {msg}\n")
     sys.stderr.flush()
     sys.stdout.flush()
     os._exit(code)   # never wait on a broken process group
+
+
+_fail = fail
+
+
+def refuse_nproc_inside_rank(args, rank: int, world: int, command: str = "prism run") -> None:
+    """--nproc given to a rank that torchrun (or RANK/WORLD_SIZE) already started."""
+    if args.nproc is not None and args.nproc != world:
+        fail(rank, 2, f"refused before any compute: --nproc {args.nproc} inside a launched rank "
+                      f"(world size {world}); drop --nproc when torchrun or RANK/WORLD_SIZE start the ranks",
+             command)
+
+
+def build_runtime(model, cfg, n_tokens: int, meta: dict, timeout_s: float):
+    """(Comm, Runtime) for the input agreed in the handshake; a setting the runtime
+    refuses becomes a ConfigRefused (exit 2)."""
+    import torch
+
+    from .comm import Comm
+    from .handshake import ConfigRefused
+    from .runtime import Runtime
+    comm = Comm(timeout_s=timeout_s)
+    try:
+        rt = Runtime(model, comm, cfg, n_tokens, input_shape=meta["shape"],
+                     input_dtype=getattr(torch, meta["dtype"].replace("torch.", "")))
+    except ValueError as e:
+        raise ConfigRefused(f"refused before any compute: {e}") from None
+    return comm, rt
+
+
+def fail_setup(rank: int, e: Exception, command: str = "prism run") -> None:
+    """Exit 2 for a refused configuration, 3 for a handshake that broke."""
+    from .handshake import ConfigRefused
+    if isinstance(e, ConfigRefused):
+        fail(rank, 2, str(e), command)
+    fail(rank, 3, f"handshake failed (a rank died or is stalled?): {type(e).__name__}: "
+                  f"{str(e).splitlines()[0] if str(e) else ''}", command)
+
+
+def join_process_group(args, rank: int, world: int, command: str = "prism run") -> None:
+    """Set the threads and join the gloo group, or exit 3 naming the timeout."""
+    import torch
+    import torch.distributed as dist
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=args.timeout))
+    except Exception as e:
+        fail(rank, 3, f"could not join the process group within {args.timeout:g} s: {str(e).splitlines()[0]}",
+             command)
 
 
 def args_to_argv(args):
@@ -400,9 +451,7 @@ def run(args) -> int:
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     # refusals that need no communication: the same checks as before a spawn
-    if args.nproc is not None and args.nproc != world:
-        _fail(rank, 2, f"refused before any compute: --nproc {args.nproc} inside a launched rank "
-                       f"(world size {world}); drop --nproc when torchrun or RANK/WORLD_SIZE start the ranks")
+    refuse_nproc_inside_rank(args, rank, world)
     try:
         validate(args, world=world)
         cfg = run_config(args, world)
@@ -411,17 +460,11 @@ def run(args) -> int:
 
     import torch
     import torch.distributed as dist
-    torch.set_num_threads(args.threads)
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
-    try:
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=args.timeout))
-    except Exception as e:
-        _fail(rank, 3, f"could not join the process group within {args.timeout:g} s: {str(e).splitlines()[0]}")
+    join_process_group(args, rank, world)
 
-    from .comm import Comm, PeerFailure
-    from .handshake import ConfigRefused, handshake
-    from .runtime import Runtime, floats_per_row
+    from .comm import PeerFailure
+    from .handshake import handshake
+    from .runtime import floats_per_row
     from . import overlap
 
     try:
@@ -459,17 +502,9 @@ def run(args) -> int:
             t = time_one_block(entry, model, max(1, min(CALIBRATE_TOKENS, -(-n_tokens // world))))
             calibration = agree_speeds(t)     # rank 0's decision: every rank builds the same plan
             cfg = run_config(args, world, weights=tuple(calibration["speeds"]))
-        comm = Comm(timeout_s=args.timeout)
-        try:
-            rt = Runtime(model, comm, cfg, n_tokens, input_shape=meta["shape"],
-                         input_dtype=getattr(torch, meta["dtype"].replace("torch.", "")))
-        except ValueError as e:
-            raise ConfigRefused(f"refused before any compute: {e}") from None
-    except ConfigRefused as e:
-        _fail(rank, 2, str(e))
+        comm, rt = build_runtime(model, cfg, n_tokens, meta, args.timeout)
     except Exception as e:
-        _fail(rank, 3, f"handshake failed (a rank died or is stalled?): {type(e).__name__}: "
-                       f"{str(e).splitlines()[0] if str(e) else ''}")
+        fail_setup(rank, e)
 
     times, waits, single_times = [], [], []
     result = None
