@@ -149,14 +149,8 @@ def args_to_argv(args):
 def main(argv=None, args=None) -> int:
     if args is None:
         args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    if args.nproc is not None and "RANK" not in os.environ:
-        try:      # refuse a bad command line here, with exit 2, before any process starts
-            validate(args)
-        except ValueError as e:
-            sys.stderr.write(f"prism generate: error: refused before any compute: {e}\n")
-            return 2
-        return _spawn(args)
-    return run(args)
+    from .launch import dispatch
+    return dispatch(args, validate, _spawn, run, "prism generate")
 
 
 def _spawn(args) -> int:
@@ -380,7 +374,7 @@ def _fail(rank, code, msg):
 def run(args) -> int:
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    from .launch import (build_runtime, fail_setup, join_process_group, load_model, refuse_nproc_inside_rank,
+    from .launch import (build_runtime, fail_run, fail_setup, join_process_group, load_model, refuse_nproc_inside_rank,
                          run_config)
     refuse_nproc_inside_rank(args, rank, world, "prism generate")
     try:
@@ -394,7 +388,6 @@ def run(args) -> int:
     import torch.distributed as dist
     join_process_group(args, rank, world, "prism generate")
 
-    from .comm import PeerFailure
     from .handshake import ConfigRefused, handshake
     from .runtime import _maybe_fault
     from . import overlap
@@ -492,12 +485,8 @@ def run(args) -> int:
             if stream:
                 sys.stdout.write("\n")
             comm.barrier("end")
-    except PeerFailure as e:
-        _fail(rank, 3, str(e))
     except Exception as e:
-        import traceback
-        traceback.print_exc()
-        _fail(rank, 1, f"{type(e).__name__}: {e}")
+        fail_run(rank, e, "prism generate")
 
     b = comm.bytes.recv
     report = {"rank": rank,

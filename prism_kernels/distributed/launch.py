@@ -347,6 +347,17 @@ def fail_setup(rank: int, e: Exception, command: str = "prism run") -> None:
                   f"{str(e).splitlines()[0] if str(e) else ''}", command)
 
 
+def fail_run(rank: int, e: Exception, command: str = "prism run") -> None:
+    """Called in an except block: exit 3 naming a peer that died or stalled, else exit 1
+    with the traceback."""
+    from .comm import PeerFailure
+    if isinstance(e, PeerFailure):
+        fail(rank, 3, str(e), command)
+    import traceback
+    traceback.print_exc()
+    fail(rank, 1, f"{type(e).__name__}: {e}", command)
+
+
 def join_process_group(args, rank: int, world: int, command: str = "prism run") -> None:
     """Set the threads and join the gloo group, or exit 3 naming the timeout."""
     import torch
@@ -413,14 +424,20 @@ def main(argv=None, args=None):
                                     formatter_class=argparse.RawDescriptionHelpFormatter)
         add_arguments(p)
         args = p.parse_args(argv)
+    return dispatch(args, validate, spawn_torchrun, run, "prism run")
+
+
+def dispatch(args, check, spawn, run_rank, command: str) -> int:
+    """With --nproc (no rank started yet): refuse a bad command line with exit 2 before any
+    process starts, then spawn the ranks; inside a started rank: run it."""
     if args.nproc is not None and "RANK" not in os.environ:
-        try:      # refuse a bad command line here, with exit 2, before any process starts
-            validate(args)
+        try:
+            check(args)
         except ValueError as e:
-            sys.stderr.write(f"prism run: error: refused before any compute: {e}\n")
+            sys.stderr.write(f"{command}: error: refused before any compute: {e}\n")
             return 2
-        return spawn_torchrun(args)
-    return run(args)
+        return spawn(args)
+    return run_rank(args)
 
 
 def compare_with_single(entry, model, inputs, result, args, single_times=()):
@@ -462,7 +479,6 @@ def run(args) -> int:
     import torch.distributed as dist
     join_process_group(args, rank, world)
 
-    from .comm import PeerFailure
     from .handshake import handshake
     from .runtime import floats_per_row
     from . import overlap
@@ -530,12 +546,8 @@ def run(args) -> int:
             if it == 0:
                 first_bytes = dict(comm.bytes.recv)
         comm.barrier("end")
-    except PeerFailure as e:
-        _fail(rank, 3, str(e))
     except Exception as e:
-        import traceback
-        traceback.print_exc()
-        _fail(rank, 1, f"{type(e).__name__}: {e}")
+        fail_run(rank, e)
 
     # bytes of one inference, per layer, checked against the cost model
     layer_bytes = {k[1]: v for k, v in first_bytes.items() if k[0] == "layer"}
