@@ -269,6 +269,12 @@ for _scen in (SCEN2, SCEN3):
     for _fam in FAMILIES:
         _s = next(s for s in _scen if s["family"] == _fam and s["mode"] == "prism" and "ref" not in s)
         _scen.append(dict(_s, name=_s["name"] + "_hidden_input", input="hidden", hidden_of=_s["name"]))
+# every rank holding the input (`--input local`): nothing sent at start-up, the same outputs
+for _scen in (SCEN2, SCEN3):
+    for _fam in ("vit", "gpt2"):
+        _s = next(s for s in _scen if s["family"] == _fam and s["mode"] == "prism" and "ref" not in s
+                  and "hidden_of" not in s)
+        _scen.append(dict(_s, name=_s["name"] + "_local_input", input="local", local_of=_s["name"]))
 # IEEE sizes, written here rather than read from the code under test
 ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 # unit roundoff: a value cast to the dtype is off by at most this relative amount
@@ -299,8 +305,8 @@ def run_scenarios(request, tmp_path_factory):
 def test_outputs_equal_simulation_and_stock(run_scenarios):
     P, scen, results = run_scenarios
     for s in scen:
-        if "ref" in s or "hidden_of" in s:
-            continue            # fp16 / bf16 on the wire, hidden-state start-up: compared below
+        if "ref" in s or "hidden_of" in s or "local_of" in s:
+            continue            # fp16 / bf16 on the wire, hidden-state or local start-up: compared below
         r = results[s["name"]]
         inputs = r["inputs"]
         fam = s["family"]
@@ -382,12 +388,26 @@ def test_raw_input_equals_hidden_input(run_scenarios):
             torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
 
 
+def test_local_input_equals_raw_input(run_scenarios):
+    """Every rank embedding its slice of its own copy of the input (nothing sent at
+    start-up) gives the outputs of the raw start-up."""
+    P, scen, results = run_scenarios
+    pairs = [(s["local_of"], s["name"]) for s in scen if "local_of" in s]
+    assert len(pairs) == 2
+    for raw, local in pairs:
+        a, b = results[raw], results[local]
+        assert a["reports"][0]["input"] == "raw" and b["reports"][0]["input"] == "local"
+        assert all(rep["startup_bytes"] == 0 for rep in b["reports"])
+        for key in ("hidden", "head"):
+            torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
+
+
 def _startup_bytes_here(family, input, sizes, inputs, i):
     """What rank i must receive before the first layer, from the input itself: its token
     ids, or the pixel rows of the patch rows of its patches ([CLS] first), or n_i fp32 rows."""
     from prism_kernels.models import lookup
     cfg = lookup(family).build_config("tiny")
-    if i == 0:
+    if i == 0 or input == "local":
         return 0
     if input == "hidden":
         return sizes[i] * cfg.hidden_size * 4
@@ -412,7 +432,7 @@ def test_startup_bytes_equal_cost_model(run_scenarios):
                 continue
             want = _startup_bytes_here(s["family"], s.get("input", "raw"), rep["sizes"], r["inputs"], i)
             assert rep["startup_bytes"] == want == rep["expected_startup"], (s["name"], i, rep, want)
-            if i > 0:
+            if i > 0 and s.get("input") != "local":
                 assert want > 0
 
 

@@ -57,6 +57,21 @@ def test_different_model_or_config_refused_before_compute():
         assert "bytes received" not in out and "latency" not in out
 
 
+def test_local_inputs_that_differ_refused_before_compute():
+    """--input local: each rank embeds its slice of its own copy, so the copies must agree."""
+    res, _ = launch(2, BASE + ["--input", "local"], env_per_rank={1: {"_args": ["--seq-len", "13"]}}, timeout=90)
+    for rc, out, err in res:
+        assert rc == 2, err[-2000:]
+        assert "rank 1 holds another input than rank 0" in err, err[-2000:]
+
+
+def test_local_inputs_that_agree_run():
+    res, _ = launch(2, BASE + ["--input", "local", "--json"], timeout=90)
+    for rc, out, err in res:
+        assert rc == 0, err[-2000:]
+    assert '"startup_bytes_per_rank": [0, 0]' in res[0][1], res[0][1][-2000:]
+
+
 def test_more_partitions_than_tokens_refused():
     res, _ = launch(2, ["--family", "bert", "--seq-len", "1", "-m", "1", "--timeout", str(TIMEOUT)], timeout=90)
     for rc, out, err in res:

@@ -29,6 +29,11 @@ MODELS = {
 }
 
 
+# mode suffixes: prism-local-fp16 = prism with --input local --wire-dtype fp16
+MODE_OPTIONS = {"nooverlap": ["--no-overlap"], "local": ["--input", "local"], "hidden": ["--input", "hidden"],
+                "fp16": ["--wire-dtype", "fp16"], "bf16": ["--wire-dtype", "bf16"]}
+
+
 def sh(cmd, check=True):
     return subprocess.run(cmd, check=check, capture_output=True, text=True)
 
@@ -52,14 +57,16 @@ def shape(ns, dev, mbit, delay_ms):
 
 def run_ranks(args, model, mode, world):
     fam, size, extra, prism_args = MODELS[model]
-    no_overlap = mode.endswith("-nooverlap")
-    mode = mode.replace("-nooverlap", "")
+    mode, *options = mode.split("-")
+    unknown = [o for o in options if o not in MODE_OPTIONS]
+    if unknown:
+        raise SystemExit(f"unknown mode option(s) {unknown}; known: {sorted(MODE_OPTIONS)}")
     cmd_args = ["--family", fam, "--size", size, "--mode", mode, "--threads", "1", "--json", "--interleave-single",
                 "--repeat", str(args.repeat), "--warmup", str(args.warmup), "--timeout", "300"] + extra
     if mode == "prism":
         cmd_args += prism_args
-    if no_overlap:
-        cmd_args.append("--no-overlap")
+    for o in options:
+        cmd_args += MODE_OPTIONS[o]
     port = str(args.port)
     procs = []
     for r in range(world):
@@ -87,6 +94,11 @@ def run_ranks(args, model, mode, world):
     return json.loads([l for l in o.splitlines() if l.startswith("{")][-1])
 
 
+def per_rank(d, key, r):
+    v = d.get(key)
+    return round(v[r] * 1e3, 1) if v and len(v) > r else ""
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ns0", required=True)
@@ -102,7 +114,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--tag", default="fig5")
     ap.add_argument("--modes", default="voltage,prism",
-                    help="P = 2 modes per bandwidth; a -nooverlap suffix runs with --no-overlap")
+                    help="P = 2 modes per bandwidth; suffixes add options: -nooverlap (--no-overlap), "
+                         "-local / -hidden (--input), -fp16 / -bf16 (--wire-dtype), e.g. prism-local-fp16")
     ap.add_argument("--no-single", action="store_true", help="skip the standalone single-device launch")
     args = ap.parse_args()
 
@@ -121,7 +134,8 @@ def main():
     rows = []
     fields = ["model", "mode", "P", "bandwidth_mbit", "delay_ms", "median_ms", "min_ms", "max_ms", "runs",
               "single_median_ms", "change_vs_single_pct", "wait_ms_rank0", "wait_ms_rank1",
-              "wire", "bytes_per_layer_rank0", "bytes_per_layer_rank1", "loadavg_before", "loadavg_after",
+              "total_ms_rank0", "total_ms_rank1", "post_ms_rank0", "post_ms_rank1", "input", "wire_dtype",
+              "startup_bytes_rank1", "wire", "bytes_per_layer_rank0", "bytes_per_layer_rank1", "loadavg_before", "loadavg_after",
               "cpu", "torch"]
     bws = [int(b) for b in args.bandwidths.split(",")]
     for model in args.models.split(","):
@@ -147,6 +161,12 @@ def main():
                    if "single_median_s" in d else "",
                    "wait_ms_rank0": round(d["median_wait_s_per_rank"][0] * 1e3, 1) if mode != "single" else "",
                    "wait_ms_rank1": round(d["median_wait_s_per_rank"][1] * 1e3, 1) if mode != "single" else "",
+                   "total_ms_rank0": per_rank(d, "median_total_s_per_rank", 0),
+                   "total_ms_rank1": per_rank(d, "median_total_s_per_rank", 1),
+                   "post_ms_rank0": per_rank(d, "median_post_s_per_rank", 0),
+                   "post_ms_rank1": per_rank(d, "median_post_s_per_rank", 1),
+                   "input": d.get("input", ""), "wire_dtype": d.get("wire_dtype", ""),
+                   "startup_bytes_rank1": (d.get("startup_bytes_per_rank") or ["", ""])[-1],
                    "wire": d.get("wire") if mode != "single" else "",
                    "bytes_per_layer_rank0": max(lb[0].values(), default=0) if lb else 0,
                    "bytes_per_layer_rank1": max(lb[1].values(), default=0) if len(lb) > 1 else "",

@@ -9,6 +9,9 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+# The paper reports its Fig. 5 in the text only at 200 Mbit/s (P = 2, 2 CPU cores at 2.1 GHz):
+# latency change against one device
+PAPER_CHANGE_PCT = {"vit-b16": {200: -43.3}, "bert-base": {200: -52.6}}
 
 
 def main():
@@ -25,7 +28,7 @@ def main():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     models = list(dict.fromkeys(r["model"] for r in rows))
-    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
+    fig, axes = plt.subplots(2, len(models), figsize=(5.5 * len(models), 7.5), squeeze=False)
     md = [f"# Latency on an emulated edge link ({args.tag})", "",
           "Two network namespaces joined by a veth pair shaped with tc tbf (both directions), "
           "one process per namespace, one torch thread per rank, batch 1, random weights, fp32. "
@@ -62,19 +65,41 @@ def main():
         ax.set_ylabel("latency (ms)")
         ax.set_title(model)
         ax.legend(fontsize=7)
+        # relative change against the single device of the same launch, with the paper's points
+        ax2 = axes[1][models.index(model)]
+        for mode, pts in series.items():
+            ax2.plot([p[0] for p in pts], [p[3] for p in pts], marker="o", label=f"{mode} (P=2)")
+        for bw, pct in PAPER_CHANGE_PCT.get(model, {}).items():
+            ax2.plot([bw], [pct], "*", color="black", markersize=12, label=f"paper, Prism ({pct:+.1f}%)")
+        ax2.axhline(0, color="gray", linewidth=0.8)
+        ax2.set_xscale("log")
+        ax2.set_xticks(bws)
+        ax2.set_xticklabels([str(b) for b in bws])
+        ax2.set_xlabel("bandwidth (Mbit/s)")
+        ax2.set_ylabel("latency change vs one device (%)")
+        ax2.legend(fontsize=7)
         md += [f"## {model}", "",
                f"Single device in its own launch: {alone[0]:.1f} ms." if alone else "", "",
                "| bandwidth (Mbit/s) | mode (P = 2) | latency (ms) | single device, same launch (ms) | "
-               "change vs single | time blocked waiting, rank 0 / rank 1 (ms) |",
-               "|---|---|---|---|---|---|"]
-        waits = {(int(r["bandwidth_mbit"]), r["mode"]): (r["wait_ms_rank0"], r["wait_ms_rank1"]) for r in mrows
-                 if r["mode"] != "single"}
+               "change vs single | time blocked waiting, rank 0 / rank 1 (ms) | posting transfers, rank 0 / "
+               "rank 1 (ms) | own forward, rank 0 / rank 1 (ms) |",
+               "|---|---|---|---|---|---|---|---|"]
+        waits = {(int(r["bandwidth_mbit"]), r["mode"]): (r["wait_ms_rank0"], r["wait_ms_rank1"],
+                                                          r.get("post_ms_rank0", ""), r.get("post_ms_rank1", ""),
+                                                          r.get("total_ms_rank0", ""), r.get("total_ms_rank1", ""))
+                 for r in mrows if r["mode"] != "single"}
         for bw in bws:
             for mode, pts in series.items():
                 for p in pts:
                     if p[0] == bw:
                         w = waits[(bw, mode)]
-                        md.append(f"| {bw} | {mode} | {p[1]:.1f} | {p[2]:.1f} | {p[3]:+.1f}% | {w[0]} / {w[1]} |")
+                        md.append(f"| {bw} | {mode} | {p[1]:.1f} | {p[2]:.1f} | {p[3]:+.1f}% | {w[0]} / {w[1]} "
+                                  f"| {w[2]} / {w[3]} | {w[4]} / {w[5]} |")
+        if model in PAPER_CHANGE_PCT:
+            md.append("")
+            md.append("The paper reports Prism at " + ", ".join(
+                f"{bw} Mbit/s: {pct:+.1f}%" for bw, pct in PAPER_CHANGE_PCT[model].items())
+                + " against one device (2 CPU cores at 2.1 GHz; the only points given in its text).")
         md.append("")
         loads = [float(r["loadavg_before"]) for r in mrows]
         md += [f"Load average (1 min) before the runs: {min(loads):.2f} to {max(loads):.2f}.", ""]

@@ -49,7 +49,7 @@ def voltage_received_tokens(sizes: Sequence[int]) -> List[int]:
 
 
 INPUT_DTYPE_BYTES: Dict[str, int] = {"int64": 8, "int32": 4, "fp32": 4, "fp16": 2, "bf16": 2, "uint8": 1}
-STARTUP_INPUTS = ("raw", "hidden")
+STARTUP_INPUTS = ("raw", "hidden", "local")
 
 
 def _vision_geometry(config):
@@ -71,7 +71,9 @@ def startup_bytes(config, sizes: Sequence[int], input: str = "raw", *, input_byt
             image: the pixel rows of every patch row holding one of device i's
             patches (its first tokens may be [CLS] / registers, which need no pixels),
             x image width x channels x `input_bytes` (fp32 pixel_values: 4, the default;
-            uint8: 1)."""
+            uint8: 1).
+    local:  0 for every device: each holds its own slice of the input already (a sensor
+            or a text shard of its own) and embeds it."""
     if input not in STARTUP_INPUTS:
         raise ValueError(f"input must be one of {STARTUP_INPUTS}, got {input!r}")
     geo = _vision_geometry(config)
@@ -80,7 +82,7 @@ def startup_bytes(config, sizes: Sequence[int], input: str = "raw", *, input_byt
     out, start = [], 0
     for i, n in enumerate(sizes):
         stop = start + n
-        if i == 0:
+        if i == 0 or input == "local":
             b = 0
         elif input == "hidden":
             b = n * config.hidden_size * hidden_bytes

@@ -111,6 +111,7 @@ class Comm:
         self.group = group
         self.bytes = ByteCounter()
         self.wait_s = 0.0          # time spent blocked in Pending.wait (reset by the caller)
+        self.post_s = 0.0          # time spent posting transfers (copies, casts, isend/irecv; reset by the caller)
         self._tag = 0
 
     @staticmethod
@@ -124,6 +125,13 @@ class Comm:
         Receives are posted first, then sends, in increasing peer order; gloo
         matches by (peer, tag), so the order of posting does not deadlock.
         """
+        t_start = time.perf_counter()
+        try:
+            return self._start(what, phase, layer, send, recv)
+        finally:
+            self.post_s += time.perf_counter() - t_start
+
+    def _start(self, what, phase, layer, send, recv) -> Pending:
         self._tag += 1
         tag = self._tag
         recvs, sends = [], []

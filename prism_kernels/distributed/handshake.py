@@ -51,11 +51,21 @@ def fingerprint(model, settings: Dict) -> Dict:
     }
 
 
+def input_digest(inputs) -> str:
+    """A short digest of an input tensor's shape, dtype and values (input 'local': every
+    rank must hold the same input)."""
+    t = inputs.detach().contiguous().cpu()
+    h = hashlib.sha256(f"{tuple(t.shape)} {t.dtype}".encode())
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
 def handshake(model, settings: Dict, n_tokens: Optional[int], error: Optional[str] = None,
-              timeout_s: float = 60.0, input_meta: Optional[Dict] = None):
+              timeout_s: float = 60.0, input_meta: Optional[Dict] = None, input_digest: Optional[str] = None):
     """All ranks exchange fingerprints; returns (N, input_meta) from rank 0 (input_meta:
     the input's shape and dtype, which the other ranks need to receive their slice of
-    the raw input). Raises ConfigRefused on every rank when a rank differs from rank 0
+    the raw input; input_digest: given by every rank with input 'local', which must all
+    hold the same input). Raises ConfigRefused on every rank when a rank differs from rank 0
     or rank 0 reports an error."""
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = fingerprint(model, settings)
@@ -63,6 +73,7 @@ def handshake(model, settings: Dict, n_tokens: Optional[int], error: Optional[st
     mine["n_tokens"] = n_tokens if rank == 0 else None
     mine["input_meta"] = input_meta if rank == 0 else None
     mine["error"] = error
+    mine["input_digest"] = input_digest
     everyone = [None] * world
     dist.all_gather_object(everyone, mine)
     errors = [f"rank {f['rank']}: {f['error']}" for f in everyone if f.get("error")]
@@ -73,6 +84,9 @@ def handshake(model, settings: Dict, n_tokens: Optional[int], error: Optional[st
     for f in everyone[1:]:
         fields = [k for k in ("model_class", "config", "weights", "settings", "torch", "transformers")
                   if f[k] != ref[k]]
+        if f["input_digest"] != ref["input_digest"]:
+            diffs.append(f"rank {f['rank']} holds another input than rank 0 (input 'local': every rank "
+                         f"embeds its slice of its own copy, so all copies must be the same)")
         if fields:
             diffs.append(f"rank {f['rank']} differs from rank 0 in {', '.join(fields)}")
     if diffs:

@@ -61,10 +61,11 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--calibrate", action="store_true",
                    help="measure each rank's speed at start-up (one block on a short input) and size "
                         "the partitions in proportion; not with --speeds")
-    p.add_argument("--input", default="raw", choices=("raw", "hidden"),
+    p.add_argument("--input", default="raw", choices=("raw", "hidden", "local"),
                    help="what rank 0 sends each rank at start-up: its slice of the raw input, which it "
                         "embeds itself (token ids; an image's pixel rows; default), or its partition "
-                        "of hidden states embedded by rank 0")
+                        "of hidden states embedded by rank 0; local: nothing, every rank holds the "
+                        "input (its own sensor or text shard) and embeds its slice")
     p.add_argument("--no-overlap", action="store_true", help="wait for the means before any attention")
     # no argparse choices: validate() refuses an unknown dtype, so a Namespace built in
     # Python is checked the same way as the command line
@@ -479,7 +480,7 @@ def run(args) -> int:
     import torch.distributed as dist
     join_process_group(args, rank, world)
 
-    from .handshake import handshake
+    from .handshake import handshake, input_digest
     from .runtime import floats_per_row
     from . import overlap
 
@@ -490,8 +491,8 @@ def run(args) -> int:
             model.set_attn_implementation("sdpa")
         else:
             model.set_attn_implementation(overlap.ATTN_NAME)
-        inputs, n_tokens, error = None, None, None
-        if rank == 0:
+        inputs, n_tokens, error, digest = None, None, None, None
+        if rank == 0 or cfg.input == "local":     # local: every rank holds the input itself
             try:
                 if args.text is not None:
                     if not args.model:
@@ -501,6 +502,8 @@ def run(args) -> int:
                 else:
                     inputs = entry.make_input(model.config, args.seq_len, seed=args.seed)
                 n_tokens = entry.n_tokens(model, inputs)
+                if cfg.input == "local":
+                    digest = input_digest(inputs)
             except Exception as e:
                 error = str(e)
         settings = {"mode": cfg.mode, "prism": cfg.prism.to_dict() if cfg.prism else None,
@@ -512,7 +515,8 @@ def run(args) -> int:
 
     calibration = None
     try:
-        n_tokens, meta = handshake(model, settings, n_tokens, error, timeout_s=args.timeout, input_meta=meta)
+        n_tokens, meta = handshake(model, settings, n_tokens, error, timeout_s=args.timeout, input_meta=meta,
+                                   input_digest=digest)
         if getattr(args, "calibrate", False) and cfg.mode != "single":
             from .calibrate import CALIBRATE_TOKENS, agree_speeds, time_one_block
             t = time_one_block(entry, model, max(1, min(CALIBRATE_TOKENS, -(-n_tokens // world))))
@@ -522,7 +526,7 @@ def run(args) -> int:
     except Exception as e:
         fail_setup(rank, e)
 
-    times, waits, single_times = [], [], []
+    times, waits, posts, single_times = [], [], [], []
     result = None
     try:
         for it in range(args.warmup + args.repeat):
@@ -536,13 +540,14 @@ def run(args) -> int:
                         single_times.append(time.perf_counter() - t0)
                     model.set_attn_implementation(overlap.ATTN_NAME)
                 comm.barrier(f"after the single-device run {it}")
-            comm.wait_s = 0.0
+            comm.wait_s = comm.post_s = 0.0
             t0 = time.perf_counter()
             result = rt.forward(inputs)
             dt = time.perf_counter() - t0
             if it >= args.warmup:
                 times.append(dt)
                 waits.append(comm.wait_s)
+                posts.append(comm.post_s)
             if it == 0:
                 first_bytes = dict(comm.bytes.recv)
         comm.barrier("end")
@@ -563,7 +568,7 @@ def run(args) -> int:
               "startup_bytes": first_bytes.get(("scatter", 0), 0),
               "expected_startup_bytes": rt.expected_startup_bytes(),
               "gather_bytes": first_bytes.get(("gather", 0), 0),
-              "times_s": times, "wait_s": waits}
+              "times_s": times, "wait_s": waits, "post_s": posts}
     # every rank's bytes, collected on rank 0 (tiny)
     everyone = [None] * world
     try:
@@ -594,8 +599,12 @@ def run(args) -> int:
                     summary["single_times_s"] = single_times
                     summary["single_median_s"] = sorted(single_times)[len(single_times) // 2]
                 # per rank: median time blocked waiting for peers (the rest is compute)
-                summary["median_wait_s_per_rank"] = [sorted(r["wait_s"])[len(r["wait_s"]) // 2]
-                                                     if r["wait_s"] else 0.0 for r in everyone]
+                med = lambda xs: sorted(xs)[len(xs) // 2] if xs else 0.0
+                summary["median_wait_s_per_rank"] = [med(r["wait_s"]) for r in everyone]
+                # where each rank's time goes: its own forward, blocked waiting, posting
+                # transfers (casts to the wire dtype, copies, isend/irecv); the rest is compute
+                summary["median_total_s_per_rank"] = [med(r["times_s"]) for r in everyone]
+                summary["median_post_s_per_rank"] = [med(r["post_s"]) for r in everyone]
             if compare is not None:
                 summary["max_abs_diff_vs_single"] = compare["max_abs_diff"]
                 summary["single_median_s"] = compare["single_median_s"]

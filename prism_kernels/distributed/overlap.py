@@ -6,9 +6,10 @@ Inside a block, the model's own attention module computes the local q, k, v
 the function registered here under transformers' AttentionInterface. It
 
 1. starts the exchange of this layer's means if it has not started yet
-   (attention_input averaging: means of K/V, or of the attention input; the
-   block_input averaging and Voltage start theirs before the block, from the
-   block input),
+   (attention_input averaging: means of K/V here; means of the attention input
+   start earlier, from a pre-hook on the attention module, before the Q/K/V
+   projections; the block_input averaging and Voltage start theirs before the
+   block, from the block input),
 2. attends to the local keys while the means are in flight (causal by global
    position in decoder models),
 3. waits for the received rows, turns them into keys/values (pre-norm and K/V
@@ -70,7 +71,7 @@ def prism_distributed_attention(module, query, key, value, attention_mask, scali
     ctx = current()
     if ctx is None:
         raise RuntimeError("prism_distributed attention called outside the distributed runtime")
-    if ctx.exchange_in_attention:
+    if ctx.exchange_in_attention and ctx.pending is None:     # not started by the pre-hook
         ctx.start_attention_exchange(key, value)
     causal = ctx.causal
     q_pos = ctx.q_pos if causal else None

@@ -33,7 +33,9 @@ Start-up (RunConfig.input, `--input`):
            at their global positions (ModelType.embed_slice). Ids are 8 bytes a token
            instead of 4*D, and each rank does its own share of the embedding.
   hidden   rank 0 embeds all N rows and sends rank i its partition of hidden states.
-Both give the same rows (tests); the bytes are costs.comm.startup_bytes.
+  local    nothing is sent: every rank already holds the input (a device that owns a
+           sensor or a text shard) and embeds only its own slice of it, as in raw.
+All give the same rows (tests); the bytes are costs.comm.startup_bytes.
 
 Wire dtype (RunConfig.wire_dtype, `--wire-dtype`): every per-layer payload is cast
 to it before sending and back to the compute dtype on receipt, so fp16 / bf16 halve
@@ -60,7 +62,7 @@ from . import overlap
 from .comm import Comm
 
 MODES = ("prism", "voltage", "single")
-INPUTS = ("raw", "hidden")
+INPUTS = ("raw", "hidden", "local")
 
 
 @dataclass
@@ -166,7 +168,9 @@ class LayerCtx:
         rt = self.rt
         self._start(h if rt.cfg.mode == "voltage" else rt.means(h))
 
-    def start_attention_exchange(self, k: torch.Tensor, v: torch.Tensor):
+    def start_attention_exchange(self, k: Optional[torch.Tensor] = None, v: Optional[torch.Tensor] = None):
+        """Means of K and V (wire "kv", inside the attention) or of the attention input
+        (wire "hidden", from the pre-hook before the projections)."""
         rt = self.rt
         if rt.wire == "kv":
             payload = torch.stack([rt.means(k), rt.means(v)], dim=1)     # [B, 2, Hkv, m, d]
@@ -177,7 +181,9 @@ class LayerCtx:
     def _start(self, payload):
         rt = self.rt
         if rt.receivers:
+            t0 = time.perf_counter()
             payload = to_wire(payload, rt.wire_dtype, f"layer {self.layer.index} exchange")
+            rt.comm.post_s += time.perf_counter() - t0
         send = {p: payload for p in rt.receivers}
         recv = {j: rt.recv_buffer(j) for j in rt.sources}
         self.pending = rt.comm.start(f"layer {self.layer.index} exchange", "layer", self.layer.index, send, recv)
@@ -235,8 +241,8 @@ class Runtime:
             self.q_pos = torch.tensor(dev.query_positions, dtype=torch.int64)
             self.remote_counts = torch.tensor(dev.counts[dev.size:], dtype=torch.int64)
             self.remote_pos = torch.tensor(dev.key_positions[dev.size:], dtype=torch.int64)
-            if cfg.input == "raw" and self.rank != 0 and (self.input_shape is None or self.input_dtype is None):
-                raise ValueError("input 'raw': ranks other than 0 need the input's shape and dtype")
+            if cfg.input in ("raw", "local") and self.rank != 0 and (self.input_shape is None or self.input_dtype is None):
+                raise ValueError(f"input {cfg.input!r}: ranks other than 0 need the input's shape and dtype")
         self._capture_hooks = []
         if cfg.mode == "prism" and self.averaging == "attention_input" and self.wire == "hidden":
             for layer in self.layers:
@@ -247,6 +253,11 @@ class Runtime:
         ctx = overlap.current()
         if ctx is not None:
             ctx.attn_input = args[0] if args else kwargs["hidden_states"]
+            # send the means now, before the Q/K/V projections: the transfer then overlaps
+            # them as well as the local attention (once: another Runtime of the same model
+            # may have left its hook too)
+            if ctx.exchange_in_attention and ctx.rt.wire == "hidden" and ctx.pending is None:
+                ctx.start_attention_exchange()
 
     def means(self, x: torch.Tensor) -> torch.Tensor:
         """Segment means of this rank's rows of x (along dim -2), as the plan says."""
@@ -283,8 +294,8 @@ class Runtime:
         """Cost model of what this rank receives before the first layer."""
         if self.plan is None:
             return 0
-        if self.cfg.input == "hidden":
-            return startup_bytes(self.model.config, self.plan.sizes, "hidden", batch=self.batch)[self.rank]
+        if self.cfg.input in ("hidden", "local"):
+            return startup_bytes(self.model.config, self.plan.sizes, self.cfg.input, batch=self.batch)[self.rank]
         dt = str(self.input_dtype).replace("torch.", "")
         name = {"int64": "int64", "int32": "int32", "float32": "fp32", "float16": "fp16",
                 "bfloat16": "bf16", "uint8": "uint8"}.get(dt)
@@ -292,6 +303,13 @@ class Runtime:
             raise ValueError(f"no cost-model entry for an input of dtype {self.input_dtype}")
         return startup_bytes(self.model.config, self.plan.sizes, "raw", input_bytes=INPUT_DTYPE_BYTES[name],
                              batch=self.batch)[self.rank]
+
+    def _embed_own(self, inputs):
+        """This rank's rows, embedded from its slice of the whole input `inputs`."""
+        shape = tuple(inputs.shape)
+        d, a, b = self.raw_slice_index(self.rank, shape)
+        return self.entry.embed_slice(self.model, inputs.narrow(d, a, b - a), *self.token_range(self.rank),
+                                      shape).contiguous()
 
     def _start_raw(self, inputs):
         """Raw start-up: each rank embeds its own tokens from its slice of the input."""
@@ -304,10 +322,9 @@ class Runtime:
                 if b > a:                   # a rank with no pixels to embed ([CLS] only) gets nothing
                     send[j] = inputs.narrow(d, a, b - a).contiguous()
             pend = self.comm.start("scatter of the raw input", "scatter", 0, send, {})
-            d, a, b = self.raw_slice_index(0, shape)
-            h = e.embed_slice(m, inputs.narrow(d, a, b - a), *self.token_range(0), shape)
+            h = self._embed_own(inputs)
             pend.wait()
-            return h.contiguous()
+            return h
         shape = self.input_shape
         d, a, b = self.raw_slice_index(rank, shape)
         buf_shape = list(shape)
@@ -353,9 +370,14 @@ class Runtime:
         e, m, cfg = self.entry, self.model, self.cfg
         rank, plan = self.rank, self.plan
         D = m.config.hidden_size
-        # 1. raw: every rank embeds its slice of the input; hidden: the master embeds and scatters
+        # 1. raw: every rank embeds its slice of the input, sent by the master; local: of
+        #    its own copy; hidden: the master embeds and scatters
         if cfg.input == "raw":
             h = self._start_raw(inputs)
+        elif cfg.input == "local":
+            if inputs is None:
+                raise ValueError(f"input 'local': rank {rank} holds no input")
+            h = self._embed_own(inputs)
         elif rank == 0:
             parts = torch.split(e.embed(m, inputs), list(plan.sizes), dim=1)
             pend = self.comm.start("scatter of the partitions", "scatter", 0,

@@ -48,7 +48,7 @@ def main(argv):
         # every rank makes the same input, but only its shape and dtype are used off rank 0
         rt = Runtime(model, Comm(timeout_s=60), cfg, entry.n_tokens(model, inputs),
                      input_shape=inputs.shape, input_dtype=inputs.dtype)
-        res = rt.forward(inputs if rank == 0 else None)
+        res = rt.forward(inputs if rank == 0 or cfg.input == "local" else None)
         plan = rt.plan
         rep = {"rank": rank, "layer_bytes": rt.comm.bytes.per_layer("layer"),
                "expected": rt.expected_layer_bytes() if plan is not None else 0,
