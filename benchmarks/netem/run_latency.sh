@@ -18,24 +18,9 @@ elif command -v python >/dev/null 2>&1; then PY=python
 else echo "no python3 or python on PATH; set PYTHON=/path/to/python" >&2; exit 1; fi
 "$PY" -c "import prism_kernels" 2>/dev/null || {
   echo "$PY cannot import prism_kernels; set PYTHON to the interpreter it is installed in" >&2; exit 1; }
-NS0=pk_ns0; NS1=pk_ns1; DEV0=pk_veth0; DEV1=pk_veth1; A0=10.213.0.1; A1=10.213.0.2
-cleanup() {
-  ip netns del "$NS0" 2>/dev/null || true
-  ip netns del "$NS1" 2>/dev/null || true
-  ip link del "$DEV0" 2>/dev/null || true
-}
-trap cleanup EXIT INT TERM
-cleanup
-ip netns add "$NS0"
-ip netns add "$NS1"
-ip link add "$DEV0" type veth peer name "$DEV1"
-ip link set "$DEV0" netns "$NS0"
-ip link set "$DEV1" netns "$NS1"
-ip -n "$NS0" addr add "$A0/24" dev "$DEV0"
-ip -n "$NS1" addr add "$A1/24" dev "$DEV1"
-for ns in "$NS0" "$NS1"; do ip -n "$ns" link set lo up; done
-ip -n "$NS0" link set "$DEV0" up
-ip -n "$NS1" link set "$DEV1" up
+. benchmarks/netem/netns.sh
+trap netns_down EXIT INT TERM
+netns_up
 ip netns exec "$NS0" ping -c 1 -W 2 "$A1" >/dev/null 2>&1 || echo "warning: ping $A1 failed (no ping binary?)" >&2
 TAG=fig5
 ARGS=("$@")

@@ -1,4 +1,5 @@
-"""Unequal devices: P = 2 ranks on loopback, rank 1 limited to a fraction of a core with
+"""Unequal devices: P = 2 ranks, in two network namespaces joined by a shaped veth pair
+(--ns0 ... --mbit, set up by run_unequal.sh) or on loopback, rank 1 limited to a fraction of a core with
 the cgroup v1 cpu controller, equal partitions vs stated speeds (--speeds) vs measured
 speeds (--calibrate), for Prism and Voltage, against one fast device alone.
 
@@ -21,6 +22,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import MODE_OPTIONS, shape  # noqa: E402  (same folder: tc shaping, mode suffixes)
 
 MODELS = {
     # name: (family, size, extra args, prism args)
@@ -38,22 +41,31 @@ def free_port() -> int:
 
 def run_pair(args, model, mode, partition, cgroup):
     fam, size, extra, prism_args = MODELS[model]
+    mode, *options = mode.split("-")
     flags = ["--family", fam, "--size", size, "--mode", mode, "--threads", "1", "--json",
-             "--repeat", str(args.repeat), "--warmup", str(args.warmup), "--timeout", "300"] + extra
+             "--repeat", str(args.repeat), "--warmup", str(args.warmup), "--timeout", "120"] + extra
     if mode == "prism":
         flags += prism_args
+    for o in options:
+        flags += MODE_OPTIONS[o]
     if partition == "speeds":
         flags += ["--speeds", f"1,{args.quota:g}"]
     elif partition == "calibrate":
         flags += ["--calibrate"]
-    port = free_port()
+    netns = bool(args.ns0)
+    port = free_port() if not netns else args.port
+    args.port += 1
     procs = []
     for r in range(2):
-        env = dict(os.environ, RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), GLOO_SOCKET_IFNAME="lo")
+        env = dict(os.environ, RANK=str(r), WORLD_SIZE="2", MASTER_ADDR=args.addr0 if netns else "127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT),
+                   GLOO_SOCKET_IFNAME=(args.dev0, args.dev1)[r] if netns else "lo")
         cmd = ["taskset", "-c", str(args.cpus[r]), sys.executable, "-m", "prism_kernels.distributed"] + flags
+        if netns:
+            cmd = ["ip", "netns", "exec", (args.ns0, args.ns1)[r]] + cmd
         if r == 1 and cgroup:
-            # join the cgroup first, then become python: no unlimited start-up work
+            # join the cgroup first, then become python: no unlimited start-up work (outside
+            # `ip netns exec`, which mounts its own /sys without the cgroup tree)
             cmd = ["sh", "-c", f'echo $$ > "{cgroup}/cgroup.procs" && exec "$@"', "sh"] + cmd
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True))
@@ -76,14 +88,28 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--tag", default="unequal")
+    ap.add_argument("--ns0", default="", help="network namespace of rank 0 ('' = loopback)")
+    ap.add_argument("--ns1", default="")
+    ap.add_argument("--dev0", default="")
+    ap.add_argument("--dev1", default="")
+    ap.add_argument("--addr0", default="")
+    ap.add_argument("--mbit", type=int, default=0, help="bandwidth the veth pair is shaped to")
+    ap.add_argument("--port", type=int, default=29711)
     args = ap.parse_args()
+    if args.ns0:
+        shape(args.ns0, args.dev0, args.mbit, 0.0)
+        shape(args.ns1, args.dev1, args.mbit, 0.0)
     args.cpus = [int(c) for c in args.cpus.split(",")]
     rows, t0 = [], time.time()
     for model in args.models.split(","):
         for mode in args.modes.split(","):
             for part in args.partitions.split(","):
+                la0 = os.getloadavg()[0]
                 d = run_pair(args, model, mode, part, args.cgroup)
                 row = {"model": model, "mode": mode, "partition": part, "sizes": d["sizes"],
+                       "median_total_s_per_rank": d.get("median_total_s_per_rank"),
+                       "median_post_s_per_rank": d.get("median_post_s_per_rank"),
+                       "loadavg_before": round(la0, 2), "loadavg_after": round(os.getloadavg()[0], 2),
                        "speeds": d.get("speeds"), "calibration_times_s": d.get("calibration_times_s"),
                        "median_s": d["median_s"], "single_median_s": d.get("single_median_s"),
                        "median_wait_s_per_rank": d.get("median_wait_s_per_rank"),
@@ -93,24 +119,34 @@ def main():
                 print(json.dumps(row), flush=True)
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
+    cpu = platform.processor()
+    try:
+        cpu = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")][0]
+    except Exception:
+        pass
+    import torch
     conditions = {"quota_of_one_core": args.quota, "cgroup": args.cgroup or None, "cpus": args.cpus,
+                  "network": f"veth pair shaped to {args.mbit} Mbit/s (tc tbf)" if args.ns0 else "loopback",
+                  "cpu": cpu, "torch": torch.__version__, "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
                   "repeat": args.repeat, "warmup": args.warmup, "host": platform.node(),
                   "cpu_count": os.cpu_count(), "wall_s": round(time.time() - t0, 1)}
     (out / f"unequal_{args.tag}.json").write_text(json.dumps({"conditions": conditions, "rows": rows}, indent=1))
     md = [f"# Unequal devices: rank 1 at {args.quota:g} of a core (cgroup v1 cpu quota)", "",
-          "P = 2 on loopback, one torch thread per rank, rank r pinned to CPU r; single = the stock model "
+          f"P = 2 ({conditions['network']}), one torch thread per rank, rank r pinned to CPU r; single = the stock model "
           "alone on the fast rank 0. Latency: median of the timed runs.", "",
           f"Conditions: `{json.dumps(conditions)}`", "",
           "| model | mode | partition | speeds | sizes | latency ms | single ms | speed-up vs single | "
-          "wait ms (rank 0, 1) |",
-          "|---|---|---|---|---|---|---|---|---|"]
+          "wait ms (rank 0, 1) | own forward ms (rank 0, 1) | load before |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         single = r["single_median_s"]
         sp = f"x{single / r['median_s']:.2f}" if single else "-"
         speeds = "-" if r["speeds"] is None else ", ".join(f"{w:.2f}" for w in r["speeds"])
         waits = ", ".join(f"{w * 1e3:.1f}" for w in (r["median_wait_s_per_rank"] or []))
+        totals = ", ".join(f"{w * 1e3:.1f}" for w in (r["median_total_s_per_rank"] or []))
         md.append(f"| {r['model']} | {r['mode']} | {r['partition']} | {speeds} | {r['sizes']} | "
-                  f"{r['median_s'] * 1e3:.1f} | {single * 1e3 if single else float('nan'):.1f} | {sp} | {waits} |")
+                  f"{r['median_s'] * 1e3:.1f} | {single * 1e3 if single else float('nan'):.1f} | {sp} | {waits} | "
+                  f"{totals} | {r['loadavg_before']} |")
     (out / f"unequal_{args.tag}.md").write_text("\n".join(md) + "\n")
     print(f"wrote {out / f'unequal_{args.tag}.md'}")
 
