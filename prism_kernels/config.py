@@ -18,6 +18,10 @@
   plain means;
 * count_bias: "log" (the paper's log-count bias) or "spread" (an experiment of the
   simulation: the bias corrected for the spread of a segment's keys, hf/spread_bias.py);
+* wire_dtype: element type of what crosses the network (fp32 | fp16 | bf16). The
+  runtime casts every per-layer payload to it (`prism run --wire-dtype`); the
+  simulation rounds every sent row (means and anchors, as K/V) to it and back, so
+  `prism eval` measures what the rounding does to accuracy;
 * backend: the kernels' backend (auto | cpp | triton | torch).
 
 `plan(n_tokens, causal, roles=...)` is the one way to get a PrismPlan from these
@@ -32,6 +36,7 @@ from typing import Optional, Tuple
 
 from .anchors import (DEFAULT_ANCHOR_BUDGET, DEFAULT_ANCHORS, DEFAULT_SEGMENTS, TokenRoles, check_policy,
                       resolve)
+from .costs.comm import check_wire_dtype
 from .plan import PrismPlan, check_compression_rate, make_plan
 
 AVERAGING = ("attention_input", "block_input")
@@ -52,6 +57,7 @@ class PrismConfig:
     segments: str = DEFAULT_SEGMENTS
     anchor_budget: str = DEFAULT_ANCHOR_BUDGET
     count_bias: str = "log"
+    wire_dtype: str = "fp32"
 
     def __post_init__(self):
         P = self.num_partitions
@@ -70,6 +76,7 @@ class PrismConfig:
         check_policy(self.anchors, self.segments, self.anchor_budget)
         if self.count_bias not in COUNT_BIASES:
             raise ValueError(f"count_bias must be one of {COUNT_BIASES}, got {self.count_bias!r}")
+        check_wire_dtype(self.wire_dtype)
         from .api import BACKENDS
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")

@@ -503,6 +503,28 @@ def test_low_precision_wire_close_to_fp32(run_scenarios):
     assert any(d == "bf16" for f, d in checked), checked
 
 
+def test_wire_dtype_equals_simulation_rounding(run_scenarios):
+    """Where the wire carries K/V means (Llama: rotated keys), the runtime rounds exactly
+    what the simulation rounds with PrismConfig(wire_dtype=...): the outputs agree to fp32
+    noise, much closer than to the fp32 simulation (so `prism eval --variant
+    wire_dtype=fp16` measures what the runtime does)."""
+    P, scen, results = run_scenarios
+    cases = [s for s in scen if s["family"] == "llama" and s.get("wire_dtype", "fp32") != "fp32"
+             and s.get("averaging", "attention_input") == "attention_input"]
+    if not cases:
+        pytest.skip("the llama wire-dtype scenarios run with P = 2")
+    for s in cases:
+        r = results[s["name"]]
+        assert r["reports"][0]["wire"] == "kv"
+        kw = dict(num_means=s.get("num_means"), cr=s.get("cr"), **{k: s[k] for k in POLICY if k in s})
+        rounded, _ = hf_simulation("llama", r["inputs"], P, wire_dtype=s["wire_dtype"], **kw)
+        exact, _ = hf_simulation("llama", r["inputs"], P, **kw)
+        err_rounded = float((r["hidden"] - rounded).abs().max())
+        err_exact = float((r["hidden"] - exact).abs().max())
+        assert err_rounded < 1e-5, (s["name"], err_rounded)
+        assert err_exact > 10 * max(err_rounded, 1e-7), (s["name"], err_exact, err_rounded)
+
+
 def test_to_wire_refuses_fp16_overflow():
     from prism_kernels.distributed.runtime import to_wire
     x = torch.tensor([1.0, -70000.0])

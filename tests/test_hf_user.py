@@ -115,6 +115,14 @@ def test_config_route_reported(saved_bert, tmp_path):
     assert phf.prism_config_of(BertModel.from_pretrained(d, attn_implementation="eager")) is None
 
 
+def test_enable_prism_rejects_bad_wire_dtype_at_once():
+    model = BertModel(_bert_config()).eval()
+    for bad in ("fp8", "float16", None):
+        with pytest.raises(ValueError, match=r"wire_dtype must be one of fp32, fp16, bf16, got"):
+            phf.enable_prism(model, num_partitions=2, compression_rate=2, wire_dtype=bad)
+    assert phf.prism_config_of(model) is None
+
+
 def test_enable_prism_rejects_bad_backend_at_once():
     model = BertModel(_bert_config()).eval()
     with pytest.raises(ValueError, match="backend must be one of"):

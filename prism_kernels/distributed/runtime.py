@@ -76,6 +76,13 @@ class RunConfig:
 
     def __post_init__(self):
         check_wire_dtype(self.wire_dtype)
+        # one wire dtype: the PrismConfig's (which the simulation rounds to) and this one agree
+        if self.prism is not None and self.prism.wire_dtype != self.wire_dtype:
+            if "fp32" not in (self.prism.wire_dtype, self.wire_dtype):
+                raise ValueError(f"wire_dtype {self.wire_dtype!r} differs from the PrismConfig's "
+                                 f"{self.prism.wire_dtype!r}")
+            wd = self.wire_dtype if self.wire_dtype != "fp32" else self.prism.wire_dtype
+            self.wire_dtype, self.prism = wd, dataclasses.replace(self.prism, wire_dtype=wd)
         if self.input not in INPUTS:
             raise ValueError(f"input must be one of {INPUTS}, got {self.input!r}")
         if self.mode not in MODES:

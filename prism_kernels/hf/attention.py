@@ -62,6 +62,7 @@ import torch
 from ..anchors import TokenRoles
 from ..api import prism_attention
 from ..config import PrismConfig
+from ..costs.comm import wire_torch_dtype
 from ..plan import Partition, PrismPlan
 from .averaging import ATTENTION_INPUT
 from .masks import key_valid_from_mask
@@ -269,9 +270,12 @@ def simulate_prism(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     spread = config.count_bias == "spread"
     s = scale if scale is not None else d ** -0.5
     extra = [k3.new_zeros(B * N, Hkv, dtype=torch.float32)] if spread else None
+    wire = None if config.wire_dtype == "fp32" else wire_torch_dtype(config.wire_dtype)
     for g in lay.groups:
         for part in g.sent():
             km, vm = (averaging or ATTENTION_INPUT).kv_means(inputs, g, part)
+            if wire is not None:               # what crossed the network, rounded
+                km, vm = km.to(wire), vm.to(wire)
             ks.append(km.reshape(-1, Hkv * d).to(key.dtype))
             vs.append(vm.reshape(-1, Hkv * d).to(value.dtype))
             if spread:
