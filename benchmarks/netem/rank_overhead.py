@@ -1,0 +1,108 @@
+"""What one Prism rank computes beyond the stock blocks, without any network: rank 0 of
+P = 2 runs `Runtime.run_blocks` (embedding of its slice, every block with the means'
+K/V projections, both attention calls and their merge) with an exchange that completes
+at once (zeros received), against the stock blocks (sdpa) on the same number of rows.
+Interleaved in one process, one thread; medians and their ratio.
+
+    python benchmarks/netem/rank_overhead.py [--family vit|bert] [--repeat 9] [--out FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from prism_kernels.config import PrismConfig  # noqa: E402
+from prism_kernels.distributed import overlap  # noqa: E402
+from prism_kernels.distributed.runtime import RunConfig, Runtime  # noqa: E402
+from prism_kernels.models import lookup  # noqa: E402
+
+
+class _Done:
+    def __init__(self, recv):
+        self.recv = recv
+
+    def wait(self, timeout_s=None):
+        return {j: torch.zeros_like(b) for j, b in self.recv.items()}
+
+
+class InstantComm:
+    """Rank 0 of 2; every exchange has already arrived (zeros)."""
+    rank, world, timeout_s, wait_s, post_s = 0, 2, 60.0, 0.0, 0.0
+
+    def start(self, what, phase, layer, send, recv):
+        return _Done(recv)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--family", default="vit", choices=("vit", "bert"))
+    ap.add_argument("--means", type=int, default=None, help="means per partition (default: 10 ViT, 1 BERT)")
+    ap.add_argument("--repeat", type=int, default=9)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    entry = lookup(args.family)
+    model = entry.build_model("base").eval()
+    m = args.means or (10 if args.family == "vit" else 1)
+    if args.family == "vit":
+        inputs, n = torch.randn(1, 3, 224, 224), 197
+    else:
+        inputs, n = torch.randint(0, 1000, (1, 256)), 256
+    overlap.register()
+    model.set_attn_implementation(overlap.ATTN_NAME)
+    rt = Runtime(model, InstantComm(), RunConfig(mode="prism", prism=PrismConfig(num_partitions=2, num_means=m),
+                                                 input="local"), n, input_shape=tuple(inputs.shape),
+                 input_dtype=inputs.dtype)
+    rows = rt.plan.sizes[0]
+    blocks = entry.blocks(model)
+    h0 = torch.randn(1, rows, model.config.hidden_size)
+
+    def stock():
+        model.set_attn_implementation("sdpa")
+        h = h0
+        with torch.no_grad():
+            for b in blocks:
+                h = entry.run_block(model, b, h, torch.arange(rows))
+        model.set_attn_implementation(overlap.ATTN_NAME)
+
+    def prism():
+        with torch.no_grad():
+            rt.run_blocks(inputs)
+
+    times = {"stock": [], "prism": []}
+    for f in (stock, prism, stock, prism):
+        f()
+    la0 = os.getloadavg()[0]
+    for _ in range(args.repeat):
+        for name, f in (("stock", stock), ("prism", prism)):
+            t = time.perf_counter()
+            f()
+            times[name].append(time.perf_counter() - t)
+    s, p = statistics.median(times["stock"]), statistics.median(times["prism"])
+    cpu = ""
+    try:
+        cpu = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")][0]
+    except OSError:
+        pass
+    res = {"family": args.family, "rows": rows, "means": m, "stock_ms": round(s * 1e3, 1),
+           "prism_rank_ms": round(p * 1e3, 1), "ratio": round(p / s, 3), "repeat": args.repeat,
+           "loadavg_before": round(la0, 2), "loadavg_after": round(os.getloadavg()[0], 2),
+           "cpu": cpu, "cores": os.cpu_count(), "threads": 1, "torch": torch.__version__, "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+    print(json.dumps(res))
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(json.dumps(res) + "\n")
+
+
+if __name__ == "__main__":
+    main()
