@@ -311,6 +311,21 @@ def test_run_argparse_errors_exit_2(capsys, no_launch):
     assert e.value.code == 2 and "argument --input: invalid choice: 'pixels'" in capsys.readouterr().err
 
 
+def test_run_pixels_uint8_refused_for_text(capsys, no_launch):
+    rc, _, err = run_cli(capsys, "run", "--nproc", "2", "--family", "bert", "--seq-len", "8", "--cr", "2",
+                         "--pixels", "uint8")
+    assert rc == 2 and "--pixels uint8 applies to image models, not to the bert family" in err, err
+
+
+def test_run_local_input_and_pixels_reach_the_ranks():
+    from prism_kernels.distributed import launch
+    args = cli.build_parser().parse_args(["run", "--nproc", "2", "--family", "vit", "-m", "1", "--input", "local",
+                                          "--pixels", "uint8"])
+    argv = launch.args_to_argv(args)
+    assert argv[argv.index("--input") + 1] == "local" and argv[argv.index("--pixels") + 1] == "uint8"
+    assert launch.run_config(args, 2).input == "local"
+
+
 def test_run_input_and_calibrate_reach_the_ranks():
     from prism_kernels.distributed import launch
     args = cli.build_parser().parse_args(["run", "--nproc", "2", "--seq-len", "9", "-m", "1", "--input", "hidden",

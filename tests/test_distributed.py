@@ -269,6 +269,14 @@ for _scen in (SCEN2, SCEN3):
     for _fam in FAMILIES:
         _s = next(s for s in _scen if s["family"] == _fam and s["mode"] == "prism" and "ref" not in s)
         _scen.append(dict(_s, name=_s["name"] + "_hidden_input", input="hidden", hidden_of=_s["name"]))
+# 8-bit pixels on the wire (`--pixels uint8`): the raw start-up sends a quarter of the bytes
+for _scen in (SCEN2, SCEN3):
+    for _fam in ("vit", "dinov2"):
+        _s = next(s for s in _scen if s["family"] == _fam and s["mode"] == "prism" and "ref" not in s
+                  and "hidden_of" not in s)
+        _scen.append(dict(_s, name=_s["name"] + "_uint8", pixels="uint8"))
+        _scen.append(dict(_s, name=_s["name"] + "_uint8_hidden_input", pixels="uint8", input="hidden",
+                          hidden_of=_s["name"] + "_uint8"))
 # every rank holding the input (`--input local`): nothing sent at start-up, the same outputs
 for _scen in (SCEN2, SCEN3):
     for _fam in ("vit", "gpt2"):
@@ -386,6 +394,21 @@ def test_raw_input_equals_hidden_input(run_scenarios):
         assert a["reports"][0]["input"] == "raw" and b["reports"][0]["input"] == "hidden"
         for key in ("hidden", "head"):
             torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
+
+
+def test_uint8_pixels_send_a_quarter(run_scenarios):
+    """--pixels uint8: the raw start-up sends 1 byte a pixel value instead of 4, and the
+    runtime still equals the stock model reading the normalised image."""
+    P, scen, results = run_scenarios
+    pairs = [(s["name"][:-len("_uint8")], s["name"]) for s in scen if s["name"].endswith("_uint8")]
+    assert {s["family"] for s in scen if s["name"].endswith("_uint8")} == {"vit", "dinov2"}
+    for flt, u8 in pairs:
+        a, b = results[flt], results[u8]
+        assert a["inputs"].dtype == torch.float32 and b["inputs"].dtype == torch.uint8
+        for ra, rb in zip(a["reports"], b["reports"]):
+            assert rb["startup_bytes"] * 4 == ra["startup_bytes"], (u8, ra, rb)
+            if ra["rank"] > 0:
+                assert rb["startup_bytes"] > 0
 
 
 def test_local_input_equals_raw_input(run_scenarios):

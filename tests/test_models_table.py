@@ -116,3 +116,36 @@ def test_build_config_sizes():
         assert e.build_config("base").hidden_size == 768
     with pytest.raises(ValueError, match="unknown size"):
         lookup("bert").build_config("huge")
+
+
+@pytest.mark.parametrize("family,processor", [("vit", "ViTImageProcessor"), ("dinov2", "BitImageProcessor")])
+def test_uint8_pixels_normalised_as_the_image_processor(family, processor):
+    """ModelType.pixel_values of 8-bit pixels equals what the model's Hugging Face image
+    processor gives (rescale by 1/255, normalise; no resize or crop: the image already has
+    the model's size)."""
+    import numpy as np
+    import transformers as tf
+    from prism_kernels.models import lookup
+    e = lookup(family)
+    cfg = e.build_config("tiny")
+    x = e.make_input(cfg, pixels="uint8", seed=3, batch=2)
+    assert x.dtype == torch.uint8 and int(x.max()) > 200 and int(x.min()) < 50
+    kw = dict(do_resize=False)
+    if processor == "BitImageProcessor":   # DINOv2's processor: ImageNet statistics, crop off here
+        kw.update(do_center_crop=False, do_convert_rgb=False, image_mean=[0.485, 0.456, 0.406],
+                  image_std=[0.229, 0.224, 0.225])
+    proc = getattr(tf, processor)(**kw)
+    want = proc([np.asarray(img) for img in x], input_data_format="channels_first",
+                return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(e.pixel_values(x), want, atol=1e-6, rtol=1e-6)
+    f = e.make_input(cfg)                          # float pixel_values pass through untouched
+    assert e.pixel_values(f) is f
+
+
+def test_pixels_uint8_refused_for_text():
+    from prism_kernels.models import lookup
+    e = lookup("bert")
+    with pytest.raises(ValueError, match="applies to image models"):
+        e.make_input(e.build_config("tiny"), 8, pixels="uint8")
+    with pytest.raises(ValueError, match="pixels must be one of"):
+        e.make_input(e.build_config("tiny"), 8, pixels="int8")

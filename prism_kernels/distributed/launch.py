@@ -66,6 +66,10 @@ def add_arguments(p: argparse.ArgumentParser):
                         "embeds itself (token ids; an image's pixel rows; default), or its partition "
                         "of hidden states embedded by rank 0; local: nothing, every rank holds the "
                         "input (its own sensor or text shard) and embeds its slice")
+    p.add_argument("--pixels", default="float", choices=("float", "uint8"),
+                   help="image models: the random image as normalised float pixel_values (4 bytes a "
+                        "value) or as 8-bit pixels (1 byte), which every rank normalises itself as the "
+                        "model's image processor does (models.ModelType.pixel_values)")
     p.add_argument("--no-overlap", action="store_true", help="wait for the means before any attention")
     # no argparse choices: validate() refuses an unknown dtype, so a Namespace built in
     # Python is checked the same way as the command line
@@ -240,6 +244,8 @@ def check_model_args(args, world=None):
                           f"random token ids of that length)")
     elif args.text is not None:
         raise Refused(f"--text does not apply to the {entry.model_type} family (image input)")
+    if getattr(args, "pixels", "float") != "float" and entry.input_kind != "image":
+        raise Refused(f"--pixels {args.pixels} applies to image models, not to the {entry.model_type} family")
     if args.seq_len is not None:
         try:
             resolve_seq_len(cfg, args.seq_len)
@@ -500,7 +506,8 @@ def run(args) -> int:
                     import transformers as tf
                     inputs = tf.AutoTokenizer.from_pretrained(args.model)(args.text, return_tensors="pt")["input_ids"]
                 else:
-                    inputs = entry.make_input(model.config, args.seq_len, seed=args.seed)
+                    inputs = entry.make_input(model.config, args.seq_len, seed=args.seed,
+                                              pixels=getattr(args, "pixels", "float"))
                 n_tokens = entry.n_tokens(model, inputs)
                 if cfg.input == "local":
                     digest = input_digest(inputs)

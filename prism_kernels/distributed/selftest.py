@@ -5,7 +5,8 @@ that each process pays the torch/transformers import once).
         python -m prism_kernels.distributed.selftest OUT.pt SCENARIOS_JSON
 
 SCENARIOS_JSON: a list of {"name", "family", "mode", "num_means"|"cr", "averaging",
-"anchors", "segments", "anchor_budget", "weights", "overlap", "seq_len", "wire_dtype", "input"}
+"anchors", "segments", "anchor_budget", "weights", "overlap", "seq_len", "wire_dtype", "input",
+"pixels"}
 (absent keys: the defaults). Rank 0 saves {name: {"hidden", "head", "reports", "inputs"}} to OUT.pt.
 """
 from __future__ import annotations
@@ -36,7 +37,7 @@ def main(argv):
             models[s["family"]] = entry.build_model("tiny", seed=0)
         model = models[s["family"]]
         model.set_attn_implementation("sdpa" if s["mode"] == "single" else overlap.ATTN_NAME)
-        inputs = entry.make_input(model.config, s.get("seq_len", 13), seed=0)
+        inputs = entry.make_input(model.config, s.get("seq_len", 13), seed=0, pixels=s.get("pixels", "float"))
         prism = None
         if s["mode"] == "prism":
             prism = PrismConfig(num_partitions=world, num_means=s.get("num_means"), compression_rate=s.get("cr"),

@@ -240,6 +240,8 @@ class ModelType:
     final_norm_path: Optional[str]   # model -> final norm (None: none)
     rotary_path: Optional[str] = None  # model -> rotary embedding module (rotary models)
     embed_rows_fn: Optional[Callable] = None  # vision: (model, pixel strip, start, stop, image shape) -> rows
+    # vision: the image processor's normalisation of 8-bit pixels, ((mean per channel), (std per channel))
+    pixel_norm: Optional[Tuple[Tuple[float, ...], Tuple[float, ...]]] = None
 
     # ---- building --------------------------------------------------------------------
     @property
@@ -337,12 +339,22 @@ class ModelType:
         return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
 
     # ---- input, blocks, output -------------------------------------------------------
-    def make_input(self, config, seq_len: Optional[int] = None, seed: int = 0, batch: int = 1):
-        """A random input: token ids of length seq_len, or an image of the model's size."""
+    def make_input(self, config, seq_len: Optional[int] = None, seed: int = 0, batch: int = 1,
+                   pixels: str = "float"):
+        """A random input: token ids of length seq_len, or an image of the model's size:
+        normalised float pixel_values, or 8-bit pixels (pixels="uint8", normalised by
+        `pixel_values` where the model reads them)."""
         g = torch.Generator().manual_seed(seed + 1)
+        if pixels not in PIXELS:
+            raise ValueError(f"pixels must be one of {PIXELS}, got {pixels!r}")
         if self.input_kind == "image":
             size = config.image_size
+            if pixels == "uint8":
+                return torch.randint(0, 256, (batch, config.num_channels, size, size), generator=g,
+                                     dtype=torch.uint8)
             return torch.randn(batch, config.num_channels, size, size, generator=g)
+        if pixels != "float":
+            raise ValueError(f"pixels={pixels!r} applies to image models, not to {self.model_type} (text)")
         if seq_len is None:
             raise ValueError(f"--seq-len is needed for the {self.model_type} family")
         ids = torch.randint(0, config.vocab_size, (batch, seq_len), generator=g)
@@ -351,9 +363,20 @@ class ModelType:
             ids = torch.where(ids == pad, (ids + 1) % config.vocab_size, ids)
         return ids
 
+    def pixel_values(self, image: torch.Tensor) -> torch.Tensor:
+        """What the model reads: 8-bit pixels rescaled and normalised as the model's image
+        processor does (per pixel, so a strip of the image normalises to the same strip);
+        float pixel_values as given."""
+        if image.dtype != torch.uint8:
+            return image
+        mean, std = (torch.tensor(v, dtype=torch.float32).view(-1, 1, 1) for v in self.pixel_norm)
+        return (image.to(torch.float32) / 255.0 - mean) / std
+
     def embed(self, model, inputs: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Rows of the first block's input [B, n, D]: token ids at global `positions`
-        (default 0..n-1), or the whole image."""
+        (default 0..n-1), or the whole image (float pixel_values or 8-bit pixels)."""
+        if self.input_kind == "image":
+            inputs = self.pixel_values(inputs)
         return self.embed_fn(model, inputs, positions)
 
     def input_slice(self, config, shape, start: int, stop: int) -> Tuple[int, int, int]:
@@ -375,7 +398,7 @@ class ModelType:
         of `embed` on the whole input."""
         if self.input_kind == "text":
             return self.embed(model, raw, torch.arange(start, stop))
-        return self.embed_rows_fn(model, raw, start, stop, tuple(shape))
+        return self.embed_rows_fn(model, self.pixel_values(raw), start, stop, tuple(shape))
 
     def n_tokens(self, model, inputs: torch.Tensor) -> int:
         if self.input_kind == "image":
@@ -405,14 +428,24 @@ class ModelType:
             if self.causal:
                 out = model(inputs, output_hidden_states=True)
                 return out.hidden_states[-1], out.logits
-            out = model(pixel_values=inputs) if self.input_kind == "image" else model(input_ids=inputs)
+            out = model(pixel_values=self.pixel_values(inputs)) if self.input_kind == "image" \
+                else model(input_ids=inputs)
             return out.last_hidden_state, self.head(model, out.last_hidden_state)
 
 
+PIXELS = ("float", "uint8")     # make_input: normalised float pixel_values, or 8-bit pixels
+
+
 def _entry(model_type, kind, model_class, make_config, blocks, attention, pre_norm, kv, embed, run, final,
-           rotary=None, embed_rows=None):
+           rotary=None, embed_rows=None, pixel_norm=None):
     return ModelType(model_type, kind, model_class, make_config, blocks, attention, pre_norm, kv, embed, run,
-                     final, rotary, embed_rows)
+                     final, rotary, embed_rows, pixel_norm)
+
+
+# The image processors' normalisation (rescale by 1/255, then (x - mean) / std): ViTImageProcessor's
+# defaults, and ImageNet's statistics for DINOv2 (BitImageProcessor of facebook/dinov2-*)
+_VIT_NORM = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+_IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 TABLE: Dict[str, ModelType] = {e.model_type: e for e in (
@@ -421,9 +454,11 @@ TABLE: Dict[str, ModelType] = {e.model_type: e for e in (
     _entry("roberta", "encoder", "RobertaModel", _cfg_roberta, "encoder.layer", "attention.self", None,
            _kv_bert, _embed_roberta, _run_plain, None),
     _entry("vit", "vision", "ViTModel", _cfg_vit, "layers", "attention", "layernorm_before",
-           _kv_proj, _embed_image, _run_plain, "layernorm", embed_rows=_image_rows(_positions_vit)),
+           _kv_proj, _embed_image, _run_plain, "layernorm", embed_rows=_image_rows(_positions_vit),
+           pixel_norm=_VIT_NORM),
     _entry("dinov2", "vision", "Dinov2Model", _cfg_dinov2, "encoder.layer", "attention", "norm1",
-           _kv_proj, _embed_image, _run_plain, "layernorm", embed_rows=_image_rows(_positions_dinov2)),
+           _kv_proj, _embed_image, _run_plain, "layernorm", embed_rows=_image_rows(_positions_dinov2),
+           pixel_norm=_IMAGENET_NORM),
     _entry("gpt2", "causal", "GPT2LMHeadModel", _cfg_gpt2, "transformer.h", "attn", "ln_1",
            _kv_gpt2, _embed_gpt2, _run_gpt2, "transformer.ln_f"),
     _entry("llama", "causal", "LlamaForCausalLM", _cfg_llama, "model.layers", "self_attn", "input_layernorm",
