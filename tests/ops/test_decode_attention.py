@@ -335,3 +335,35 @@ def test_triton_decode_through_the_op_with_backward():
     assert_close(out.cpu(), ref, torch.float32)
     for gr, rg in zip(grads, ref_grads):
         assert_grad_close(gr.cpu(), rg, torch.float32)
+
+
+@triton_only
+@pytest.mark.skipif(not INTERPRET, reason="the --interpret cases of gpu_check.py are CPU-only")
+def test_gpu_check_decode_cases_pass_and_catch_a_missed_split():
+    """benchmarks/gpu_check.py's decode cases pass, and fail when the split-K path
+    does not run (an impl that switches it off) or the output is off."""
+    import importlib.util
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(root, "benchmarks", "gpu_check.py"))
+    gc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gc)
+    from prism_kernels.triton_kernels import attention_triton, decode_split
+    cpu = torch.device("cpu")
+    for case in gc.INTERPRET_DECODE_CASES:
+        r = gc.check_attention_case(attention_triton, case, torch.float32, cpu, seed=4)
+        assert r["ok"], r
+
+    def general_only(*a):
+        with decode_split(enabled=False):
+            return attention_triton(*a)
+
+    def off_by_2_percent(*a):
+        out, lse = attention_triton(*a)
+        return out * 1.02, lse
+
+    case = gc.INTERPRET_DECODE_CASES[0]
+    r = gc.check_attention_case(general_only, case, torch.float32, cpu, seed=4)
+    assert not r["ok"] and "did not run" in r["reason"]
+    r = gc.check_attention_case(off_by_2_percent, case, torch.float32, cpu, seed=4)
+    assert not r["ok"]
