@@ -207,7 +207,12 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   // Merge the chunks of each (b, kv head, row) by log-sum-exp. Chunks whose
   // rows saw nothing (m = -inf, l = 0) get weight 0; a row that saw nothing in
   // any chunk (M = -inf) gets exact zeros and lse = -inf, as in attention.cpp.
-  at::parallel_for(0, B * Hkv * R, 16, [&](int64_t begin, int64_t end) {
+  // A decode step's merge is a few thousand multiply-adds: run it on this
+  // thread (a second parallel region costs more to start than it saves, and
+  // on a busy machine it waits for a descheduled worker); only big batches
+  // of rows are split over the threads.
+  const int64_t merge_grain = std::max<int64_t>(1, (int64_t(1) << 16) / (nC * d));
+  at::parallel_for(0, B * Hkv * R, merge_grain, [&](int64_t begin, int64_t end) {
     Scratch<acc_t> o_buf(d);
     acc_t* o = o_buf.get();
     for (int64_t t = begin; t < end; ++t) {
