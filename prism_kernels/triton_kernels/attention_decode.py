@@ -22,6 +22,7 @@ sort, the keys of a chunk are few. Rows with no visible key: zeros, lse = -inf.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -55,10 +56,15 @@ def decode_split(enabled: bool = True, chunk: int | None = None):
         _FORCE.update(prev)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _num_sms(device) -> int:
     if device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
+        return 4  # the interpreter: any small number
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def decode_chunk(B, H, Hkv, Nq, Nk, d, device) -> int:
