@@ -21,7 +21,9 @@ Part 2, benchmark (benchmarks/gpu/timing.py, GPU only): triton.testing.do_bench 
   * SDPA with the equivalent float mask (log counts, -inf where masked),
   * SDPA over the full uncompressed sequence (what Voltage / a single device runs),
 in bf16, TFLOP/s (useful FLOPs: 4 d per visible query-key pair) next to the bf16
-matmul rate measured in the same run; plus segment means against the copy
+matmul rate measured in the same run; a decode step (one new query over 1k-64k
+cached keys: the split-K path against the general kernel and SDPA, and on the
+compressed Prism cache; gpu.timing.bench_decode); plus segment means against the copy
 bandwidth and the plain-PyTorch backend. Everything runs under a wall-clock budget (default 280 s of work) so
 the script ends within 6 minutes; shapes that did not fit are listed as skipped.
 Results: <out>/<gpu-name>.md and .csv.
@@ -55,11 +57,12 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 
 from gpu.check import (  # noqa: E402,F401  (re-exported: tests and users call them here)
-    COMPILE_VARIANTS, DTYPE_NAME, GPU_ATTN_CASES, GPU_SEG_CASES, INTERPRET_ATTN_CASES,
+    COMPILE_VARIANTS, DTYPE_NAME, GPU_ATTN_CASES, GPU_DECODE_CASES, GPU_SEG_CASES,
+    INTERPRET_ATTN_CASES, INTERPRET_DECODE_CASES,
     INTERPRET_SEG_CASES, LSE_TOL, REL_TOL, check_attention_case, check_segment_case, compile_only,
     make_attention_inputs, run_checks)
 from gpu.timing import (  # noqa: E402,F401
-    PAPER_SHAPES, bench_attention_shape, bench_segment_means, long_shapes, write_results)
+    DECODE_MODELS, PAPER_SHAPES, bench_attention_shape, bench_decode, bench_segment_means, long_shapes, write_results)
 from gpu import timing as _timing  # noqa: E402
 
 
@@ -127,8 +130,12 @@ def main(argv=None):
         r = bench_attention_shape(shape, device, deadline, flex)
         attn_rows.append(r)
         print("  " + ", ".join(f"{k}={(round(v, 3) if isinstance(v, float) else v)}" for k, v in r.items()))
+    decode_rows = bench_decode(device, deadline + 40)  # a decode step is quick: a little extra
+    for r in decode_rows:
+        print("  decode " + ", ".join(f"{k}={(round(v, 4) if isinstance(v, float) else v)}"
+                                      for k, v in r.items()))
     path_md, path_csv = write_results(args.out, gpu, versions, checks, matmul, attn_rows, seg_rows,
-                                      time.time() - t0)
+                                      time.time() - t0, decode_rows=decode_rows)
     print(f"wrote {path_md} and {path_csv} in {time.time() - t0:.0f} s")
     return 1 if any(not r["ok"] for r in checks) else 0
 

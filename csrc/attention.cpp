@@ -19,7 +19,9 @@
 //    read in place. bf16/fp16 tiles are widened to fp32 in per-thread buffers.
 //  * Softmax arithmetic is vectorised with at::vec at this variant's ISA.
 //  * fp32 inputs with d = 64 and Nk <= 512 go to the small-problem path of
-//    attention_small.cpp (AVX512 builds) instead; everything else runs here.
+//    attention_small.cpp (AVX512 builds) instead, and few queries over a long
+//    key list (decode steps) to the split-K path of attention_decode.cpp;
+//    everything else runs here.
 #include "attention_helpers.h"
 
 #include <vector>
@@ -258,7 +260,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q_in, const a
                                                  const std::optional<at::Tensor>& log_counts,
                                                  const std::optional<at::Tensor>& q_pos,
                                                  const std::optional<at::Tensor>& k_pos,
-                                                 double scale) {
+                                                 double scale, int64_t decode_chunk_size) {
   TORCH_CHECK(q_in.dim() == 4 && k_in.dim() == 4 && v_in.dim() == 4,
               "prism::attention: q, k and v must be 4-D [B, H, N, d], got q ", q_in.sizes(),
               ", k ", k_in.sizes(), ", v ", v_in.sizes());
@@ -328,6 +330,13 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q_in, const a
   const at::Tensor* bptr = bias.defined() ? &bias : nullptr;
   const at::Tensor* qpp = qp.defined() ? &qp : nullptr;
   const at::Tensor* kpp = kp.defined() ? &kp : nullptr;
+
+  // Few queries over a long key list: the split-K decode path
+  // (attention_decode.cpp). decode_chunk_size < 0: decide here (decode_chunk);
+  // 0: never (the path below, for A/B timing); > 0: forced, with that chunk.
+  const int64_t chunk = decode_chunk_size < 0
+      ? decode_chunk(B, H, Hkv, Nq, Nk, at::get_num_threads()) : decode_chunk_size;
+  if (attention_decode(q, k, v, bptr, qpp, kpp, scale, chunk, out, lse)) return {out, lse};
 
   switch (dtype) {
     case at::kFloat:

@@ -123,5 +123,17 @@ bool attention_small_f32(const at::Tensor& q, const at::Tensor& k, const at::Ten
                          const at::Tensor* bias, const at::Tensor* q_pos, const at::Tensor* k_pos,
                          float scale, at::Tensor& out, at::Tensor& lse);
 
+// The decode path (attention_decode.cpp): split over the keys for few queries
+// and long key lists. decode_chunk() is the one place that decides: the keys
+// per chunk to use for this shape and thread count, or 0 for "not this path"
+// (also when it is switched off). attention_decode() runs it with that chunk
+// (any chunk > 0 is valid: tests force small ones); returns false for chunk <= 0.
+int64_t decode_chunk(int64_t B, int64_t H, int64_t Hkv, int64_t Nq, int64_t Nk, int64_t threads);
+bool attention_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                      const at::Tensor* bias, const at::Tensor* q_pos, const at::Tensor* k_pos,
+                      double scale, int64_t chunk, at::Tensor& out, at::Tensor& lse);
+bool set_decode_enabled(bool on);  // returns the previous setting
+int64_t decode_calls();            // how many times the decode path ran (tests)
+
 }  // namespace attn
 }  // namespace prism

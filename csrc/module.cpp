@@ -20,7 +20,12 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
                                                  const std::optional<at::Tensor>& log_counts,
                                                  const std::optional<at::Tensor>& q_pos,
                                                  const std::optional<at::Tensor>& k_pos,
-                                                 double scale);
+                                                 double scale, int64_t decode_chunk_size);
+namespace attn {
+int64_t decode_chunk(int64_t B, int64_t H, int64_t Hkv, int64_t Nq, int64_t Nk, int64_t threads);
+bool set_decode_enabled(bool on);
+int64_t decode_calls();
+}  // namespace attn
 
 const char* capability() {
 #if defined(CPU_CAPABILITY_AVX512)
@@ -39,11 +44,32 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("segment_means", &prism::segment_means_cpu,
         "segment_means(x, num_segments) -> (means, counts): kernel form of prism::segment_means",
         py::arg("x"), py::arg("num_segments"), py::call_guard<py::gil_scoped_release>());
-  m.def("attention", &prism::attention_cpu,
+  m.def("attention",
+        [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+           const std::optional<at::Tensor>& lc, const std::optional<at::Tensor>& qp,
+           const std::optional<at::Tensor>& kp, double scale) {
+          return prism::attention_cpu(q, k, v, lc, qp, kp, scale, -1);
+        },
         "attention(q, k, v, log_counts, q_pos, k_pos, scale) -> (out, lse): kernel form of "
         "prism::attention",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("log_counts"), py::arg("q_pos"),
         py::arg("k_pos"), py::arg("scale"), py::call_guard<py::gil_scoped_release>());
+  m.def("attention_with_chunk", &prism::attention_cpu,
+        "attention with the decode path's choice made by the caller: decode_chunk < 0 decides "
+        "as `attention` does, 0 never takes the split-K decode path (the general kernels), "
+        "> 0 takes it with that many keys per chunk (tests, A/B timing)",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("log_counts"), py::arg("q_pos"),
+        py::arg("k_pos"), py::arg("scale"), py::arg("decode_chunk"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("decode_chunk", &prism::attn::decode_chunk,
+        "keys per chunk the decode path uses for this shape and thread count (0: not taken)",
+        py::arg("B"), py::arg("H"), py::arg("Hkv"), py::arg("nq"), py::arg("nk"),
+        py::arg("threads"));
+  m.def("set_decode_enabled", &prism::attn::set_decode_enabled,
+        "turn the split-K decode path on/off (default on; PRISM_ATTN_DECODE=0 starts it off); "
+        "returns the previous setting", py::arg("on"));
+  m.def("decode_calls", &prism::attn::decode_calls,
+        "how many times the split-K decode path has run in this process (tests)");
   m.def("capability", &prism::capability, "ISA this variant was compiled for");
   m.def("block_sizes", [](int64_t nq, int64_t nk, bool causal) {
     auto b = prism::choose_blocks(nq, nk, causal);

@@ -21,6 +21,11 @@ Backends (BACKENDS):
   auto    cpp for CPU tensors (torch when the extension is not built),
           triton for CUDA tensors (torch when Triton is not installed)
 
+Few queries over a long key list (decode steps) take a split-K path inside the
+cpp and triton backends (csrc/attention_decode.cpp, triton_kernels/
+attention_decode.py); each backend decides that itself, in one function
+(decode_chunk), so nothing here changes with it.
+
 Which backend runs is decided when the op runs, by its `backend` argument, or,
 when that is "" (the default), by the innermost `use_backend(...)` context
 (a contextvar; "auto" outside any). The registered CPU and CUDA

@@ -53,6 +53,22 @@ GPU_ATTN_CASES = [
     ("plain-d256", 1, 2, 2, 256, ("plain", 200, 300, False), ("only:bf16",)),
     ("plain-d16-tiny", 3, 2, 1, 16, ("plain", 1, 5, True), ("only:fp16",)),
 ]
+# decode-shape cases: layout ("decode", N, P, m, Nq): the Prism cache that device
+# P-1 keeps after prefill (its own rows exact, means of the others, with counts)
+# and Nq new queries at the last positions (the first ones see fewer keys);
+# flag "split:n" forces the split-K decode path with n keys per program, flag
+# "decode" fails the check unless that path ran (attention_decode.py).
+INTERPRET_DECODE_CASES = [
+    ("decode-gqa3-split", 2, 6, 2, 32, ("decode", 120, 2, 6, 2), ("hf", "dead", "split:16", "decode")),
+    ("decode-nq1-split", 1, 4, 1, 16, ("decode", 90, 3, 5, 1), ("split:24", "decode")),
+]
+GPU_DECODE_CASES = [
+    ("decode-smollm2-8k", 1, 9, 3, 64, ("decode", 16384, 2, 819, 1), ("hf", "decode")),
+    ("decode-llama-nq4-16k", 2, 32, 8, 128, ("decode", 32768, 2, 1638, 4), ("hf", "dead", "decode")),
+    ("decode-gpt2-split-odd", 1, 12, 12, 64, ("decode", 3000, 3, 37, 3), ("split:100", "decode")),
+]
+INTERPRET_ATTN_CASES = INTERPRET_ATTN_CASES + INTERPRET_DECODE_CASES
+GPU_ATTN_CASES = GPU_ATTN_CASES + GPU_DECODE_CASES
 INTERPRET_SEG_CASES = [((2, 37, 20), 5, False), ((19, 33), 19, False), ((2, 3, 16, 24), 1, True)]
 GPU_SEG_CASES = [((4, 1001, 768), 7, False), ((2, 12, 4097, 64), 1, True),
                  ((3000, 96), 3000, False), ((2, 8192, 1024), 512, True)]
@@ -73,6 +89,13 @@ def make_attention_inputs(B, H, Hkv, d, layout, flags, dtype, device, seed):
         plan = pk.plan_layout(N, P, m, causal=causal)
         counts, qp, kp = pk.device_tensors(plan, i, device=device)
         Nq, Nk = qp.numel(), kp.numel()
+    elif kind == "decode":
+        _, N, P, m, nq = layout
+        causal = True
+        plan = pk.plan_layout(N, P, m, causal=True)
+        counts, _, kp = pk.device_tensors(plan, P - 1, device=device)
+        qp = torch.arange(N - nq, N, device=device)
+        Nq, Nk = nq, kp.numel()
     else:
         _, Nq, Nk, with_counts = layout
         causal = False
@@ -121,7 +144,17 @@ def check_attention_case(impl, case, dtype, device, seed, rows=None):
     Nq = q.shape[2]
     scale = 1.0 / math.sqrt(d)
     _poison([((B, H, Nq, d), dtype), ((B, H, Nq), torch.float32)], device)
-    out, lse = impl(q, k, v, lc, qp, kp, scale)
+    split = [int(f[6:]) for f in flags if f.startswith("split:")]
+    from prism_kernels.triton_kernels import attention_decode as _ad
+    calls = _ad.CALLS["split"]
+    if split:  # force the split-K decode path with small chunks (exercises the merge)
+        with _ad.decode_split(chunk=split[0]):
+            out, lse = impl(q, k, v, lc, qp, kp, scale)
+    else:
+        out, lse = impl(q, k, v, lc, qp, kp, scale)
+    if "decode" in flags and _ad.CALLS["split"] == calls:
+        return dict(kind="attention", case=name, dtype=DTYPE_NAME[dtype], rel_err=float("nan"),
+                    lse_err=float("nan"), ok=False, reason="the split-K decode path did not run")
     if rows is not None:  # batch row 0, first and last query head, sampled query rows
         hsel = [0, H - 1] if H > 1 else [0]
         ksel = [h // (H // Hkv) for h in hsel]
@@ -259,6 +292,27 @@ def compile_only(variants=COMPILE_VARIANTS, arch=90, log=print):
         except Exception as e:  # noqa: BLE001 - reported
             failures.append((var, f"{type(e).__name__}: {e}"))
             log(f"  FAILED attention {var}: {type(e).__name__}: {str(e)[:500]}")
+    from prism_kernels.triton_kernels.attention_decode import _decode_merge_kernel, _decode_split_kernel
+    for dt, d, causal, counts in (("bf16", 64, True, True), ("fp16", 128, False, True),
+                                  ("fp32", 64, True, False)):
+        block_d = max(16, triton.next_power_of_2(d))
+        ce = dict(HAS_COUNTS=counts, CAUSAL=causal, DOT_PREC="ieee" if dt == "fp32" else "tf32",
+                  BLOCK_M=16, BLOCK_N=64, BLOCK_D=block_d)
+        ptrs = dict(Q="*" + dt, K="*" + dt, V="*" + dt, LC="*fp32",
+                    QP="*i64" if causal else "*fp32", KP="*i64" if causal else "*fp32",
+                    Opart="*fp32", Lpart="*fp32")
+        ce_m = dict(BLOCK_M=16, BLOCK_D=block_d, BLOCK_S=64)
+        ptrs_m = dict(Opart="*fp32", Lpart="*fp32", Out="*" + dt, Lse="*fp32")
+        var = ("decode", dt, d, causal, counts)
+        try:
+            triton.compile(ASTSource(_decode_split_kernel, signature(_decode_split_kernel, ptrs, ce),
+                                     constexprs=ce), target=target, options=dict(num_warps=4, num_stages=2))
+            triton.compile(ASTSource(_decode_merge_kernel, signature(_decode_merge_kernel, ptrs_m, ce_m),
+                                     constexprs=ce_m), target=target, options=dict(num_warps=4))
+            log(f"  compiled decode split-K + merge {var} for sm_{arch}")
+        except Exception as e:  # noqa: BLE001 - reported
+            failures.append((var, f"{type(e).__name__}: {e}"))
+            log(f"  FAILED decode {var}: {type(e).__name__}: {str(e)[:500]}")
     for split in (1, 8):
         ce = dict(SPLIT=split, BLOCK_R=32, BLOCK_D=256)
         ptrs = dict(X="*bf16", Out="*bf16", Ws="*fp32")

@@ -179,6 +179,82 @@ def bench_attention_shape(shape, device, deadline, flex):
     return row
 
 
+# decode step: (label, B, H, Hkv, d, Nq); Nk below. bf16, HF layout, causal with
+# positions and counts (what generation passes).
+DECODE_MODELS = [("SmolLM2-135M", 1, 9, 3, 64, 1), ("Llama-3-8B", 1, 32, 8, 128, 1),
+                 ("Llama-3-8B B=8", 8, 32, 8, 128, 1)]
+DECODE_NKS = (1024, 4096, 16384, 65536)
+
+
+def bench_decode(device, deadline, models=DECODE_MODELS, nks=DECODE_NKS, P=2, cr=10):
+    """One decode step (Nq new queries against the key cache), bf16, median ms of
+      prism        attention_triton: split-K decode path (attention_decode.py), chosen automatically
+      prism_gen    attention_triton with the decode path off (the general kernel)
+      sdpa         F.scaled_dot_product_attention(enable_gqa=True) on the same full cache
+      prism_cmp    prism on the cache a Prism prefill leaves on device P-1 (own Nk/P
+                   rows + (P-1) * Nk/P/cr means, with counts): what a user gets
+    plus GB/s of K/V read by prism on the full cache, and a check of prism's output
+    against the fp32 reference (all heads, all queries: the reference is small here)."""
+    from prism_kernels.triton_kernels import attention_triton, decode_split
+    from prism_kernels.triton_kernels import attention_decode as ad
+    import torch.nn.functional as F
+    from python_ref.attention import _masked_softmax_attention
+    dtype = torch.bfloat16
+    rows = []
+    for label, B, H, Hkv, d, Nq in models:
+        for Nk in nks:
+            row = dict(model=label, B=B, H=H, Hkv=Hkv, d=d, Nq=Nq, Nk=Nk)
+            rows.append(row)
+            if time.time() > deadline:
+                row["note"] = "skipped (time budget)"
+                continue
+            try:
+                g = _gen(4321, device)
+
+                def hf(h, n):
+                    return torch.randn(B, n, h, d, generator=g, device=device, dtype=dtype).transpose(1, 2)
+
+                q, k, v = hf(H, Nq), hf(Hkv, Nk), hf(Hkv, Nk)
+                lc = torch.zeros(B, Nk, device=device)
+                kp = torch.arange(Nk, device=device).expand(B, Nk)
+                qp = torch.arange(Nk - Nq, Nk, device=device).expand(B, Nq)
+                scale = 1.0 / math.sqrt(d)
+                m = Nk // P // cr
+                counts, _, kpc = pk.device_tensors(pk.plan_layout(Nk, P, m, causal=True), P - 1,
+                                                   device=device)
+                nc = counts.numel()
+                kc, vc = hf(Hkv, nc), hf(Hkv, nc)
+                lcc = counts.float().log()[None].expand(B, nc)
+                kpc = kpc[None].expand(B, nc)
+                row["Nk_prism"] = nc
+                calls = ad.CALLS["split"]
+                out, _ = attention_triton(q, k, v, lc, qp, kp, scale)
+                row["split_ran"] = ad.CALLS["split"] > calls
+                ref, _ = _masked_softmax_attention(q.float(), k.float(), v.float(), lc, qp, kp, scale, True)
+                rel = ((out.float() - ref).abs().max() / ref.abs().max()).item()
+                row["rel_err"] = rel
+                fns = {
+                    "prism": lambda: attention_triton(q, k, v, lc, qp, kp, scale),
+                    "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, scale=scale,
+                                                                   enable_gqa=(H != Hkv)),
+                    "prism_cmp": lambda: attention_triton(q, kc, vc, lcc, qp, kpc, scale),
+                }
+                for key, fn in fns.items():
+                    fn()
+                    row[key + "_ms"] = _bench(fn)
+                with decode_split(enabled=False):
+                    fn = fns["prism"]
+                    fn()
+                    row["prism_gen_ms"] = _bench(fn)
+                kv_bytes = 2 * B * Hkv * Nk * d * 2
+                row["prism_GBps"] = kv_bytes / row["prism_ms"] / 1e6
+                del q, k, v, kc, vc, ref, out
+            except Exception as e:  # noqa: BLE001 - reported in the table
+                row["note"] = f"error: {type(e).__name__}: {str(e)[:100]}"
+            torch.cuda.empty_cache()
+    return rows
+
+
 def bench_segment_means(device, deadline):
     from prism_kernels.triton_kernels import segment_means_triton
     out = []
@@ -206,7 +282,8 @@ def _f(x, fmt="{:.3f}"):
     return "-" if x is None else fmt.format(x)
 
 
-def write_results(out_dir, gpu, versions, checks, matmul, attn_rows, seg_rows, elapsed):
+def write_results(out_dir, gpu, versions, checks, matmul, attn_rows, seg_rows, elapsed,
+                  decode_rows=()):
     os.makedirs(out_dir, exist_ok=True)
     slug = _gpu_slug(gpu)
     md = [f"# prism-kernels GPU check: {gpu}", "",
@@ -237,6 +314,23 @@ def write_results(out_dir, gpu, versions, checks, matmul, attn_rows, seg_rows, e
     for r in seg_rows:
         md.append(f"| {r['shape']} | {r['m']} | {_f(r.get('triton_ms'))} | {_f(r.get('triton_GBps'), '{:.0f}')} | "
                   f"{_f(r.get('copy_GBps'), '{:.0f}')} | {_f(r.get('torch_backend_ms'))} | ")
+    if decode_rows:
+        md += ["", "## Decode step, bf16 (one new query, split-K path; median ms)", "",
+               "prism: split-K decode path (automatic); prism general: decode path off; sdpa: "
+               "F.scaled_dot_product_attention(enable_gqa) on the same full cache; prism cache: "
+               "prism on the cache a P = 2, CR 10 prefill leaves (own rows + means). GB/s: K/V "
+               "bytes of the full cache / prism time.", "",
+               "| model | B | H/Hkv | d | Nk | split ran | rel err | prism ms | GB/s | prism general ms | "
+               "sdpa ms | sdpa/prism | prism cache keys | prism cache ms | sdpa/prism cache | notes |",
+               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in decode_rows:
+            p, sd, pc = r.get("prism_ms"), r.get("sdpa_ms"), r.get("prism_cmp_ms")
+            md.append(
+                f"| {r['model']} | {r['B']} | {r['H']}/{r['Hkv']} | {r['d']} | {r['Nk']} | "
+                f"{r.get('split_ran', '-')} | {_f(r.get('rel_err'), '{:.1e}')} | {_f(p)} | "
+                f"{_f(r.get('prism_GBps'), '{:.0f}')} | {_f(r.get('prism_gen_ms'))} | {_f(sd)} | "
+                f"{_f(sd / p if (p and sd) else None, '{:.2f}x')} | {r.get('Nk_prism', '-')} | {_f(pc)} | "
+                f"{_f(sd / pc if (pc and sd) else None, '{:.2f}x')} | {r.get('note', '')} |")
     path_md = os.path.join(out_dir, f"{slug}.md")
     with open(path_md, "w") as fh:
         fh.write("\n".join(md) + "\n")

@@ -23,6 +23,8 @@ exact zeros and its lse as -inf (no NaN ever reaches the output).
 
 Non-causal: full key blocks run unmasked, the partial last block masked.
 Grouped-query heads: query head h reads kv head h // (H // Hkv); no K/V copy.
+Few queries over a long key list (decode steps) go to the split-K kernels of
+attention_decode.py instead (attention_triton decides, via decode_chunk).
 All tensors are addressed through their strides (HF passes transposed views).
 """
 from __future__ import annotations
@@ -34,6 +36,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from .attention_decode import attention_decode, decode_chunk
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -324,6 +328,16 @@ def attention_triton(q, k, v, log_counts=None, q_pos=None, k_pos=None, scale=Non
         if tuple(qp.shape) != (B, Nq) or tuple(kp.shape) != (B, Nk):
             raise ValueError(f"q_pos must be [B, Nq] and k_pos [B, Nk], got "
                              f"{tuple(qp.shape)} and {tuple(kp.shape)}")
+
+    # Few queries over a long key list (decode steps): the split-K kernels of
+    # attention_decode.py. decode_chunk is the one place that decides.
+    chunk = decode_chunk(B, H, Hkv, Nq, Nk, d, dev)
+    if chunk:
+        return attention_decode(q, k, v, lc if has_counts else None,
+                                qp if causal else None, kp if causal else None,
+                                float(scale) * _LOG2E, chunk, out, lse)
+
+    if causal:
         kidx, nvis, lc_sorted = _causal_order(qp, kp, lc if has_counts else None)
         if has_counts:
             lc = lc_sorted
