@@ -166,65 +166,11 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
           ldv = vsN;
         }
 
-        // Online softmax over this key block, row by row. The invariant after
-        // key blocks 0..kb, for every query row r, is
-        //   mrow[r] = max over the keys seen so far of t_j = s_j + log c_j
-        //   lrow[r] = sum_j exp(t_j - mrow[r])
-        //   acc[r]  = sum_j exp(t_j - mrow[r]) * v_j        (not yet divided by l)
-        // so that at the end out = acc / l and lse = m + log l.
-        //
-        // Step 1: scores S = scale * Q K^T for the block (rows x cols, ld cols).
-        gemm_abt<acc_t>(rows, cols, d, scale, Q, ldq, K, ldk, S, cols);
-
+        // One block of the online softmax (attention_helpers.h: the invariant and its steps).
         const acc_t* bias_row = bd ? bd + b * bsB + j0 : nullptr;
         const int64_t* kp = causal ? kpd + b * kpsB + j0 : nullptr;
-        bool any = false;
-        for (int64_t r = 0; r < rows; ++r) {
-          acc_t* s = S + r * cols;
-          // Step 2: causal mask on diagonal blocks: future keys (k_pos > q_pos)
-          // get -inf, so exp() below turns them into exact zeros.
-          if (need_mask) {
-            const int64_t qi = qp[r];
-            for (int64_t j = 0; j < cols; ++j) s[j] = kp[j] > qi ? neg_inf : s[j];
-          }
-          // Step 3: add the log-count bias and take the block's row maximum in
-          // the same pass. The bias is added to the scores *before* the max and
-          // the exp because it is part of the logit: softmax(S + log c) gives
-          // key j the weight c_j * exp(s_j) / sum_i c_i * exp(s_i), i.e. a mean
-          // standing for c_j tokens counts c_j times (Eq. 13-15; docs/method.md,
-          // "Scaling-aware attention"). Adding it after the max could overflow
-          // exp() for large counts; adding it to P or to V would be wrong.
-          // -inf + finite bias stays -inf, so masking before the bias is fine.
-          const acc_t mx = bias_row ? add_bias_max(s, bias_row, cols) : row_max(s, cols);
-          // Step 4: new running max m_new = max(m_old, block max).
-          const acc_t m_old = mrow[r];
-          const acc_t m_new = std::max(m_old, mx);
-          if (m_new == neg_inf) {  // nothing visible yet in this row: P = 0, state unchanged
-            std::fill(s, s + cols, acc_t(0));
-            continue;
-          }
-          any = true;
-          // Step 5: P = exp(t - m_new) in place in S (every value <= 1, no
-          // overflow) and its row sum; masked entries give exp(-inf) = 0.
-          const acc_t sum = exp_sum(s, m_new, cols);
-          // Step 6: rescale what was accumulated under the old max,
-          // alpha = exp(m_old - m_new) <= 1, applied to the running sum and to
-          // the accumulator row. Skipped when the max did not move (alpha = 1)
-          // and when nothing was accumulated yet (m_old = -inf: l = 0, acc = 0;
-          // exp(-inf - m_new) would be 0 anyway, but -inf - -inf is NaN).
-          if (m_old != m_new && m_old != neg_inf) {
-            const acc_t alpha = std::exp(m_old - m_new);
-            lrow[r] *= alpha;
-            scale_row(acc + r * d, alpha, d);
-          }
-          // Step 7: running sum l += sum_j P_j, and remember the new max.
-          lrow[r] += sum;
-          mrow[r] = m_new;
-        }
-        // Step 8: accumulator acc += P V for all rows of the block at once
-        // (one GEMM; rows that saw nothing have P = 0). Skipped when no row of
-        // the block has a visible key.
-        if (any) gemm_acc_pv<acc_t>(rows, cols, d, S, cols, Vp, ldv, acc, d);
+        online_softmax_block<acc_t>(rows, cols, d, scale, Q, ldq, K, ldk, Vp, ldv, bias_row, need_mask, qp, kp,
+                                    S, mrow, lrow, acc);
       }
 
       // Step 9, final division: out = acc / l, lse = m + log l (natural log),

@@ -153,36 +153,10 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
           ldk = ksN;
           ldv = vsN;
         }
-        // Same online-softmax steps as attention.cpp (see there for the
-        // invariant): scores, causal mask, + log c with the block max, rescale
-        // by exp(m_old - m_new), accumulate P V.
-        gemm_abt<acc_t>(R, cols, d, scale, Q, d, K, ldk, S, cols);
+        // One block of the online softmax (attention_helpers.h), on this chunk's rows.
         const acc_t* bias_row = bd ? bd + b * bsB + j0 : nullptr;
-        bool any = false;
-        for (int64_t r = 0; r < R; ++r) {
-          acc_t* s = S + r * cols;
-          if (need_mask) {
-            const int64_t qi = qp[r];
-            for (int64_t j = 0; j < cols; ++j) s[j] = kp[j] > qi ? neg_inf : s[j];
-          }
-          const acc_t mx = bias_row ? add_bias_max(s, bias_row, cols) : row_max(s, cols);
-          const acc_t m_old = mrow[r];
-          const acc_t m_new = std::max(m_old, mx);
-          if (m_new == neg_inf) {  // nothing visible yet in this row
-            std::fill(s, s + cols, acc_t(0));
-            continue;
-          }
-          any = true;
-          const acc_t sum = exp_sum(s, m_new, cols);
-          if (m_old != m_new && m_old != neg_inf) {
-            const acc_t alpha = std::exp(m_old - m_new);
-            lrow[r] *= alpha;
-            scale_row(acc + r * d, alpha, d);
-          }
-          lrow[r] += sum;
-          mrow[r] = m_new;
-        }
-        if (any) gemm_acc_pv<acc_t>(R, cols, d, S, cols, Vp, ldv, acc, d);
+        online_softmax_block<acc_t>(R, cols, d, scale, Q, d, K, ldk, Vp, ldv, bias_row, need_mask, qp, kp, S,
+                                    mrow, lrow, acc);
       }
 
       if (nC == 1) {  // the whole key list was this task's: finalise as attention.cpp does

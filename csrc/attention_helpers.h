@@ -1,12 +1,14 @@
-// Helpers shared by the two CPU attention kernels: the general blocked
+// Helpers shared by the CPU attention kernels: the general blocked
 // online-softmax kernel (attention.cpp) and the small-problem register-tile
-// path (attention_small.cpp).
+// path (attention_small.cpp) and the split-key decode path (attention_decode.cpp).
 #pragma once
 
 #include "common.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
+#include <limits>
 
 namespace prism {
 namespace attn {
@@ -111,6 +113,76 @@ inline void scale_row(T* x, T a, int64_t n) {
 template <typename src_t, typename dst_t>
 inline void convert_rows(const src_t* src, int64_t ld_src, dst_t* dst, int64_t rows, int64_t d) {
   for (int64_t r = 0; r < rows; ++r) widen(src + r * ld_src, dst + r * d, d);
+}
+
+// One key block of the online softmax, for `rows` query rows (Q, ld ldq) against
+// `cols` keys (K, ld ldk) and values (Vp, ld ldv): updates the running max mrow,
+// sum lrow and accumulator acc (ld d) of every row. S is rows x cols scratch.
+// bias_row: log c of the block's keys (nullptr: none); with need_mask, key j is
+// hidden from row r when kp[j] > qp[r]. Shared by attention.cpp and
+// attention_decode.cpp (one chunk of a split key list is a run of these).
+template <typename acc_t>
+inline void online_softmax_block(int64_t rows, int64_t cols, int64_t d, acc_t scale, const acc_t* Q,
+                                 int64_t ldq, const acc_t* K, int64_t ldk, const acc_t* Vp, int64_t ldv,
+                                 const acc_t* bias_row, bool need_mask, const int64_t* qp,
+                                 const int64_t* kp, acc_t* S, acc_t* mrow, acc_t* lrow, acc_t* acc) {
+  constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  // Online softmax over this key block, row by row. The invariant after
+  // key blocks 0..kb, for every query row r, is
+  //   mrow[r] = max over the keys seen so far of t_j = s_j + log c_j
+  //   lrow[r] = sum_j exp(t_j - mrow[r])
+  //   acc[r]  = sum_j exp(t_j - mrow[r]) * v_j        (not yet divided by l)
+  // so that at the end out = acc / l and lse = m + log l.
+  //
+  // Step 1: scores S = scale * Q K^T for the block (rows x cols, ld cols).
+  gemm_abt<acc_t>(rows, cols, d, scale, Q, ldq, K, ldk, S, cols);
+  bool any = false;
+  for (int64_t r = 0; r < rows; ++r) {
+    acc_t* s = S + r * cols;
+    // Step 2: causal mask on diagonal blocks: future keys (k_pos > q_pos)
+    // get -inf, so exp() below turns them into exact zeros.
+    if (need_mask) {
+      const int64_t qi = qp[r];
+      for (int64_t j = 0; j < cols; ++j) s[j] = kp[j] > qi ? neg_inf : s[j];
+    }
+    // Step 3: add the log-count bias and take the block's row maximum in
+    // the same pass. The bias is added to the scores *before* the max and
+    // the exp because it is part of the logit: softmax(S + log c) gives
+    // key j the weight c_j * exp(s_j) / sum_i c_i * exp(s_i), i.e. a mean
+    // standing for c_j tokens counts c_j times (Eq. 13-15; docs/method.md,
+    // "Scaling-aware attention"). Adding it after the max could overflow
+    // exp() for large counts; adding it to P or to V would be wrong.
+    // -inf + finite bias stays -inf, so masking before the bias is fine.
+    const acc_t mx = bias_row ? add_bias_max(s, bias_row, cols) : row_max(s, cols);
+    // Step 4: new running max m_new = max(m_old, block max).
+    const acc_t m_old = mrow[r];
+    const acc_t m_new = std::max(m_old, mx);
+    if (m_new == neg_inf) {  // nothing visible yet in this row: P = 0, state unchanged
+      std::fill(s, s + cols, acc_t(0));
+      continue;
+    }
+    any = true;
+    // Step 5: P = exp(t - m_new) in place in S (every value <= 1, no
+    // overflow) and its row sum; masked entries give exp(-inf) = 0.
+    const acc_t sum = exp_sum(s, m_new, cols);
+    // Step 6: rescale what was accumulated under the old max,
+    // alpha = exp(m_old - m_new) <= 1, applied to the running sum and to
+    // the accumulator row. Skipped when the max did not move (alpha = 1)
+    // and when nothing was accumulated yet (m_old = -inf: l = 0, acc = 0;
+    // exp(-inf - m_new) would be 0 anyway, but -inf - -inf is NaN).
+    if (m_old != m_new && m_old != neg_inf) {
+      const acc_t alpha = std::exp(m_old - m_new);
+      lrow[r] *= alpha;
+      scale_row(acc + r * d, alpha, d);
+    }
+    // Step 7: running sum l += sum_j P_j, and remember the new max.
+    lrow[r] += sum;
+    mrow[r] = m_new;
+  }
+  // Step 8: accumulator acc += P V for all rows of the block at once
+  // (one GEMM; rows that saw nothing have P = 0). Skipped when no row of
+  // the block has a visible key.
+  if (any) gemm_acc_pv<acc_t>(rows, cols, d, S, cols, Vp, ldv, acc, d);
 }
 
 }  // namespace
