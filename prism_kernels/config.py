@@ -18,6 +18,9 @@
   plain means;
 * count_bias: "log" (the paper's log-count bias) or "spread" (an experiment of the
   simulation: the bias corrected for the spread of a segment's keys, hf/spread_bias.py);
+* anchor_topk, anchor_score: for anchors="special+topk" (an experiment of the
+  simulation, hf/dynamic.py), how many tokens each device sends alone besides the
+  special ones, and by which local score ("key_norm" | "key_dev");
 * backend: the kernels' backend (auto | cpp | triton | torch).
 
 `plan(n_tokens, causal, roles=...)` is the one way to get a PrismPlan from these
@@ -30,8 +33,8 @@ import numbers
 from dataclasses import asdict, dataclass
 from typing import Optional, Tuple
 
-from .anchors import (DEFAULT_ANCHOR_BUDGET, DEFAULT_ANCHORS, DEFAULT_SEGMENTS, TokenRoles, check_policy,
-                      resolve)
+from .anchors import (ANCHOR_SCORES, DEFAULT_ANCHOR_BUDGET, DEFAULT_ANCHORS, DEFAULT_SEGMENTS, TokenRoles,
+                      check_policy, is_dynamic, resolve)
 from .plan import PrismPlan, check_compression_rate, make_plan
 
 AVERAGING = ("attention_input", "block_input")
@@ -52,6 +55,8 @@ class PrismConfig:
     segments: str = DEFAULT_SEGMENTS
     anchor_budget: str = DEFAULT_ANCHOR_BUDGET
     count_bias: str = "log"
+    anchor_topk: int = 1
+    anchor_score: str = "key_norm"
 
     def __post_init__(self):
         P = self.num_partitions
@@ -68,6 +73,15 @@ class PrismConfig:
         if self.averaging not in AVERAGING:
             raise ValueError(f"averaging must be one of {AVERAGING}, got {self.averaging!r}")
         check_policy(self.anchors, self.segments, self.anchor_budget)
+        k = self.anchor_topk
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
+            raise ValueError(f"anchor_topk must be an integer >= 0, got {k!r}")
+        if self.anchor_score not in ANCHOR_SCORES:
+            raise ValueError(f"anchor_score must be one of {ANCHOR_SCORES}, got {self.anchor_score!r}")
+        if self.dynamic and (self.averaging != "attention_input" or self.count_bias != "log"):
+            raise ValueError(f"anchors={self.anchors!r}, segments={self.segments!r} (data-dependent segments, "
+                             "an experiment of the simulation) need averaging='attention_input' and "
+                             "count_bias='log'")
         if self.count_bias not in COUNT_BIASES:
             raise ValueError(f"count_bias must be one of {COUNT_BIASES}, got {self.count_bias!r}")
         from .api import BACKENDS
@@ -89,6 +103,14 @@ class PrismConfig:
         if isinstance(value, dict):
             return cls(**value)
         raise ValueError(f"expected a PrismConfig or a dict of its fields, got {type(value).__name__}")
+
+    @property
+    def dynamic(self) -> bool:
+        """True when each device picks its segments from the layer's keys
+        (anchors="special+topk" or segments="content"): an experiment of the
+        one-process simulation (hf/dynamic.py), which the runtime refuses. The plan
+        then fixes the rows m_j and the special anchors only."""
+        return is_dynamic(self.anchors, self.segments)
 
     @property
     def plain_means(self) -> bool:

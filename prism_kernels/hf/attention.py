@@ -59,10 +59,11 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ..anchors import TokenRoles
+from ..anchors import TokenRoles, resolve
 from ..api import prism_attention
 from ..config import PrismConfig
 from ..plan import Partition, PrismPlan
+from . import dynamic as dyn
 from .averaging import ATTENTION_INPUT
 from .masks import key_valid_from_mask
 from .spread_bias import augment, segment_key_spread
@@ -85,6 +86,12 @@ class Group:
     span: Optional[Tuple[int, int, int]]
     plan: PrismPlan
     bank: Dict[int, int]
+    anchors: Tuple[int, ...] = ()    # the policy's static anchors (data-dependent policies only)
+
+    def fixed(self, part: Partition) -> Tuple[int, ...]:
+        """Local indices of the anchors the plan keeps alone in this partition."""
+        keep = set(self.anchors)
+        return tuple(s.tokens[0] - part.offset for s in part.segments if s.count == 1 and s.tokens[0] in keep)
 
     @property
     def size(self) -> int:
@@ -141,7 +148,8 @@ def _groups(key_valid, B, N, config, causal, device, roles) -> List[Group]:
             bank[j] = acc
             acc += B * plan.partitions[j].num_segments
         tokens = (rows[:, None] * N + torch.arange(N)).to(device)
-        return [Group(rows, N, tokens, (0, B, 0), plan, bank)]
+        anchors = resolve(N, roles, config.anchors, config.segments)[0] if config.dynamic else ()
+        return [Group(rows, N, tokens, (0, B, 0), plan, bank, anchors)]
     else:
         kv = key_valid.to("cpu", torch.bool)
         lengths = kv.sum(-1)
@@ -163,7 +171,8 @@ def _groups(key_valid, B, N, config, causal, device, roles) -> List[Group]:
         for j in sorted({s for d in plan.devices for s in d.sources}):
             bank[j] = acc
             acc += Bg * plan.partitions[j].num_segments
-        groups.append(Group(rows, L, (rows[:, None] * N + tok).to(device), span, plan, bank))
+        anchors = resolve(L, roles, config.anchors, config.segments)[0] if config.dynamic else ()
+        groups.append(Group(rows, L, (rows[:, None] * N + tok).to(device), span, plan, bank, anchors))
     return groups
 
 
@@ -269,14 +278,26 @@ def simulate_prism(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     spread = config.count_bias == "spread"
     s = scale if scale is not None else d ** -0.5
     extra = [k3.new_zeros(B * N, Hkv, dtype=torch.float32)] if spread else None
+    counts = lay.counts
+    bank_counts = [torch.ones(B * N, dtype=torch.int64, device=query.device)] if config.dynamic else None
     for g in lay.groups:
         for part in g.sent():
-            km, vm = (averaging or ATTENTION_INPUT).kv_means(inputs, g, part)
+            if config.dynamic:      # segments chosen from this layer's keys (hf/dynamic.py)
+                kp = g.take(k3, part)
+                seg_of, cnt = dyn.assign(kp, part.num_segments, g.fixed(part),
+                                         config.anchor_topk if config.anchors == "special+topk" else 0,
+                                         config.anchor_score, config.segments == "content")
+                km, vm = dyn.means(kp, seg_of, cnt), dyn.means(g.take(v3, part), seg_of, cnt)
+                bank_counts.append(cnt.reshape(-1))
+            else:
+                km, vm = (averaging or ATTENTION_INPUT).kv_means(inputs, g, part)
             ks.append(km.reshape(-1, Hkv * d).to(key.dtype))
             vs.append(vm.reshape(-1, Hkv * d).to(value.dtype))
             if spread:
                 extra.append(0.5 * s * segment_key_spread(k3, g, part, Hkv, config.backend))
     R, nq, nk = lay.rows, lay.q_index.numel() // lay.rows, lay.counts.shape[1]
+    if config.dynamic:          # this layer's counts (padding slots read token row 0: count 1)
+        counts = torch.cat(bank_counts).index_select(0, lay.kv_index).view(R, nk)
     stack = lambda parts: (torch.cat(parts) if len(parts) > 1 else parts[0]).index_select(0, lay.kv_index)
     q_all = query.transpose(1, 2).reshape(B * N, H * d).index_select(0, lay.q_index)
     k_all, v_all = stack(ks), stack(vs)
@@ -286,7 +307,7 @@ def simulate_prism(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     q4, k4, v4 = heads(q_all, nq, H), heads(k_all, nk, Hkv), heads(v_all, nk, Hkv)
     if spread:
         q4, k4, v4 = augment(q4, k4, v4, stack(extra).view(R, nk, Hkv).transpose(1, 2), s)
-    out = prism_attention(q4, k4, v4, key_counts=lay.counts, causal=lay.q_pos is not None, q_pos=lay.q_pos,
+    out = prism_attention(q4, k4, v4, key_counts=counts, causal=lay.q_pos is not None, q_pos=lay.q_pos,
                           k_pos=lay.k_pos, scale=s, backend=config.backend)[..., :d]
     return lay.restore(out.transpose(1, 2).reshape(R * nq, H * d)).view(B, N, H, d)
 
@@ -355,6 +376,10 @@ def _with_cache(cache, layer, module, query, key, value, attention_mask, config,
     from . import generation
     if not getattr(module, "is_causal", False):
         raise NotImplementedError("generation with a PrismCache needs a causal (decoder) attention layer")
+    if config.dynamic:
+        raise NotImplementedError(f"anchors={config.anchors!r}, segments={config.segments!r} (data-dependent "
+                                  "segments) is an experiment of the simulation's forward; generation "
+                                  "supports the static policies only")
     if layer.counts is not None:
         return generation.decode_step(layer, query, key, value, attention_mask, config, scaling)
     averaging = getattr(module, "_prism_averaging", None)

@@ -1,0 +1,106 @@
+"""Data-dependent segments: each device picks its partition's segments from the
+layer's keys (an experiment of the one-process simulation; the runtime refuses it).
+
+PrismConfig.anchors="special+topk" and PrismConfig.segments="content"
+(prism_kernels/anchors.py). The static plan (PrismConfig.plan) still fixes what
+does not depend on the data: the partitions, the rows m_j each partition sends
+and which special tokens stay alone. In every layer and for every sequence the
+sending device then chooses, from its own keys only:
+
+  * "special+topk": besides the special anchors, the `anchor_topk` tokens with the
+    largest score go alone (count 1), out of the same m_j rows; score "key_norm"
+    is ||k_t|| (all heads), "key_dev" is ||k_t - mean of the partition's keys||.
+    At least one row stays for the mean of the other tokens;
+  * "content": the tokens that are not anchors are split into m_rest runs (in
+    token order) whose m_rest - 1 boundaries sit where consecutive keys differ most
+    (largest ||k_t - k_prev||); otherwise equal runs (Alg. 2).
+
+What a runtime would have to send besides the means: each segment's count (m_j
+small integers per layer and sequence), since counts change from layer to layer.
+Positions are not needed for the causal mask: a causal device only receives
+earlier partitions, whose every token precedes all of its queries (the decoder's
+mask never hides a received row), so the static plan's positions stay valid.
+
+`assign(k, m, fixed, topk, score, content)` gives every token its segment
+([Bg, n] indices in 0..m-1) and the counts [Bg, m]; `segments_of(...)` turns one
+sequence's assignment into token tuples (tests, python_ref's plan_from_segments).
+"""
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import torch
+
+from ..plan import split_sizes
+
+
+def assign(k: torch.Tensor, m: int, fixed: Sequence[int] = (), topk: int = 0, score: str = "key_norm",
+           content: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Segments of one partition for a batch of sequences.
+
+    k [Bg, n, F]: the partition's keys (local order); m: rows it sends (1 <= m <= n);
+    fixed: local indices of tokens always alone (the special anchors the plan keeps,
+    len(fixed) < m unless m == 1). Returns (seg_of [Bg, n] int64 in 0..m-1,
+    counts [Bg, m] int64): segments 0..m_rest-1 are the runs in token order, then
+    the anchors in token order."""
+    Bg, n, _ = k.shape
+    dev = k.device
+    fixed = sorted(set(int(f) for f in fixed))
+    if m == 1:
+        fixed = []
+    if not 1 <= m <= n or (fixed and len(fixed) >= m):
+        raise ValueError(f"need 1 <= m <= n and fewer fixed anchors than m, got m={m}, n={n}, fixed={fixed}")
+    anchor = torch.zeros(Bg, n, dtype=torch.bool, device=dev)
+    if fixed:
+        anchor[:, fixed] = True
+    free = m - len(fixed)
+    top = max(0, min(int(topk), free - 1))
+    kf = k.float()
+    if top:
+        if score == "key_norm":
+            s = kf.norm(dim=-1)
+        elif score == "key_dev":
+            s = (kf - kf.mean(dim=1, keepdim=True)).norm(dim=-1)
+        else:
+            raise ValueError(f"unknown anchor score {score!r}")
+        s = s.masked_fill(anchor, float("-inf"))
+        anchor.scatter_(1, s.topk(top, dim=1).indices, True)
+    m_rest = free - top
+    R = n - len(fixed) - top                       # tokens averaged, R >= m_rest
+    # rest tokens in token order: a stable sort puts the non-anchors first
+    order = torch.sort(anchor.to(torch.int8), dim=1, stable=True).indices
+    rest = order[:, :R]
+    if content and m_rest > 1:
+        kr = kf.gather(1, rest[..., None].expand(Bg, R, kf.shape[-1]))
+        jump = (kr[:, 1:] - kr[:, :-1]).norm(dim=-1)                  # [Bg, R-1]: before rest token r+1
+        starts = torch.zeros(Bg, R, dtype=torch.int64, device=dev)
+        starts[:, 1:].scatter_(1, jump.topk(m_rest - 1, dim=1).indices, 1)
+        seg_rest = starts.cumsum(1)
+    else:
+        table = torch.repeat_interleave(torch.arange(m_rest, device=dev),
+                                        torch.tensor(split_sizes(R, m_rest), device=dev))
+        seg_rest = table.expand(Bg, R)
+    seg_of = torch.empty(Bg, n, dtype=torch.int64, device=dev)
+    seg_of.scatter_(1, rest, seg_rest)
+    if n > R:
+        anc = order[:, R:]                                              # anchors in token order
+        seg_of.scatter_(1, anc, (m_rest + torch.arange(n - R, device=dev)).expand(Bg, n - R))
+    counts = torch.zeros(Bg, m, dtype=torch.int64, device=dev).scatter_add_(
+        1, seg_of, torch.ones_like(seg_of))
+    return seg_of, counts
+
+
+def means(x: torch.Tensor, seg_of: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """x [Bg, n, F], seg_of [Bg, n] -> segment means [Bg, m, F] (fp32 accumulation)."""
+    Bg, n, F = x.shape
+    m = counts.shape[1]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    flat = (seg_of + torch.arange(Bg, device=x.device)[:, None] * m).reshape(-1)
+    sums = x.new_zeros(Bg * m, F, dtype=acc).index_add(0, flat, x.reshape(-1, F).to(acc))
+    return (sums.view(Bg, m, F) / counts.to(acc)[..., None]).to(x.dtype)
+
+
+def segments_of(seg_of_row: torch.Tensor, offset: int) -> List[Tuple[int, ...]]:
+    """One sequence's assignment [n] -> its segments as ascending global token tuples."""
+    m = int(seg_of_row.max()) + 1
+    return [tuple(offset + int(t) for t in (seg_of_row == s).nonzero().flatten()) for s in range(m)]
