@@ -33,7 +33,9 @@ Segment shapes (PrismConfig.segments):
   * "runs": contiguous runs everywhere (the paper's Alg. 2);
   * "content" (an experiment of the simulation, hf/dynamic.py): runs of the
     non-anchor tokens whose m - 1 boundaries are where consecutive keys differ
-    most (||k_t - k_t-1||), chosen by each device in every layer.
+    most (||k_t - k_t-1||), chosen by each device in every layer;
+  * "content_sse" (likewise): the runs with the least total within-run squared
+    deviation of the keys (exact dynamic programming, hf/dynamic.py).
   The two experiments are data-dependent: the static plan (`resolve`) treats
   them as "special" and "runs"; it fixes the rows m_j each partition sends.
 Budget (PrismConfig.anchor_budget):
@@ -49,11 +51,11 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 ANCHORS = ("special", "first", "none", "special+topk")
-SEGMENTS = ("auto", "runs", "content")
+SEGMENTS = ("auto", "runs", "content", "content_sse")
 ANCHOR_SCORES = ("key_norm", "key_dev")
 # data-dependent policies: simulation only (prism_kernels/hf/dynamic.py)
 DYNAMIC_ANCHORS = ("special+topk",)
-DYNAMIC_SEGMENTS = ("content",)
+DYNAMIC_SEGMENTS = ("content", "content_sse")
 ANCHOR_BUDGETS = ("shared", "extra")
 DEFAULT_ANCHORS = "special"
 DEFAULT_SEGMENTS = "auto"

@@ -140,7 +140,8 @@ from prism_kernels.hf import dynamic as dyn  # noqa: E402
 
 @settings(max_examples=150, deadline=None)
 @given(n=st.integers(1, 40), mfrac=st.floats(0.0, 1.0), nfixed=st.integers(0, 2), topk=st.integers(0, 4),
-       score=st.sampled_from(["key_norm", "key_dev"]), content=st.booleans(), seed=st.integers(0, 10 ** 6))
+       score=st.sampled_from(["key_norm", "key_dev"]), content=st.sampled_from([False, True, "sse"]),
+       seed=st.integers(0, 10 ** 6))
 def test_dynamic_assignment_rules(n, mfrac, nfixed, topk, score, content, seed):
     """Coverage (every token in exactly one segment, none empty), exactly m rows, the fixed
     anchors and the top-k tokens alone, the top-k the highest-scored of the others, and
@@ -174,12 +175,32 @@ def test_dynamic_assignment_rules(n, mfrac, nfixed, topk, score, content, seed):
             assert [len(s) for s in segs[:m_rest]] == split_sizes(len(rest), m_rest)
 
 
-def test_content_boundaries_at_the_largest_jumps():
+@pytest.mark.parametrize("content", [True, "sse"])
+def test_content_boundaries_at_the_largest_jumps(content):
     d = torch.randn(6, generator=torch.Generator().manual_seed(1))
     level = torch.tensor([0., 0., 10., 10., 10., 30.])
     k = (level[:, None] * d + 0.01 * torch.arange(6.)[:, None])[None]
-    seg_of, counts = dyn.assign(k, 3, (), 0, "key_norm", content=True)
+    seg_of, counts = dyn.assign(k, 3, (), 0, "key_norm", content=content)
     assert dyn.segments_of(seg_of[0], 0) == [(0, 1), (2, 3, 4), (5,)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(R=st.integers(1, 9), mfrac=st.floats(0.0, 1.0), seed=st.integers(0, 10 ** 6))
+def test_sse_runs_are_optimal(R, mfrac, seed):
+    """sse_boundaries against every split of R tokens into m runs."""
+    import itertools
+    m = 1 + int(mfrac * (R - 1))
+    x = torch.randn(2, R, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+    def sse(row, cuts):
+        b = [0, *cuts, R]
+        return sum(float(((row[i:j] - row[i:j].mean(0)) ** 2).sum()) for i, j in zip(b, b[1:]))
+    starts = dyn.sse_boundaries(x, m)
+    for b in range(2):
+        cuts = starts[b].nonzero().flatten().tolist()
+        assert len(cuts) == m - 1 and 0 not in cuts
+        best = min(sse(x[b], c) for c in itertools.combinations(range(1, R), m - 1))
+        assert sse(x[b], cuts) <= best + 1e-9
 
 
 def _plant(seed=0, B=2, N=12, H=2, d=4):
@@ -189,7 +210,7 @@ def _plant(seed=0, B=2, N=12, H=2, d=4):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("policy", ["topk", "content"])
+@pytest.mark.parametrize("policy", ["topk", "content", "content_sse"])
 def test_dynamic_layer_against_python_ref(policy, causal):
     """simulate_prism with data-dependent segments against python_ref's plan_from_segments
     on segments written out by hand, one plan per sequence (12 tokens, P = 2, m = 3)."""
@@ -205,7 +226,7 @@ def test_dynamic_layer_against_python_ref(policy, causal):
         segs = [[[[0], [1, 2, 4, 5], [3]], [[6, 7, 9], [10, 11], [8]]],
                 [[[0], [1, 3, 4, 5], [2]], [[6, 7, 8], [9, 11], [10]]]]
     else:
-        cfg = PrismConfig(2, num_means=3, anchors="none", segments="content", backend="torch")
+        cfg = PrismConfig(2, num_means=3, anchors="none", segments=policy, backend="torch")
         dirs = torch.randn(2, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
         lv = [[0, 0, 10, 10, 10, 30, 0, 5, 5, 5, 25, 25], [0, 20, 20, 20, 20, 5, 0, 0, 0, 0, 15, 40]]
         for b in range(2):

@@ -286,7 +286,8 @@ def simulate_prism(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
                 kp = g.take(k3, part)
                 seg_of, cnt = dyn.assign(kp, part.num_segments, g.fixed(part),
                                          config.anchor_topk if config.anchors == "special+topk" else 0,
-                                         config.anchor_score, config.segments == "content")
+                                         config.anchor_score,
+                                         {"content": True, "content_sse": "sse"}.get(config.segments, False))
                 km, vm = dyn.means(kp, seg_of, cnt), dyn.means(g.take(v3, part), seg_of, cnt)
                 bank_counts.append(cnt.reshape(-1))
             else:

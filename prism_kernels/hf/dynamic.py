@@ -13,7 +13,9 @@ sending device then chooses, from its own keys only:
     At least one row stays for the mean of the other tokens;
   * "content": the tokens that are not anchors are split into m_rest runs (in
     token order) whose m_rest - 1 boundaries sit where consecutive keys differ most
-    (largest ||k_t - k_prev||); otherwise equal runs (Alg. 2).
+    (largest ||k_t - k_prev||); "content_sse": the m_rest runs with the least total
+    within-run squared deviation of the keys (exact dynamic programming);
+    otherwise equal runs (Alg. 2).
 
 What a runtime would have to send besides the means: each segment's count (m_j
 small integers per layer and sequence), since counts change from layer to layer.
@@ -34,15 +36,50 @@ import torch
 from ..plan import split_sizes
 
 
+def sse_boundaries(x: torch.Tensor, m: int) -> torch.Tensor:
+    """Optimal split of each row's R tokens (x [Bg, R, F], in order) into m runs, the one
+    with the least total within-run squared deviation (sum over runs of
+    sum ||x_t - run mean||^2; dynamic programming over the prefix sums, O(m R^2)).
+    Returns starts [Bg, R] int64: 1 where a run other than the first begins."""
+    Bg, R, F = x.shape
+    dev = x.device
+    xd = x.double()
+    S1 = torch.cat([xd.new_zeros(Bg, 1, F), xd.cumsum(1)], 1)               # [Bg, R+1, F]
+    S2 = torch.cat([xd.new_zeros(Bg, 1), (xd * xd).sum(-1).cumsum(1)], 1)   # [Bg, R+1]
+    idx = torch.arange(R + 1, device=dev, dtype=torch.float64)
+    length = idx[None, :] - idx[:, None]                                    # [i, j] = j - i
+    G = S1 @ S1.transpose(1, 2)                                             # S1_i . S1_j
+    n2 = torch.diagonal(G, dim1=1, dim2=2)
+    sq = n2[:, :, None] + n2[:, None, :] - 2 * G                            # ||S1_j - S1_i||^2
+    cost = S2[:, None, :] - S2[:, :, None] - sq / length.clamp(min=1)       # run i..j-1
+    inf = torch.tensor(float("inf"), dtype=torch.float64, device=dev)
+    cost = torch.where((length >= 1)[None], cost, inf)
+    D = cost[:, 0, :].clone()                                               # one run: 0..j-1
+    back = []
+    for _ in range(m - 1):
+        tot = D[:, :, None] + cost                                          # [Bg, i, j]
+        D, arg = tot.min(dim=1)
+        back.append(arg)
+    starts = torch.zeros(Bg, R, dtype=torch.int64, device=dev)
+    j = torch.full((Bg,), R, dtype=torch.int64, device=dev)
+    for arg in reversed(back):
+        i = arg.gather(1, j[:, None]).squeeze(1)                             # last run starts at i
+        starts.scatter_(1, i[:, None], 1)
+        j = i
+    return starts
+
+
 def assign(k: torch.Tensor, m: int, fixed: Sequence[int] = (), topk: int = 0, score: str = "key_norm",
-           content: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+           content=False) -> Tuple[torch.Tensor, torch.Tensor]:
     """Segments of one partition for a batch of sequences.
 
     k [Bg, n, F]: the partition's keys (local order); m: rows it sends (1 <= m <= n);
     fixed: local indices of tokens always alone (the special anchors the plan keeps,
     len(fixed) < m unless m == 1). Returns (seg_of [Bg, n] int64 in 0..m-1,
     counts [Bg, m] int64): segments 0..m_rest-1 are the runs in token order, then
-    the anchors in token order."""
+    the anchors in token order. content: False (equal runs), True (boundaries at
+    the largest jumps between consecutive keys) or "sse" (the runs with the least
+    within-run squared deviation of the keys, sse_boundaries)."""
     Bg, n, _ = k.shape
     dev = k.device
     fixed = sorted(set(int(f) for f in fixed))
@@ -72,9 +109,12 @@ def assign(k: torch.Tensor, m: int, fixed: Sequence[int] = (), topk: int = 0, sc
     rest = order[:, :R]
     if content and m_rest > 1:
         kr = kf.gather(1, rest[..., None].expand(Bg, R, kf.shape[-1]))
-        jump = (kr[:, 1:] - kr[:, :-1]).norm(dim=-1)                  # [Bg, R-1]: before rest token r+1
-        starts = torch.zeros(Bg, R, dtype=torch.int64, device=dev)
-        starts[:, 1:].scatter_(1, jump.topk(m_rest - 1, dim=1).indices, 1)
+        if content == "sse":
+            starts = sse_boundaries(kr, m_rest)
+        else:
+            jump = (kr[:, 1:] - kr[:, :-1]).norm(dim=-1)              # [Bg, R-1]: before rest token r+1
+            starts = torch.zeros(Bg, R, dtype=torch.int64, device=dev)
+            starts[:, 1:].scatter_(1, jump.topk(m_rest - 1, dim=1).indices, 1)
         seg_rest = starts.cumsum(1)
     else:
         table = torch.repeat_interleave(torch.arange(m_rest, device=dev),
