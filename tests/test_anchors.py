@@ -214,8 +214,6 @@ def _plant(seed=0, B=2, N=12, H=2, d=4):
 def test_dynamic_layer_against_python_ref(policy, causal):
     """simulate_prism with data-dependent segments against python_ref's plan_from_segments
     on segments written out by hand, one plan per sequence (12 tokens, P = 2, m = 3)."""
-    from python_ref import device_keys_values, device_tensors, duplicated_attention, plan_from_segments
-
     from prism_kernels.hf.attention import simulate_prism
     q, k, v = _plant()
     if policy == "topk":
@@ -234,9 +232,14 @@ def test_dynamic_layer_against_python_ref(policy, causal):
         segs = [[[[0, 1], [2, 3, 4], [5]], [[6], [7, 8, 9], [10, 11]]],
                 [[[0], [1, 2, 3, 4], [5]], [[6, 7, 8, 9], [10], [11]]]]
     out = simulate_prism(q, k, v, config=cfg, causal=causal, scale=0.5)              # [B, N, H, d]
-    for b in range(2):
-        plan = plan_from_segments(12, [6, 6], segs[b], causal=causal)
-        for i in range(2):
+    _check_against_python_ref(out, q, k, v, segs, [6, 6], causal)
+
+
+def _check_against_python_ref(out, q, k, v, segs, sizes, causal):
+    from python_ref import device_keys_values, device_tensors, duplicated_attention, plan_from_segments
+    for b in range(len(segs)):
+        plan = plan_from_segments(sum(sizes), sizes, segs[b], causal=causal)
+        for i in range(len(sizes)):
             kt = device_keys_values(k[b:b + 1], plan, i)
             vt = device_keys_values(v[b:b + 1], plan, i)
             counts, qp, kp = device_tensors(plan, i)
@@ -255,3 +258,17 @@ def test_dynamic_policies_are_refused_where_not_supported():
         PrismConfig(2, compression_rate=4, anchors="special+topk", anchor_topk=-1)
     assert PrismConfig(2, compression_rate=4, segments="content").dynamic
     assert not PrismConfig(2, compression_rate=4).dynamic
+
+
+def test_topk_anchor_with_2d_blocks_against_python_ref():
+    """ViT roles ([CLS] + 4 x 4 patches, 17 tokens), P = 2 (9 + 8), m = 4: [CLS] and the
+    planted largest key alone, the other patches in 2-D blocks of the grid (bisection of
+    each sequence's own remaining patches, the longer side first); segments by hand."""
+    from prism_kernels.hf.attention import simulate_prism
+    q, k, v = _plant(B=1, N=17)
+    k[0, :, 6] *= 20
+    k[0, :, 12] *= 20
+    cfg = PrismConfig(2, num_means=4, anchors="special+topk", backend="torch")
+    out = simulate_prism(q, k, v, config=cfg, causal=False, scale=0.5, roles=VIT_4x4)
+    segs = [[[[0], [6], [1, 2, 3, 5], [4, 7, 8]], [[9, 13], [10, 14], [11, 15, 16], [12]]]]
+    _check_against_python_ref(out, q, k, v, segs, [9, 8], False)

@@ -87,6 +87,7 @@ class Group:
     plan: PrismPlan
     bank: Dict[int, int]
     anchors: Tuple[int, ...] = ()    # the policy's static anchors (data-dependent policies only)
+    grid: Optional[Tuple[int, int, int]] = None     # and its patch grid
 
     def fixed(self, part: Partition) -> Tuple[int, ...]:
         """Local indices of the anchors the plan keeps alone in this partition."""
@@ -148,8 +149,8 @@ def _groups(key_valid, B, N, config, causal, device, roles) -> List[Group]:
             bank[j] = acc
             acc += B * plan.partitions[j].num_segments
         tokens = (rows[:, None] * N + torch.arange(N)).to(device)
-        anchors = resolve(N, roles, config.anchors, config.segments)[0] if config.dynamic else ()
-        return [Group(rows, N, tokens, (0, B, 0), plan, bank, anchors)]
+        anchors, grid = resolve(N, roles, config.anchors, config.segments) if config.dynamic else ((), None)
+        return [Group(rows, N, tokens, (0, B, 0), plan, bank, anchors, grid)]
     else:
         kv = key_valid.to("cpu", torch.bool)
         lengths = kv.sum(-1)
@@ -171,8 +172,8 @@ def _groups(key_valid, B, N, config, causal, device, roles) -> List[Group]:
         for j in sorted({s for d in plan.devices for s in d.sources}):
             bank[j] = acc
             acc += Bg * plan.partitions[j].num_segments
-        anchors = resolve(L, roles, config.anchors, config.segments)[0] if config.dynamic else ()
-        groups.append(Group(rows, L, (rows[:, None] * N + tok).to(device), span, plan, bank, anchors))
+        anchors, grid = resolve(L, roles, config.anchors, config.segments) if config.dynamic else ((), None)
+        groups.append(Group(rows, L, (rows[:, None] * N + tok).to(device), span, plan, bank, anchors, grid))
     return groups
 
 
@@ -287,7 +288,8 @@ def simulate_prism(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
                 seg_of, cnt = dyn.assign(kp, part.num_segments, g.fixed(part),
                                          config.anchor_topk if config.anchors == "special+topk" else 0,
                                          config.anchor_score,
-                                         {"content": True, "content_sse": "sse"}.get(config.segments, False))
+                                         {"content": True, "content_sse": "sse"}.get(config.segments, False),
+                                         grid=g.grid, offset=part.offset)
                 km, vm = dyn.means(kp, seg_of, cnt), dyn.means(g.take(v3, part), seg_of, cnt)
                 bank_counts.append(cnt.reshape(-1))
             else:

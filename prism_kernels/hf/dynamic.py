@@ -33,7 +33,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-from ..plan import split_sizes
+from ..plan import _blocks, split_sizes
 
 
 def sse_boundaries(x: torch.Tensor, m: int) -> torch.Tensor:
@@ -70,7 +70,7 @@ def sse_boundaries(x: torch.Tensor, m: int) -> torch.Tensor:
 
 
 def assign(k: torch.Tensor, m: int, fixed: Sequence[int] = (), topk: int = 0, score: str = "key_norm",
-           content=False) -> Tuple[torch.Tensor, torch.Tensor]:
+           content=False, grid=None, offset: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
     """Segments of one partition for a batch of sequences.
 
     k [Bg, n, F]: the partition's keys (local order); m: rows it sends (1 <= m <= n);
@@ -79,7 +79,10 @@ def assign(k: torch.Tensor, m: int, fixed: Sequence[int] = (), topk: int = 0, sc
     counts [Bg, m] int64): segments 0..m_rest-1 are the runs in token order, then
     the anchors in token order. content: False (equal runs), True (boundaries at
     the largest jumps between consecutive keys) or "sse" (the runs with the least
-    within-run squared deviation of the keys, sse_boundaries)."""
+    within-run squared deviation of the keys, sse_boundaries). grid (rows, cols, first)
+    with the partition's `offset` in the sequence: when every averaged token is an
+    image patch, they form compact 2-D blocks of the patch grid as in the static plan
+    (plan._blocks on each sequence's own set of tokens) instead of runs."""
     Bg, n, _ = k.shape
     dev = k.device
     fixed = sorted(set(int(f) for f in fixed))
@@ -107,7 +110,18 @@ def assign(k: torch.Tensor, m: int, fixed: Sequence[int] = (), topk: int = 0, sc
     # rest tokens in token order: a stable sort puts the non-anchors first
     order = torch.sort(anchor.to(torch.int8), dim=1, stable=True).indices
     rest = order[:, :R]
-    if content and m_rest > 1:
+    patches = grid is not None and all(
+        grid[2] <= offset + t < grid[2] + grid[0] * grid[1] for t in range(n) if t not in fixed)
+    if patches and m_rest > 1 and not content:
+        seg_rest = torch.empty(Bg, R, dtype=torch.int64)
+        for b, row in enumerate(rest.cpu().tolist()):
+            toks = tuple(offset + t for t in row)              # ascending (stable sort)
+            pos = {t: r for r, t in enumerate(toks)}
+            for s_, blk in enumerate(_blocks(toks, m_rest, grid)):
+                for t in blk:
+                    seg_rest[b, pos[t]] = s_
+        seg_rest = seg_rest.to(dev)
+    elif content and m_rest > 1:
         kr = kf.gather(1, rest[..., None].expand(Bg, R, kf.shape[-1]))
         if content == "sse":
             starts = sse_boundaries(kr, m_rest)
