@@ -118,11 +118,18 @@ class PrismConfig:
         return self.anchors == "none" and self.segments == "runs"
 
     def plan(self, n_tokens: int, causal: bool, num_partitions: Optional[int] = None,
-             roles: Optional[TokenRoles] = None) -> PrismPlan:
+             roles: Optional[TokenRoles] = None, static: bool = False) -> PrismPlan:
         """The plan for a sequence of n_tokens. A sequence shorter than P runs on
         as many devices as it has tokens (`num_partitions` overrides P). `roles`:
         the model's special tokens and patch grid (None: text whose first token is
-        its only special token)."""
+        its only special token). A data-dependent policy (`dynamic`) has no plan of
+        its own: only the simulation asks for its static part (static=True); any
+        other caller (the runtime) is refused."""
+        if self.dynamic and not static:
+            raise ValueError(f"anchors={self.anchors!r}, segments={self.segments!r}: data-dependent segments "
+                             "are an experiment of the one-process simulation (prism_kernels.hf); the "
+                             "runtime sends the static policies' segments only (anchors special / first / "
+                             "none, segments auto / runs)")
         P = min(num_partitions or self.num_partitions, n_tokens)
         anchors, grid = resolve(n_tokens, roles, self.anchors, self.segments)
         kw = dict(num_means=self.num_means, compression_rate=self.compression_rate, causal=causal,

@@ -256,7 +256,11 @@ def test_dynamic_policies_are_refused_where_not_supported():
         PrismConfig(2, compression_rate=4, segments="content", count_bias="spread")
     with pytest.raises(ValueError, match="anchor_topk"):
         PrismConfig(2, compression_rate=4, anchors="special+topk", anchor_topk=-1)
-    assert PrismConfig(2, compression_rate=4, segments="content").dynamic
+    cfg = PrismConfig(2, compression_rate=4, segments="content")
+    assert cfg.dynamic
+    with pytest.raises(ValueError, match="simulation"):
+        cfg.plan(20, False)                                  # what the runtime asks for
+    assert cfg.plan(20, False, static=True).means == (3, 3)
     assert not PrismConfig(2, compression_rate=4).dynamic
 
 

@@ -143,7 +143,7 @@ def _groups(key_valid, B, N, config, causal, device, roles) -> List[Group]:
     if key_valid is None:
         # from the shape alone (no tensor values read: torch.compile traces this path)
         rows = torch.arange(B)
-        plan = config.plan(N, causal, roles=roles)
+        plan = config.plan(N, causal, roles=roles, static=True)
         bank, acc = {}, 0
         for j in sorted({s for d in plan.devices for s in d.sources}):
             bank[j] = acc
@@ -167,7 +167,7 @@ def _groups(key_valid, B, N, config, causal, device, roles) -> List[Group]:
         if (int(rows[-1]) - int(rows[0]) + 1 == Bg and int(tok[0, -1]) - int(tok[0, 0]) + 1 == L
                 and bool((tok == tok[0]).all())):
             span = (int(rows[0]), int(rows[-1]) + 1, int(tok[0, 0]))
-        plan = config.plan(L, causal, roles=roles)
+        plan = config.plan(L, causal, roles=roles, static=True)
         bank = {}
         for j in sorted({s for d in plan.devices for s in d.sources}):
             bank[j] = acc
