@@ -35,7 +35,9 @@ Segment shapes (PrismConfig.segments):
     non-anchor tokens whose m - 1 boundaries are where consecutive keys differ
     most (||k_t - k_t-1||), chosen by each device in every layer;
   * "content_sse" (likewise): the runs with the least total within-run squared
-    deviation of the keys (exact dynamic programming, hf/dynamic.py).
+    deviation of the keys (exact dynamic programming, hf/dynamic.py);
+  * "kmeans" (likewise): groups of similar keys, not contiguous (k-means on each
+    partition's keys, started from the runs).
   The two experiments are data-dependent: the static plan (`resolve`) treats
   them as "special" and "runs"; it fixes the rows m_j each partition sends.
 Budget (PrismConfig.anchor_budget):
@@ -51,11 +53,11 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 ANCHORS = ("special", "first", "none", "special+topk")
-SEGMENTS = ("auto", "runs", "content", "content_sse")
+SEGMENTS = ("auto", "runs", "content", "content_sse", "kmeans")
 ANCHOR_SCORES = ("key_norm", "key_dev")
 # data-dependent policies: simulation only (prism_kernels/hf/dynamic.py)
 DYNAMIC_ANCHORS = ("special+topk",)
-DYNAMIC_SEGMENTS = ("content", "content_sse")
+DYNAMIC_SEGMENTS = ("content", "content_sse", "kmeans")
 ANCHOR_BUDGETS = ("shared", "extra")
 DEFAULT_ANCHORS = "special"
 DEFAULT_SEGMENTS = "auto"

@@ -140,7 +140,7 @@ from prism_kernels.hf import dynamic as dyn  # noqa: E402
 
 @settings(max_examples=150, deadline=None)
 @given(n=st.integers(1, 40), mfrac=st.floats(0.0, 1.0), nfixed=st.integers(0, 2), topk=st.integers(0, 4),
-       score=st.sampled_from(["key_norm", "key_dev"]), content=st.sampled_from([False, True, "sse"]),
+       score=st.sampled_from(["key_norm", "key_dev"]), content=st.sampled_from([False, True, "sse", "kmeans"]),
        seed=st.integers(0, 10 ** 6))
 def test_dynamic_assignment_rules(n, mfrac, nfixed, topk, score, content, seed):
     """Coverage (every token in exactly one segment, none empty), exactly m rows, the fixed
@@ -169,7 +169,10 @@ def test_dynamic_assignment_rules(n, mfrac, nfixed, topk, score, content, seed):
             assert min(sc[t] for t in chosen) >= max([sc[t] for t in others if t not in chosen] or [-1e9]) - 1e-6
         rest = [t for t in range(n) if t not in singles]
         order = [t for s in segs[:m_rest] for t in s]
-        assert order == rest                                                  # runs in token order
+        if content == "kmeans":                                               # groups, any shape
+            assert sorted(order) == rest
+        else:
+            assert order == rest                                              # runs in token order
         if not content:
             from prism_kernels.plan import split_sizes
             assert [len(s) for s in segs[:m_rest]] == split_sizes(len(rest), m_rest)
@@ -276,3 +279,33 @@ def test_topk_anchor_with_2d_blocks_against_python_ref():
     out = simulate_prism(q, k, v, config=cfg, causal=False, scale=0.5, roles=VIT_4x4)
     segs = [[[[0], [6], [1, 2, 3, 5], [4, 7, 8]], [[9, 13], [10, 14], [11, 15, 16], [12]]]]
     _check_against_python_ref(out, q, k, v, segs, [9, 8], False)
+
+
+def test_kmeans_groups_against_python_ref():
+    """segments="kmeans": groups of similar keys, not contiguous; 12 tokens, P = 2, m = 3,
+    keys planted on a line (levels), groups written out by hand."""
+    from prism_kernels.hf.attention import simulate_prism
+    q, k, v = _plant(B=1)
+    d = torch.randn(4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    lv = torch.tensor([0, 0, 10, 30, 10, 0, 0, 5, 5, 5, 25, 25], dtype=torch.float64)
+    k[0] = lv[:, None] * d + 0.01 * k[0]
+    cfg = PrismConfig(2, num_means=3, anchors="none", segments="kmeans", backend="torch")
+    out = simulate_prism(q, k, v, config=cfg, causal=False, scale=0.5)
+    segs = [[[[0, 1, 5], [2, 4], [3]], [[6], [7, 8, 9], [10, 11]]]]
+    _check_against_python_ref(out, q, k, v, segs, [6, 6], False)
+
+
+@settings(max_examples=40, deadline=None)
+@given(R=st.integers(1, 30), mfrac=st.floats(0.0, 1.0), seed=st.integers(0, 10 ** 6))
+def test_kmeans_never_worse_than_runs(R, mfrac, seed):
+    m = 1 + int(mfrac * (R - 1))
+    x = torch.randn(2, R, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    g = dyn.kmeans_groups(x, m)
+    from prism_kernels.plan import split_sizes
+    runs = torch.repeat_interleave(torch.arange(m), torch.tensor(split_sizes(R, m)))
+
+    def sse(row, lab):
+        return sum(float(((row[lab == c] - row[lab == c].mean(0)) ** 2).sum()) for c in range(m))
+    for b in range(2):
+        assert sorted(set(g[b].tolist())) == list(range(m))                  # no group empty
+        assert sse(x[b], g[b]) <= sse(x[b], runs) + 1e-9

@@ -288,7 +288,7 @@ def simulate_prism(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
                 seg_of, cnt = dyn.assign(kp, part.num_segments, g.fixed(part),
                                          config.anchor_topk if config.anchors == "special+topk" else 0,
                                          config.anchor_score,
-                                         {"content": True, "content_sse": "sse"}.get(config.segments, False),
+                                         {"content": True, "content_sse": "sse", "kmeans": "kmeans"}.get(config.segments, False),
                                          grid=g.grid, offset=part.offset)
                 km, vm = dyn.means(kp, seg_of, cnt), dyn.means(g.take(v3, part), seg_of, cnt)
                 bank_counts.append(cnt.reshape(-1))

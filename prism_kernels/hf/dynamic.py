@@ -15,7 +15,8 @@ sending device then chooses, from its own keys only:
     token order) whose m_rest - 1 boundaries sit where consecutive keys differ most
     (largest ||k_t - k_prev||); "content_sse": the m_rest runs with the least total
     within-run squared deviation of the keys (exact dynamic programming);
-    otherwise equal runs (Alg. 2).
+    "kmeans": m_rest groups of similar keys, not necessarily contiguous (Lloyd's
+    k-means started from the equal runs); otherwise equal runs (Alg. 2).
 
 What a runtime would have to send besides the means: each segment's count (m_j
 small integers per layer and sequence), since counts change from layer to layer.
@@ -69,6 +70,30 @@ def sse_boundaries(x: torch.Tensor, m: int) -> torch.Tensor:
     return starts
 
 
+def kmeans_groups(x: torch.Tensor, m: int, iters: int = 10) -> torch.Tensor:
+    """Groups of each row's R tokens (x [Bg, R, F]) by Lloyd's k-means with m clusters,
+    started from the m equal runs (so the total within-group squared deviation is at
+    most the runs'). A row whose update would leave a group empty keeps its previous
+    groups. Returns the group of every token, [Bg, R] int64 in 0..m-1 (not contiguous)."""
+    Bg, R, F = x.shape
+    dev = x.device
+    xd = x.double()
+    g = torch.repeat_interleave(torch.arange(m, device=dev),
+                                torch.tensor(split_sizes(R, m), device=dev)).expand(Bg, R).clone()
+    rows = torch.arange(Bg, device=dev)[:, None] * m
+    for _ in range(iters):
+        cnt = torch.zeros(Bg, m, dtype=torch.float64, device=dev).scatter_add_(1, g, torch.ones_like(xd[..., 0]))
+        cen = xd.new_zeros(Bg * m, F).index_add(0, (g + rows).reshape(-1), xd.reshape(-1, F)).view(Bg, m, F)
+        cen = cen / cnt[..., None]
+        new = torch.cdist(xd, cen).argmin(-1)
+        full = torch.zeros(Bg, m, dtype=torch.int64, device=dev).scatter_add_(1, new, torch.ones_like(new))
+        new = torch.where((full > 0).all(1, keepdim=True), new, g)
+        if torch.equal(new, g):
+            break
+        g = new
+    return g
+
+
 def assign(k: torch.Tensor, m: int, fixed: Sequence[int] = (), topk: int = 0, score: str = "key_norm",
            content=False, grid=None, offset: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
     """Segments of one partition for a batch of sequences.
@@ -79,7 +104,8 @@ def assign(k: torch.Tensor, m: int, fixed: Sequence[int] = (), topk: int = 0, sc
     counts [Bg, m] int64): segments 0..m_rest-1 are the runs in token order, then
     the anchors in token order. content: False (equal runs), True (boundaries at
     the largest jumps between consecutive keys) or "sse" (the runs with the least
-    within-run squared deviation of the keys, sse_boundaries). grid (rows, cols, first)
+    within-run squared deviation of the keys, sse_boundaries) or "kmeans" (groups of
+    similar keys, not contiguous: kmeans_groups). grid (rows, cols, first)
     with the partition's `offset` in the sequence: when every averaged token is an
     image patch, they form compact 2-D blocks of the patch grid as in the static plan
     (plan._blocks on each sequence's own set of tokens) instead of runs."""
@@ -123,13 +149,17 @@ def assign(k: torch.Tensor, m: int, fixed: Sequence[int] = (), topk: int = 0, sc
         seg_rest = seg_rest.to(dev)
     elif content and m_rest > 1:
         kr = kf.gather(1, rest[..., None].expand(Bg, R, kf.shape[-1]))
-        if content == "sse":
+        if content == "kmeans":
+            seg_rest = kmeans_groups(kr, m_rest)
+            starts = None
+        elif content == "sse":
             starts = sse_boundaries(kr, m_rest)
         else:
             jump = (kr[:, 1:] - kr[:, :-1]).norm(dim=-1)              # [Bg, R-1]: before rest token r+1
             starts = torch.zeros(Bg, R, dtype=torch.int64, device=dev)
             starts[:, 1:].scatter_(1, jump.topk(m_rest - 1, dim=1).indices, 1)
-        seg_rest = starts.cumsum(1)
+        if starts is not None:
+            seg_rest = starts.cumsum(1)
     else:
         table = torch.repeat_interleave(torch.arange(m_rest, device=dev),
                                         torch.tensor(split_sizes(R, m_rest), device=dev))
