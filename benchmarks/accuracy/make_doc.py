@@ -189,12 +189,13 @@ def dynamic_section(d: Path, rel: Path) -> str:
     import sys
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from paired import compare
-    out = ["## Data-dependent segments (experiments of the simulation)\n",
+    out = ["## Data-dependent segments: tables (experiments of the simulation)\n",
            "Each device chooses its segments from its own keys in every layer "
            "(`anchors=special+topk`: the special tokens and the `anchor_topk` tokens with the largest "
            "`anchor_score`, `key_norm` = ||k|| or `key_dev` = ||k - partition mean||, alone out of the "
            "same rows; `segments=content`: runs split at the largest jumps between consecutive keys; "
            "`segments=content_sse`: the runs with the least within-run squared deviation of the keys; "
+           "`segments=kmeans`: groups of similar keys, not contiguous; "
            "prism_kernels/hf/dynamic.py). Same tasks, items and seed as above; the default is rerun "
            "here so that every variant can be paired with it item by item. "
            "\"minus default\": variant - default on the same items (or text windows) with the paired "
