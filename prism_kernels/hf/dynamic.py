@@ -26,7 +26,7 @@ mask never hides a received row), so the static plan's positions stay valid.
 
 `assign(k, m, fixed, topk, score, content)` gives every token its segment
 ([Bg, n] indices in 0..m-1) and the counts [Bg, m]; `segments_of(...)` turns one
-sequence's assignment into token tuples (tests, python_ref's plan_from_segments).
+sequence's assignment into token tuples (for tests).
 """
 from __future__ import annotations
 
