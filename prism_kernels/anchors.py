@@ -21,11 +21,25 @@ Policies (PrismConfig.anchors):
   * "special" (default): the model's special tokens: the leading ones ([CLS], BOS or
     a decoder's first token, register tokens) and the trailing ones ([SEP], </s>);
   * "first": the first token only;
-  * "none": no anchors, the paper's plain means.
+  * "none": no anchors, the paper's plain means;
+  * "special+topk" (an experiment of the simulation, hf/dynamic.py): the special
+    tokens and, chosen by each device on its own in every layer, the
+    `anchor_topk` tokens of its partition with the largest local score
+    (`anchor_score`: "key_norm", the norm of the token's key; "key_dev", the
+    distance of its key from the partition's mean key), out of the same rows.
 Segment shapes (PrismConfig.segments):
   * "auto" (default): compact 2-D blocks of the patch grid for vision models,
     contiguous runs for text;
-  * "runs": contiguous runs everywhere (the paper's Alg. 2).
+  * "runs": contiguous runs everywhere (the paper's Alg. 2);
+  * "content" (an experiment of the simulation, hf/dynamic.py): runs of the
+    non-anchor tokens whose m - 1 boundaries are where consecutive keys differ
+    most (||k_t - k_t-1||), chosen by each device in every layer;
+  * "content_sse" (likewise): the runs with the least total within-run squared
+    deviation of the keys (exact dynamic programming, hf/dynamic.py);
+  * "kmeans" (likewise): groups of similar keys, not contiguous (k-means on each
+    partition's keys, started from the runs).
+  The two experiments are data-dependent: the static plan (`resolve`) treats
+  them as "special" and "runs"; it fixes the rows m_j each partition sends.
 Budget (PrismConfig.anchor_budget):
   * "shared" (default): anchors come out of the partition's m_j rows, so the
     compression rate stays what it says: a partition sends exactly m_j rows (with
@@ -38,8 +52,12 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
-ANCHORS = ("special", "first", "none")
-SEGMENTS = ("auto", "runs")
+ANCHORS = ("special", "first", "none", "special+topk")
+SEGMENTS = ("auto", "runs", "content", "content_sse", "kmeans")
+ANCHOR_SCORES = ("key_norm", "key_dev")
+# data-dependent policies: simulation only (prism_kernels/hf/dynamic.py)
+DYNAMIC_ANCHORS = ("special+topk",)
+DYNAMIC_SEGMENTS = ("content", "content_sse", "kmeans")
 ANCHOR_BUDGETS = ("shared", "extra")
 DEFAULT_ANCHORS = "special"
 DEFAULT_SEGMENTS = "auto"
@@ -99,10 +117,17 @@ def check_policy(anchors: str, segments: str, anchor_budget: str) -> None:
             raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
+def is_dynamic(anchors: str, segments: str) -> bool:
+    """True when the segments depend on the layer's keys (simulation only)."""
+    return anchors in DYNAMIC_ANCHORS or segments in DYNAMIC_SEGMENTS
+
+
 def resolve(n: int, roles: Optional[TokenRoles], anchors: str = DEFAULT_ANCHORS,
             segments: str = DEFAULT_SEGMENTS) -> Tuple[Tuple[int, ...], Optional[Tuple[int, int, int]]]:
     """(anchor token indices, grid or None) of a sequence of n tokens under a policy.
-    roles=None: a text model whose first token is its only special token."""
+    roles=None: a text model whose first token is its only special token.
+    The data-dependent policies give their static part: "special+topk" the special
+    tokens, "content" runs (hf/dynamic.py chooses the rest in every layer)."""
     roles = roles or TEXT
     if anchors == "none":
         idx: Tuple[int, ...] = ()

@@ -22,6 +22,9 @@
   runtime casts every per-layer payload to it (`prism run --wire-dtype`); the
   simulation rounds every sent row (means and anchors, as K/V) to it and back, so
   `prism eval` measures what the rounding does to accuracy;
+* anchor_topk, anchor_score: for anchors="special+topk" (an experiment of the
+  simulation, hf/dynamic.py), how many tokens each device sends alone besides the
+  special ones, and by which local score ("key_norm" | "key_dev");
 * backend: the kernels' backend (auto | cpp | triton | torch).
 
 `plan(n_tokens, causal, roles=...)` is the one way to get a PrismPlan from these
@@ -34,8 +37,8 @@ import numbers
 from dataclasses import asdict, dataclass
 from typing import Optional, Tuple
 
-from .anchors import (DEFAULT_ANCHOR_BUDGET, DEFAULT_ANCHORS, DEFAULT_SEGMENTS, TokenRoles, check_policy,
-                      resolve)
+from .anchors import (ANCHOR_SCORES, DEFAULT_ANCHOR_BUDGET, DEFAULT_ANCHORS, DEFAULT_SEGMENTS, TokenRoles,
+                      check_policy, is_dynamic, resolve)
 from .costs.comm import check_wire_dtype
 from .plan import PrismPlan, check_compression_rate, make_plan
 
@@ -58,6 +61,8 @@ class PrismConfig:
     anchor_budget: str = DEFAULT_ANCHOR_BUDGET
     count_bias: str = "log"
     wire_dtype: str = "fp32"
+    anchor_topk: int = 1
+    anchor_score: str = "key_norm"
 
     def __post_init__(self):
         P = self.num_partitions
@@ -74,6 +79,15 @@ class PrismConfig:
         if self.averaging not in AVERAGING:
             raise ValueError(f"averaging must be one of {AVERAGING}, got {self.averaging!r}")
         check_policy(self.anchors, self.segments, self.anchor_budget)
+        k = self.anchor_topk
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
+            raise ValueError(f"anchor_topk must be an integer >= 0, got {k!r}")
+        if self.anchor_score not in ANCHOR_SCORES:
+            raise ValueError(f"anchor_score must be one of {ANCHOR_SCORES}, got {self.anchor_score!r}")
+        if self.dynamic and (self.averaging != "attention_input" or self.count_bias != "log"):
+            raise ValueError(f"anchors={self.anchors!r}, segments={self.segments!r} (data-dependent segments, "
+                             "an experiment of the simulation) need averaging='attention_input' and "
+                             "count_bias='log'")
         if self.count_bias not in COUNT_BIASES:
             raise ValueError(f"count_bias must be one of {COUNT_BIASES}, got {self.count_bias!r}")
         check_wire_dtype(self.wire_dtype)
@@ -98,16 +112,31 @@ class PrismConfig:
         raise ValueError(f"expected a PrismConfig or a dict of its fields, got {type(value).__name__}")
 
     @property
+    def dynamic(self) -> bool:
+        """True when each device picks its segments from the layer's keys
+        (anchors="special+topk" or segments="content"): an experiment of the
+        one-process simulation (hf/dynamic.py), which the runtime refuses. The plan
+        then fixes the rows m_j and the special anchors only."""
+        return is_dynamic(self.anchors, self.segments)
+
+    @property
     def plain_means(self) -> bool:
         """True for the paper's segments: no anchors, contiguous runs."""
         return self.anchors == "none" and self.segments == "runs"
 
     def plan(self, n_tokens: int, causal: bool, num_partitions: Optional[int] = None,
-             roles: Optional[TokenRoles] = None) -> PrismPlan:
+             roles: Optional[TokenRoles] = None, static: bool = False) -> PrismPlan:
         """The plan for a sequence of n_tokens. A sequence shorter than P runs on
         as many devices as it has tokens (`num_partitions` overrides P). `roles`:
         the model's special tokens and patch grid (None: text whose first token is
-        its only special token)."""
+        its only special token). A data-dependent policy (`dynamic`) has no plan of
+        its own: only the simulation asks for its static part (static=True); any
+        other caller (the runtime) is refused."""
+        if self.dynamic and not static:
+            raise ValueError(f"anchors={self.anchors!r}, segments={self.segments!r}: data-dependent segments "
+                             "are an experiment of the one-process simulation (prism_kernels.hf); the "
+                             "runtime sends the static policies' segments only (anchors special / first / "
+                             "none, segments auto / runs)")
         P = min(num_partitions or self.num_partitions, n_tokens)
         anchors, grid = resolve(n_tokens, roles, self.anchors, self.segments)
         kw = dict(num_means=self.num_means, compression_rate=self.compression_rate, causal=causal,

@@ -129,3 +129,183 @@ def test_plan_rules_hold_for_every_policy(n, P, cr, anchors, seg, budget, side, 
         for j in d.sources:
             for s in plan.partitions[j].segments:
                 assert s.position == max(s.tokens)
+
+
+# ---------------------------------------------------------------- data-dependent segments (simulation only)
+
+import torch  # noqa: E402
+
+from prism_kernels.hf import dynamic as dyn  # noqa: E402
+
+
+@settings(max_examples=150, deadline=None)
+@given(n=st.integers(1, 40), mfrac=st.floats(0.0, 1.0), nfixed=st.integers(0, 2), topk=st.integers(0, 4),
+       score=st.sampled_from(["key_norm", "key_dev"]), content=st.sampled_from([False, True, "sse", "kmeans"]),
+       seed=st.integers(0, 10 ** 6))
+def test_dynamic_assignment_rules(n, mfrac, nfixed, topk, score, content, seed):
+    """Coverage (every token in exactly one segment, none empty), exactly m rows, the fixed
+    anchors and the top-k tokens alone, the top-k the highest-scored of the others, and
+    the rest in runs (token order)."""
+    g = torch.Generator().manual_seed(seed)
+    m = 1 + int(mfrac * (n - 1))
+    fixed = sorted({0, n - 1}) [:nfixed] if m > 1 else []
+    fixed = fixed[:max(0, m - 1)]
+    k = torch.randn(3, n, 5, generator=g) * torch.rand(3, n, 1, generator=g) * 4
+    seg_of, counts = dyn.assign(k, m, fixed, topk, score, content)
+    assert counts.shape == (3, m) and bool((counts >= 1).all()) and counts.sum(1).tolist() == [n] * 3
+    top = max(0, min(topk, m - len(fixed) - 1))
+    m_rest = m - len(fixed) - top
+    for b in range(3):
+        segs = dyn.segments_of(seg_of[b], 0)
+        assert sorted(t for s in segs for t in s) == list(range(n))           # coverage
+        singles = [s[0] for s in segs[m_rest:]]
+        assert all(len(s) == 1 for s in segs[m_rest:]) and singles == sorted(singles)
+        assert set(fixed) <= set(singles) and len(singles) == len(fixed) + top
+        others = [t for t in range(n) if t not in fixed]
+        kf = k[b].float()
+        sc = kf.norm(dim=-1) if score == "key_norm" else (kf - kf.mean(0)).norm(dim=-1)
+        chosen = set(singles) - set(fixed)
+        if chosen:                                                            # the top-k of the score
+            assert min(sc[t] for t in chosen) >= max([sc[t] for t in others if t not in chosen] or [-1e9]) - 1e-6
+        rest = [t for t in range(n) if t not in singles]
+        order = [t for s in segs[:m_rest] for t in s]
+        if content == "kmeans":                                               # groups, any shape
+            assert sorted(order) == rest
+        else:
+            assert order == rest                                              # runs in token order
+        if not content:
+            from prism_kernels.plan import split_sizes
+            assert [len(s) for s in segs[:m_rest]] == split_sizes(len(rest), m_rest)
+
+
+@pytest.mark.parametrize("content", [True, "sse"])
+def test_content_boundaries_at_the_largest_jumps(content):
+    d = torch.randn(6, generator=torch.Generator().manual_seed(1))
+    level = torch.tensor([0., 0., 10., 10., 10., 30.])
+    k = (level[:, None] * d + 0.01 * torch.arange(6.)[:, None])[None]
+    seg_of, counts = dyn.assign(k, 3, (), 0, "key_norm", content=content)
+    assert dyn.segments_of(seg_of[0], 0) == [(0, 1), (2, 3, 4), (5,)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(R=st.integers(1, 9), mfrac=st.floats(0.0, 1.0), seed=st.integers(0, 10 ** 6))
+def test_sse_runs_are_optimal(R, mfrac, seed):
+    """sse_boundaries against every split of R tokens into m runs."""
+    import itertools
+    m = 1 + int(mfrac * (R - 1))
+    x = torch.randn(2, R, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+    def sse(row, cuts):
+        b = [0, *cuts, R]
+        return sum(float(((row[i:j] - row[i:j].mean(0)) ** 2).sum()) for i, j in zip(b, b[1:]))
+    starts = dyn.sse_boundaries(x, m)
+    for b in range(2):
+        cuts = starts[b].nonzero().flatten().tolist()
+        assert len(cuts) == m - 1 and 0 not in cuts
+        best = min(sse(x[b], c) for c in itertools.combinations(range(1, R), m - 1))
+        assert sse(x[b], cuts) <= best + 1e-9
+
+
+def _plant(seed=0, B=2, N=12, H=2, d=4):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, N, d, generator=g, dtype=torch.float64) for _ in range(3))
+    return q, k, v
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("policy", ["topk", "content", "content_sse"])
+def test_dynamic_layer_against_python_ref(policy, causal):
+    """simulate_prism with data-dependent segments against python_ref's plan_from_segments
+    on segments written out by hand, one plan per sequence (12 tokens, P = 2, m = 3)."""
+    from prism_kernels.hf.attention import simulate_prism
+    q, k, v = _plant()
+    if policy == "topk":
+        cfg = PrismConfig(2, num_means=3, anchors="special+topk", anchor_topk=1, backend="torch")
+        for b, (t0, t1) in enumerate([(3, 8), (2, 10)]):                       # planted large keys
+            k[b, :, t0] *= 20
+            k[b, :, t1] *= 20
+        segs = [[[[0], [1, 2, 4, 5], [3]], [[6, 7, 9], [10, 11], [8]]],
+                [[[0], [1, 3, 4, 5], [2]], [[6, 7, 8], [9, 11], [10]]]]
+    else:
+        cfg = PrismConfig(2, num_means=3, anchors="none", segments=policy, backend="torch")
+        dirs = torch.randn(2, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+        lv = [[0, 0, 10, 10, 10, 30, 0, 5, 5, 5, 25, 25], [0, 20, 20, 20, 20, 5, 0, 0, 0, 0, 15, 40]]
+        for b in range(2):
+            k[b] = torch.tensor(lv[b], dtype=torch.float64)[:, None] * dirs[0] + 0.01 * k[b]
+        segs = [[[[0, 1], [2, 3, 4], [5]], [[6], [7, 8, 9], [10, 11]]],
+                [[[0], [1, 2, 3, 4], [5]], [[6, 7, 8, 9], [10], [11]]]]
+    out = simulate_prism(q, k, v, config=cfg, causal=causal, scale=0.5)              # [B, N, H, d]
+    _check_against_python_ref(out, q, k, v, segs, [6, 6], causal)
+
+
+def _check_against_python_ref(out, q, k, v, segs, sizes, causal):
+    from python_ref import device_keys_values, device_tensors, duplicated_attention, plan_from_segments
+    for b in range(len(segs)):
+        plan = plan_from_segments(sum(sizes), sizes, segs[b], causal=causal)
+        for i in range(len(sizes)):
+            kt = device_keys_values(k[b:b + 1], plan, i)
+            vt = device_keys_values(v[b:b + 1], plan, i)
+            counts, qp, kp = device_tensors(plan, i)
+            o, s = plan.offsets[i], plan.sizes[i]
+            ref = duplicated_attention(q[b:b + 1, :, o:o + s], kt, vt, counts, causal=causal,
+                                       q_pos=qp if causal else None, k_pos=kp if causal else None, scale=0.5)
+            assert torch.allclose(out[b, o:o + s].transpose(0, 1), ref[0], atol=1e-10), (b, i)
+
+
+def test_dynamic_policies_are_refused_where_not_supported():
+    with pytest.raises(ValueError, match="attention_input"):
+        PrismConfig(2, compression_rate=4, anchors="special+topk", averaging="block_input")
+    with pytest.raises(ValueError, match="count_bias"):
+        PrismConfig(2, compression_rate=4, segments="content", count_bias="spread")
+    with pytest.raises(ValueError, match="anchor_topk"):
+        PrismConfig(2, compression_rate=4, anchors="special+topk", anchor_topk=-1)
+    cfg = PrismConfig(2, compression_rate=4, segments="content")
+    assert cfg.dynamic
+    with pytest.raises(ValueError, match="simulation"):
+        cfg.plan(20, False)                                  # what the runtime asks for
+    assert cfg.plan(20, False, static=True).means == (3, 3)
+    assert not PrismConfig(2, compression_rate=4).dynamic
+
+
+def test_topk_anchor_with_2d_blocks_against_python_ref():
+    """ViT roles ([CLS] + 4 x 4 patches, 17 tokens), P = 2 (9 + 8), m = 4: [CLS] and the
+    planted largest key alone, the other patches in 2-D blocks of the grid (bisection of
+    each sequence's own remaining patches, the longer side first); segments by hand."""
+    from prism_kernels.hf.attention import simulate_prism
+    q, k, v = _plant(B=1, N=17)
+    k[0, :, 6] *= 20
+    k[0, :, 12] *= 20
+    cfg = PrismConfig(2, num_means=4, anchors="special+topk", backend="torch")
+    out = simulate_prism(q, k, v, config=cfg, causal=False, scale=0.5, roles=VIT_4x4)
+    segs = [[[[0], [6], [1, 2, 3, 5], [4, 7, 8]], [[9, 13], [10, 14], [11, 15, 16], [12]]]]
+    _check_against_python_ref(out, q, k, v, segs, [9, 8], False)
+
+
+def test_kmeans_groups_against_python_ref():
+    """segments="kmeans": groups of similar keys, not contiguous; 12 tokens, P = 2, m = 3,
+    keys planted on a line (levels), groups written out by hand."""
+    from prism_kernels.hf.attention import simulate_prism
+    q, k, v = _plant(B=1)
+    d = torch.randn(4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    lv = torch.tensor([0, 0, 10, 30, 10, 0, 0, 5, 5, 5, 25, 25], dtype=torch.float64)
+    k[0] = lv[:, None] * d + 0.01 * k[0]
+    cfg = PrismConfig(2, num_means=3, anchors="none", segments="kmeans", backend="torch")
+    out = simulate_prism(q, k, v, config=cfg, causal=False, scale=0.5)
+    segs = [[[[0, 1, 5], [2, 4], [3]], [[6], [7, 8, 9], [10, 11]]]]
+    _check_against_python_ref(out, q, k, v, segs, [6, 6], False)
+
+
+@settings(max_examples=40, deadline=None)
+@given(R=st.integers(1, 30), mfrac=st.floats(0.0, 1.0), seed=st.integers(0, 10 ** 6))
+def test_kmeans_never_worse_than_runs(R, mfrac, seed):
+    m = 1 + int(mfrac * (R - 1))
+    x = torch.randn(2, R, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    g = dyn.kmeans_groups(x, m)
+    from prism_kernels.plan import split_sizes
+    runs = torch.repeat_interleave(torch.arange(m), torch.tensor(split_sizes(R, m)))
+
+    def sse(row, lab):
+        return sum(float(((row[lab == c] - row[lab == c].mean(0)) ** 2).sum()) for c in range(m))
+    for b in range(2):
+        assert sorted(set(g[b].tolist())) == list(range(m))                  # no group empty
+        assert sse(x[b], g[b]) <= sse(x[b], runs) + 1e-9

@@ -114,6 +114,27 @@ def test_pad_token_ids_do_not_matter_and_mask_is_registered():
     assert not torch.allclose(a[1, :9], c[1, :9], atol=1e-3)
 
 
+@pytest.mark.parametrize("make", [bert, llama])
+@pytest.mark.parametrize("policy", [dict(anchors="special+topk", anchor_topk=2), dict(segments="content"),
+                                    dict(anchors="special+topk", anchor_score="key_dev", segments="content_sse")])
+def test_padded_batch_with_data_dependent_segments(make, policy):
+    """The data-dependent policies (hf/dynamic.py) keep the padding rule: each sequence
+    gets what it gets alone (its segments come from its own keys)."""
+    model = make()
+    ids = _ids()
+    am = torch.zeros_like(ids)
+    for b, L in enumerate([19, 11, 4]):
+        am[b, :L] = 1
+    phf.enable_prism(model, num_partitions=3, compression_rate=3.0, **policy)
+    with torch.no_grad():
+        pos = (am.cumsum(-1) - 1).clamp(min=0)
+        batched = _out(model, input_ids=ids, attention_mask=am, position_ids=pos)
+        for b in range(3):
+            real = am[b].bool()
+            alone = _out(model, input_ids=ids[b:b + 1, real])[0]
+            assert torch.allclose(batched[b, real], alone, atol=2e-5 * alone.abs().max(), rtol=0), b
+
+
 def test_mask_function_output():
     am = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
     m = phf.prism_mask(batch_size=2, q_length=4, kv_length=4, attention_mask=am)

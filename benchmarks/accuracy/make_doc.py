@@ -46,7 +46,18 @@ prism eval --task minilm-spam --partitions 2 --cr 8 64 --n-train 500 $V --varian
     --out benchmarks/results
 prism eval --task dinov2-fashion --image-size 224 --n-train 500 --partitions 2 --cr 9.9 $V \\
     --out benchmarks/results/accuracy_224px                  # and --partitions 3 --cr 6.55
-prism eval --task dinov2-digits --image-size 224 --partitions 2 --cr 9.9 --out benchmarks/results/accuracy_224px
+prism eval --task dinov2-digits --image-size 224 --n-train 500 --partitions 2 --cr 9.9 $V \\
+    --out benchmarks/results/accuracy_224px                  # and --partitions 3 --cr 6.55
+# data-dependent segments (simulation only), each with the default rerun for paired comparisons:
+D=benchmarks/results/accuracy_dynamic
+W="--variant default --variant anchors=special+topk --variant anchors=special+topk,anchor_score=key_dev"
+prism eval --task smollm2-austen --partitions 2 --cr 10 $W --variant segments=content \\
+    --variant segments=content_sse --out $D
+prism eval --task minilm-austen --partitions 2 3 --cr 8 --n-train 600 --limit 600 $W \\
+    --variant segments=content --variant segments=content_sse --out $D
+prism eval --task dinov2-fashion --partitions 2 --cr 9.9 $W --out $D      # and --partitions 3 --cr 6.55
+prism eval --task dinov2-digits --partitions 2 --cr 9.9 $W --out $D
+python benchmarks/accuracy/paired.py $D/accuracy_minilm-austen.json   # variant - default, paired
 prism eval --task finetune-dinov2-fashion --out benchmarks/results   # fine-tuning with Prism in the loop
 python benchmarks/accuracy/make_doc.py           # rebuilds this page
 ```
@@ -137,6 +148,7 @@ def summary(results: Path) -> str:
              "|---|---|---|---|---|---|---|"]
     rows = [(name, results / f"accuracy_{name}.json") for name in SWEEPS]
     rows.insert(3, ("dinov2-fashion, 224 px", results / "accuracy_224px" / "accuracy_dinov2-fashion.json"))
+    rows.insert(5, ("dinov2-digits, 224 px", results / "accuracy_224px" / "accuracy_dinov2-digits.json"))
     for name, f in rows:
         if not f.exists():
             continue
@@ -166,6 +178,49 @@ def summary(results: Path) -> str:
                      f"{cell(2, (9.9, 10.0, 8.0), PLAIN)} | {cell(3, (6.55, 8.0, 10.0), '')} | "
                      f"{cell(3, (6.55, 8.0, 10.0), PLAIN)} |")
     return "\n".join(lines)
+
+
+DYN_TASKS = ["smollm2-austen", "minilm-austen", "dinov2-fashion", "dinov2-digits"]
+
+
+def dynamic_section(d: Path, rel: Path) -> str:
+    """The data-dependent segment policies (simulation only): each task's table and the
+    paired difference of every variant to the default on the same items."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from paired import compare
+    out = ["## Data-dependent segments: tables (experiments of the simulation)\n",
+           "Each device chooses its segments from its own keys in every layer "
+           "(`anchors=special+topk`: the special tokens and the `anchor_topk` tokens with the largest "
+           "`anchor_score`, `key_norm` = ||k|| or `key_dev` = ||k - partition mean||, alone out of the "
+           "same rows; `segments=content`: runs split at the largest jumps between consecutive keys; "
+           "`segments=content_sse`: the runs with the least within-run squared deviation of the keys; "
+           "`segments=kmeans`: groups of similar keys, not contiguous; "
+           "prism_kernels/hf/dynamic.py). Same tasks, items and seed as above; the default is rerun "
+           "here so that every variant can be paired with it item by item. "
+           "\"minus default\": variant - default on the same items (or text windows) with the paired "
+           "bootstrap 95 % interval (benchmarks/accuracy/paired.py).\n"]
+    for name in DYN_TASKS:
+        f = d / f"accuracy_{name}.json"
+        md = d / f"accuracy_{name}.md"
+        if not f.exists() or not md.exists():
+            continue
+        text = md.read_text()
+        body = [t for t in text.split("\n\n") if t.startswith("| method")]
+        out.append(f"**{name}**\n\n" + (body[0] if body else "") + "\n")
+        rows = compare(json.loads(f.read_text())["cells"])
+        if rows:
+            lines = ["| P | CR | variant minus default | n | Δ probe accuracy (points) | Δ cosine to exact | "
+                     "Δ bits per character |", "|---|---|---|---|---|---|---|"]
+            for r in rows:
+                g = lambda k, fmt: "" if k not in r else fmt.format(*r[k][:3])
+                n = next(r[k][3] for k in ("accuracy", "bpc") if k in r)
+                lines.append(f"| {r['P']} | {r['CR']} | {r['variant']} | {n} | "
+                             f"{g('accuracy', '{:+.1f} [{:+.1f}, {:+.1f}]')} | "
+                             f"{g('cosine', '{:+.4f} [{:+.4f}, {:+.4f}]')} | "
+                             f"{g('bpc', '{:+.4f} [{:+.4f}, {:+.4f}]')} |")
+            out.append("\n".join(lines) + "\n")
+    return "\n".join(out)
 
 
 def main():
@@ -202,6 +257,9 @@ def main():
                 body = [t for t in text.split("\n\n") if t.startswith("| method")]
                 parts.append(f"**{name}, 224 px**\n\n" + (settings[0] + "\n\n" if settings else "")
                              + (body[0] if body else "") + "\n")
+    dyn_dir = args.results / "accuracy_dynamic"
+    if dyn_dir.exists():
+        parts.append(dynamic_section(dyn_dir, Path(os.path.relpath(dyn_dir, args.out.parent))))
     parts.append("# Fine-tuning with Prism in the loop\n")
     for name in FINETUNES:
         md = args.results / f"accuracy_{name}.md"

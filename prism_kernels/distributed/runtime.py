@@ -91,6 +91,10 @@ class RunConfig:
             raise ValueError(f"gather must be 'head' or 'all', got {self.gather!r}")
         if self.mode == "prism" and self.prism is None:
             raise ValueError("prism mode needs a PrismConfig (num_means or compression_rate)")
+        if self.prism is not None and self.prism.dynamic:
+            raise ValueError(f"anchors={self.prism.anchors!r}, segments={self.prism.segments!r}: data-dependent "
+                             "segments are an experiment of the one-process simulation (prism_kernels.hf); the "
+                             "runtime sends the static plan")
         if self.prism is not None and self.prism.count_bias != "log":
             raise ValueError(f"count_bias={self.prism.count_bias!r} is an experiment of the one-process "
                              "simulation (prism_kernels.hf); the runtime uses the log-count bias")

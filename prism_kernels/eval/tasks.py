@@ -318,7 +318,10 @@ class ProbeTask(Task):
         cos = Mx.cosine_to_reference(feats, self.test_exact)
         _, lo, hi = Mx.t_interval(cos)
         out.update({"macro_f1": Mx.macro_f1(y, pred), "cosine_mean": float(cos.mean()), "cosine_mean_ci": [lo, hi],
-                    "cosine_min": float(cos.min()), "n_test": int(len(y)), "seconds": round(time.time() - t0, 1)})
+                    "cosine_min": float(cos.min()), "n_test": int(len(y)), "seconds": round(time.time() - t0, 1),
+                    # per test item, for paired comparisons between cells (benchmarks/accuracy/paired.py)
+                    "item_hits": "".join("1" if h else "0" for h in (pred == y)),
+                    "item_cosine": [round(float(c), 6) for c in cos]})
         if cell.method == "prism":
             out["effective_cr"] = float(np.mean([effective_cr(n, cell.p, cell.cr) for n in self.token_counts()]))
         elif cell.method == "voltage":
@@ -533,7 +536,8 @@ class SmolLM2Austen(Task):
                "next_word_accuracy": hits / scored,
                "next_word_accuracy_ci": list(Mx.wilson_interval(hits, scored)),
                "scored_words": scored, "scored_chars": self.n_chars, "windows": len(self.windows),
-               "window_bits": [round(float(x), 3) for x in bits], "seconds": seconds}
+               "window_bits": [round(float(x), 3) for x in bits],
+               "window_chars": [int(c) for c in chars], "seconds": seconds}
         if ref is not None:
             out.update(bpc_diff=b["diff"], bpc_diff_ci=b["diff_ci"],
                        next_word_accuracy_diff=nw["diff"], next_word_accuracy_diff_ci=nw["diff_ci"])

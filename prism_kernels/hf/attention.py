@@ -59,11 +59,12 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ..anchors import TokenRoles
+from ..anchors import TokenRoles, resolve
 from ..api import prism_attention
 from ..config import PrismConfig
 from ..costs.comm import wire_torch_dtype
 from ..plan import Partition, PrismPlan
+from . import dynamic as dyn
 from .averaging import ATTENTION_INPUT
 from .masks import key_valid_from_mask
 from .spread_bias import augment, segment_key_spread
@@ -86,6 +87,13 @@ class Group:
     span: Optional[Tuple[int, int, int]]
     plan: PrismPlan
     bank: Dict[int, int]
+    anchors: Tuple[int, ...] = ()    # the policy's static anchors (data-dependent policies only)
+    grid: Optional[Tuple[int, int, int]] = None     # and its patch grid
+
+    def fixed(self, part: Partition) -> Tuple[int, ...]:
+        """Local indices of the anchors the plan keeps alone in this partition."""
+        keep = set(self.anchors)
+        return tuple(s.tokens[0] - part.offset for s in part.segments if s.count == 1 and s.tokens[0] in keep)
 
     @property
     def size(self) -> int:
@@ -136,13 +144,14 @@ def _groups(key_valid, B, N, config, causal, device, roles) -> List[Group]:
     if key_valid is None:
         # from the shape alone (no tensor values read: torch.compile traces this path)
         rows = torch.arange(B)
-        plan = config.plan(N, causal, roles=roles)
+        plan = config.plan(N, causal, roles=roles, static=True)
         bank, acc = {}, 0
         for j in sorted({s for d in plan.devices for s in d.sources}):
             bank[j] = acc
             acc += B * plan.partitions[j].num_segments
         tokens = (rows[:, None] * N + torch.arange(N)).to(device)
-        return [Group(rows, N, tokens, (0, B, 0), plan, bank)]
+        anchors, grid = resolve(N, roles, config.anchors, config.segments) if config.dynamic else ((), None)
+        return [Group(rows, N, tokens, (0, B, 0), plan, bank, anchors, grid)]
     else:
         kv = key_valid.to("cpu", torch.bool)
         lengths = kv.sum(-1)
@@ -159,12 +168,13 @@ def _groups(key_valid, B, N, config, causal, device, roles) -> List[Group]:
         if (int(rows[-1]) - int(rows[0]) + 1 == Bg and int(tok[0, -1]) - int(tok[0, 0]) + 1 == L
                 and bool((tok == tok[0]).all())):
             span = (int(rows[0]), int(rows[-1]) + 1, int(tok[0, 0]))
-        plan = config.plan(L, causal, roles=roles)
+        plan = config.plan(L, causal, roles=roles, static=True)
         bank = {}
         for j in sorted({s for d in plan.devices for s in d.sources}):
             bank[j] = acc
             acc += Bg * plan.partitions[j].num_segments
-        groups.append(Group(rows, L, (rows[:, None] * N + tok).to(device), span, plan, bank))
+        anchors, grid = resolve(L, roles, config.anchors, config.segments) if config.dynamic else ((), None)
+        groups.append(Group(rows, L, (rows[:, None] * N + tok).to(device), span, plan, bank, anchors, grid))
     return groups
 
 
@@ -271,9 +281,21 @@ def simulate_prism(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     s = scale if scale is not None else d ** -0.5
     extra = [k3.new_zeros(B * N, Hkv, dtype=torch.float32)] if spread else None
     wire = None if config.wire_dtype == "fp32" else wire_torch_dtype(config.wire_dtype)
+    counts = lay.counts
+    bank_counts = [torch.ones(B * N, dtype=torch.int64, device=query.device)] if config.dynamic else None
     for g in lay.groups:
         for part in g.sent():
-            km, vm = (averaging or ATTENTION_INPUT).kv_means(inputs, g, part)
+            if config.dynamic:      # segments chosen from this layer's keys (hf/dynamic.py)
+                kp = g.take(k3, part)
+                seg_of, cnt = dyn.assign(kp, part.num_segments, g.fixed(part),
+                                         config.anchor_topk if config.anchors == "special+topk" else 0,
+                                         config.anchor_score,
+                                         {"content": True, "content_sse": "sse", "kmeans": "kmeans"}.get(config.segments, False),
+                                         grid=g.grid, offset=part.offset)
+                km, vm = dyn.means(kp, seg_of, cnt), dyn.means(g.take(v3, part), seg_of, cnt)
+                bank_counts.append(cnt.reshape(-1))
+            else:
+                km, vm = (averaging or ATTENTION_INPUT).kv_means(inputs, g, part)
             if wire is not None:               # what crossed the network, rounded
                 km, vm = km.to(wire), vm.to(wire)
             ks.append(km.reshape(-1, Hkv * d).to(key.dtype))
@@ -281,6 +303,8 @@ def simulate_prism(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
             if spread:
                 extra.append(0.5 * s * segment_key_spread(k3, g, part, Hkv, config.backend))
     R, nq, nk = lay.rows, lay.q_index.numel() // lay.rows, lay.counts.shape[1]
+    if config.dynamic:          # this layer's counts (padding slots read token row 0: count 1)
+        counts = torch.cat(bank_counts).index_select(0, lay.kv_index).view(R, nk)
     stack = lambda parts: (torch.cat(parts) if len(parts) > 1 else parts[0]).index_select(0, lay.kv_index)
     q_all = query.transpose(1, 2).reshape(B * N, H * d).index_select(0, lay.q_index)
     k_all, v_all = stack(ks), stack(vs)
@@ -290,7 +314,7 @@ def simulate_prism(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     q4, k4, v4 = heads(q_all, nq, H), heads(k_all, nk, Hkv), heads(v_all, nk, Hkv)
     if spread:
         q4, k4, v4 = augment(q4, k4, v4, stack(extra).view(R, nk, Hkv).transpose(1, 2), s)
-    out = prism_attention(q4, k4, v4, key_counts=lay.counts, causal=lay.q_pos is not None, q_pos=lay.q_pos,
+    out = prism_attention(q4, k4, v4, key_counts=counts, causal=lay.q_pos is not None, q_pos=lay.q_pos,
                           k_pos=lay.k_pos, scale=s, backend=config.backend)[..., :d]
     return lay.restore(out.transpose(1, 2).reshape(R * nq, H * d)).view(B, N, H, d)
 
@@ -359,6 +383,10 @@ def _with_cache(cache, layer, module, query, key, value, attention_mask, config,
     from . import generation
     if not getattr(module, "is_causal", False):
         raise NotImplementedError("generation with a PrismCache needs a causal (decoder) attention layer")
+    if config.dynamic:
+        raise NotImplementedError(f"anchors={config.anchors!r}, segments={config.segments!r} (data-dependent "
+                                  "segments) is an experiment of the simulation's forward; generation "
+                                  "supports the static policies only")
     if layer.counts is not None:
         return generation.decode_step(layer, query, key, value, attention_mask, config, scaling)
     averaging = getattr(module, "_prism_averaging", None)

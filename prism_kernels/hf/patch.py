@@ -134,7 +134,8 @@ def enable_prism(model, num_partitions: int = 2, *, compression_rate: Optional[f
                  num_means: Optional[int] = None, averaging: str = "attention_input",
                  backend: str = "auto", partition_weights: Optional[Sequence[float]] = None,
                  anchors: str = DEFAULT_ANCHORS, segments: str = DEFAULT_SEGMENTS,
-                 anchor_budget: str = DEFAULT_ANCHOR_BUDGET, count_bias: str = "log", wire_dtype: str = "fp32",
+                 anchor_budget: str = DEFAULT_ANCHOR_BUDGET, count_bias: str = "log",
+                 anchor_topk: int = 1, anchor_score: str = "key_norm", wire_dtype: str = "fp32",
                  config: Optional[PrismConfig] = None, allow_untested: bool = False, decode: str = "prism"):
     """Run `model` as P simulated Prism devices. Returns the model (modified in place).
 
@@ -143,7 +144,8 @@ def enable_prism(model, num_partitions: int = 2, *, compression_rate: Optional[f
     settings. anchors / segments / anchor_budget choose which tokens are sent alone
     and how the others are grouped (prism_kernels/anchors.py; anchors="none",
     segments="runs" is the paper's plain means); count_bias="spread" is an experiment
-    (hf/spread_bias.py). wire_dtype (fp32 | fp16 | bf16) rounds every row a device
+    (hf/spread_bias.py), as are anchors="special+topk" (anchor_topk, anchor_score) and
+    segments="content" (hf/dynamic.py). wire_dtype (fp32 | fp16 | bf16) rounds every row a device
     receives (means and anchors) to that type, as `prism run --wire-dtype` sends them. Raises ValueError at once for invalid settings (backend included) and
     for a model whose config.model_type is not in prism_kernels.models.MODEL_TYPES
     (unless allow_untested=True).
@@ -159,7 +161,8 @@ def enable_prism(model, num_partitions: int = 2, *, compression_rate: Optional[f
         config = PrismConfig(num_partitions=num_partitions, num_means=num_means,
                              compression_rate=compression_rate, averaging=averaging, backend=backend,
                              partition_weights=partition_weights, anchors=anchors, segments=segments,
-                             anchor_budget=anchor_budget, count_bias=count_bias, wire_dtype=wire_dtype)
+                             anchor_budget=anchor_budget, count_bias=count_bias,
+                             anchor_topk=anchor_topk, anchor_score=anchor_score, wire_dtype=wire_dtype)
     else:
         config = PrismConfig.from_any(config)
     check_supported(model, allow_untested)

@@ -1,0 +1,190 @@
+"""Data-dependent segments: each device picks its partition's segments from the
+layer's keys (an experiment of the one-process simulation; the runtime refuses it).
+
+PrismConfig.anchors="special+topk" and PrismConfig.segments="content"
+(prism_kernels/anchors.py). The static plan (PrismConfig.plan) still fixes what
+does not depend on the data: the partitions, the rows m_j each partition sends
+and which special tokens stay alone. In every layer and for every sequence the
+sending device then chooses, from its own keys only:
+
+  * "special+topk": besides the special anchors, the `anchor_topk` tokens with the
+    largest score go alone (count 1), out of the same m_j rows; score "key_norm"
+    is ||k_t|| (all heads), "key_dev" is ||k_t - mean of the partition's keys||.
+    At least one row stays for the mean of the other tokens;
+  * "content": the tokens that are not anchors are split into m_rest runs (in
+    token order) whose m_rest - 1 boundaries sit where consecutive keys differ most
+    (largest ||k_t - k_prev||); "content_sse": the m_rest runs with the least total
+    within-run squared deviation of the keys (exact dynamic programming);
+    "kmeans": m_rest groups of similar keys, not necessarily contiguous (Lloyd's
+    k-means started from the equal runs); otherwise equal runs (Alg. 2).
+
+What a runtime would have to send besides the means: each segment's count (m_j
+small integers per layer and sequence), since counts change from layer to layer.
+Positions are not needed for the causal mask: a causal device only receives
+earlier partitions, whose every token precedes all of its queries (the decoder's
+mask never hides a received row), so the static plan's positions stay valid.
+
+`assign(k, m, fixed, topk, score, content)` gives every token its segment
+([Bg, n] indices in 0..m-1) and the counts [Bg, m]; `segments_of(...)` turns one
+sequence's assignment into token tuples (for tests).
+"""
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import torch
+
+from ..plan import _blocks, split_sizes
+
+
+def sse_boundaries(x: torch.Tensor, m: int) -> torch.Tensor:
+    """Optimal split of each row's R tokens (x [Bg, R, F], in order) into m runs, the one
+    with the least total within-run squared deviation (sum over runs of
+    sum ||x_t - run mean||^2; dynamic programming over the prefix sums, O(m R^2)).
+    Returns starts [Bg, R] int64: 1 where a run other than the first begins."""
+    Bg, R, F = x.shape
+    dev = x.device
+    xd = x.double()
+    S1 = torch.cat([xd.new_zeros(Bg, 1, F), xd.cumsum(1)], 1)               # [Bg, R+1, F]
+    S2 = torch.cat([xd.new_zeros(Bg, 1), (xd * xd).sum(-1).cumsum(1)], 1)   # [Bg, R+1]
+    idx = torch.arange(R + 1, device=dev, dtype=torch.float64)
+    length = idx[None, :] - idx[:, None]                                    # [i, j] = j - i
+    G = S1 @ S1.transpose(1, 2)                                             # S1_i . S1_j
+    n2 = torch.diagonal(G, dim1=1, dim2=2)
+    sq = n2[:, :, None] + n2[:, None, :] - 2 * G                            # ||S1_j - S1_i||^2
+    cost = S2[:, None, :] - S2[:, :, None] - sq / length.clamp(min=1)       # run i..j-1
+    inf = torch.tensor(float("inf"), dtype=torch.float64, device=dev)
+    cost = torch.where((length >= 1)[None], cost, inf)
+    D = cost[:, 0, :].clone()                                               # one run: 0..j-1
+    back = []
+    for _ in range(m - 1):
+        tot = D[:, :, None] + cost                                          # [Bg, i, j]
+        D, arg = tot.min(dim=1)
+        back.append(arg)
+    starts = torch.zeros(Bg, R, dtype=torch.int64, device=dev)
+    j = torch.full((Bg,), R, dtype=torch.int64, device=dev)
+    for arg in reversed(back):
+        i = arg.gather(1, j[:, None]).squeeze(1)                             # last run starts at i
+        starts.scatter_(1, i[:, None], 1)
+        j = i
+    return starts
+
+
+def kmeans_groups(x: torch.Tensor, m: int, iters: int = 10) -> torch.Tensor:
+    """Groups of each row's R tokens (x [Bg, R, F]) by Lloyd's k-means with m clusters,
+    started from the m equal runs (so the total within-group squared deviation is at
+    most the runs'). A row whose update would leave a group empty keeps its previous
+    groups. Returns the group of every token, [Bg, R] int64 in 0..m-1 (not contiguous)."""
+    Bg, R, F = x.shape
+    dev = x.device
+    xd = x.double()
+    g = torch.repeat_interleave(torch.arange(m, device=dev),
+                                torch.tensor(split_sizes(R, m), device=dev)).expand(Bg, R).clone()
+    rows = torch.arange(Bg, device=dev)[:, None] * m
+    for _ in range(iters):
+        cnt = torch.zeros(Bg, m, dtype=torch.float64, device=dev).scatter_add_(1, g, torch.ones_like(xd[..., 0]))
+        cen = xd.new_zeros(Bg * m, F).index_add(0, (g + rows).reshape(-1), xd.reshape(-1, F)).view(Bg, m, F)
+        cen = cen / cnt[..., None]
+        new = torch.cdist(xd, cen).argmin(-1)
+        full = torch.zeros(Bg, m, dtype=torch.int64, device=dev).scatter_add_(1, new, torch.ones_like(new))
+        new = torch.where((full > 0).all(1, keepdim=True), new, g)
+        if torch.equal(new, g):
+            break
+        g = new
+    return g
+
+
+def assign(k: torch.Tensor, m: int, fixed: Sequence[int] = (), topk: int = 0, score: str = "key_norm",
+           content=False, grid=None, offset: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Segments of one partition for a batch of sequences.
+
+    k [Bg, n, F]: the partition's keys (local order); m: rows it sends (1 <= m <= n);
+    fixed: local indices of tokens always alone (the special anchors the plan keeps,
+    len(fixed) < m unless m == 1). Returns (seg_of [Bg, n] int64 in 0..m-1,
+    counts [Bg, m] int64): segments 0..m_rest-1 are the runs in token order, then
+    the anchors in token order. content: False (equal runs), True (boundaries at
+    the largest jumps between consecutive keys) or "sse" (the runs with the least
+    within-run squared deviation of the keys, sse_boundaries) or "kmeans" (groups of
+    similar keys, not contiguous: kmeans_groups). grid (rows, cols, first)
+    with the partition's `offset` in the sequence: when every averaged token is an
+    image patch, they form compact 2-D blocks of the patch grid as in the static plan
+    (plan._blocks on each sequence's own set of tokens) instead of runs."""
+    Bg, n, _ = k.shape
+    dev = k.device
+    fixed = sorted(set(int(f) for f in fixed))
+    if m == 1:
+        fixed = []
+    if not 1 <= m <= n or (fixed and len(fixed) >= m):
+        raise ValueError(f"need 1 <= m <= n and fewer fixed anchors than m, got m={m}, n={n}, fixed={fixed}")
+    anchor = torch.zeros(Bg, n, dtype=torch.bool, device=dev)
+    if fixed:
+        anchor[:, fixed] = True
+    free = m - len(fixed)
+    top = max(0, min(int(topk), free - 1))
+    kf = k.float()
+    if top:
+        if score == "key_norm":
+            s = kf.norm(dim=-1)
+        elif score == "key_dev":
+            s = (kf - kf.mean(dim=1, keepdim=True)).norm(dim=-1)
+        else:
+            raise ValueError(f"unknown anchor score {score!r}")
+        s = s.masked_fill(anchor, float("-inf"))
+        anchor.scatter_(1, s.topk(top, dim=1).indices, True)
+    m_rest = free - top
+    R = n - len(fixed) - top                       # tokens averaged, R >= m_rest
+    # rest tokens in token order: a stable sort puts the non-anchors first
+    order = torch.sort(anchor.to(torch.int8), dim=1, stable=True).indices
+    rest = order[:, :R]
+    patches = grid is not None and all(
+        grid[2] <= offset + t < grid[2] + grid[0] * grid[1] for t in range(n) if t not in fixed)
+    if patches and m_rest > 1 and not content:
+        seg_rest = torch.empty(Bg, R, dtype=torch.int64)
+        for b, row in enumerate(rest.cpu().tolist()):
+            toks = tuple(offset + t for t in row)              # ascending (stable sort)
+            pos = {t: r for r, t in enumerate(toks)}
+            for s_, blk in enumerate(_blocks(toks, m_rest, grid)):
+                for t in blk:
+                    seg_rest[b, pos[t]] = s_
+        seg_rest = seg_rest.to(dev)
+    elif content and m_rest > 1:
+        kr = kf.gather(1, rest[..., None].expand(Bg, R, kf.shape[-1]))
+        if content == "kmeans":
+            seg_rest = kmeans_groups(kr, m_rest)
+            starts = None
+        elif content == "sse":
+            starts = sse_boundaries(kr, m_rest)
+        else:
+            jump = (kr[:, 1:] - kr[:, :-1]).norm(dim=-1)              # [Bg, R-1]: before rest token r+1
+            starts = torch.zeros(Bg, R, dtype=torch.int64, device=dev)
+            starts[:, 1:].scatter_(1, jump.topk(m_rest - 1, dim=1).indices, 1)
+        if starts is not None:
+            seg_rest = starts.cumsum(1)
+    else:
+        table = torch.repeat_interleave(torch.arange(m_rest, device=dev),
+                                        torch.tensor(split_sizes(R, m_rest), device=dev))
+        seg_rest = table.expand(Bg, R)
+    seg_of = torch.empty(Bg, n, dtype=torch.int64, device=dev)
+    seg_of.scatter_(1, rest, seg_rest)
+    if n > R:
+        anc = order[:, R:]                                              # anchors in token order
+        seg_of.scatter_(1, anc, (m_rest + torch.arange(n - R, device=dev)).expand(Bg, n - R))
+    counts = torch.zeros(Bg, m, dtype=torch.int64, device=dev).scatter_add_(
+        1, seg_of, torch.ones_like(seg_of))
+    return seg_of, counts
+
+
+def means(x: torch.Tensor, seg_of: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """x [Bg, n, F], seg_of [Bg, n] -> segment means [Bg, m, F] (fp32 accumulation)."""
+    Bg, n, F = x.shape
+    m = counts.shape[1]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    flat = (seg_of + torch.arange(Bg, device=x.device)[:, None] * m).reshape(-1)
+    sums = x.new_zeros(Bg * m, F, dtype=acc).index_add(0, flat, x.reshape(-1, F).to(acc))
+    return (sums.view(Bg, m, F) / counts.to(acc)[..., None]).to(x.dtype)
+
+
+def segments_of(seg_of_row: torch.Tensor, offset: int) -> List[Tuple[int, ...]]:
+    """One sequence's assignment [n] -> its segments as ascending global token tuples."""
+    m = int(seg_of_row.max()) + 1
+    return [tuple(offset + int(t) for t in (seg_of_row == s).nonzero().flatten()) for s in range(m)]
