@@ -8,7 +8,7 @@ OUT=${OUT:-benchmarks/results/generation_records.json}
 run() {   # run ARGS...: repeat chunks until the job is complete
   while true; do
     while test -e /tmp/prism_quiet || test -e /tmp/genbench_pause; do sleep 20; done
-    PYTHONPATH=. /work/venv/bin/python benchmarks/generation/bench_generation.py --out "$OUT" --budget-s 270 "$@" \
+    PYTHONPATH=. ${PYTHON:-python} benchmarks/generation/bench_generation.py --out "$OUT" --budget-s 270 "$@" \
       2>&1 | grep -v "Loading weights\|Warning\|forward_call"
     rc=${PIPESTATUS[0]}
     [ "$rc" = 3 ] || break
