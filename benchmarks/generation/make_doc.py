@@ -136,11 +136,13 @@ def speed_table(speed) -> str:
                    f"tokens, greedy, batch 1, fp32, {run['threads']} thread(s), {run['repeats']} interleaved "
                    f"rounds, {run['date_utc']} UTC, load average before {' '.join(run['load_before'])}, after "
                    f"{' '.join(run['load_after'])}{', ' + run['label'] if run.get('label') else ''}.\n")
-        out.append("| variant | decode tokens/s, median [min, max] | runs | same tokens as stock (eager) |")
-        out.append("|---|---|---|---|")
+        out.append("| variant | decode tokens/s (wall), median [min, max] | runs (wall) | decode tokens per CPU-second, median | "
+                   "runs (CPU) | same tokens as stock (eager) |")
+        out.append("|---|---|---|---|---|---|")
         for k, s in run["summary"].items():
             out.append(f"| {k} | {s['median_tokens_per_s']:.1f} [{s['min']:.1f}, {s['max']:.1f}] | "
                        f"{', '.join(f'{x:.1f}' for x in s['runs_tokens_per_s'])} | "
+                       f"{s['median_tokens_per_cpu_s']:.1f} | {', '.join(f'{x:.1f}' for x in s['runs_tokens_per_cpu_s'])} | "
                        f"{'yes' if s['tokens_equal_stock_eager'] else 'no'} |")
         out.append("")
     return "\n".join(out)
@@ -185,6 +187,8 @@ def main(argv=None):
     ap.add_argument("--records", default=str(ROOT / "benchmarks/results/generation_records.json"))
     ap.add_argument("--speed", default=str(ROOT / "benchmarks/results/generation_speed.json"))
     ap.add_argument("--out-dir", default=str(ROOT / "benchmarks/results"))
+    ap.add_argument("--doc", default=str(ROOT / "docs/generation.md"),
+                    help="a page whose tables section (between the markers) is replaced")
     a = ap.parse_args(argv)
     db = json.loads(Path(a.records).read_text())
     speed = json.loads(Path(a.speed).read_text()) if Path(a.speed).exists() else None
@@ -204,6 +208,18 @@ def main(argv=None):
     md += ["## Decode speed", "", speed_table(speed), ""]
     md += ["![bpc and agreement against CR](generation_smollm2.png)" if has_plot else "(matplotlib missing: no plot)", ""]
     (out / "generation_smollm2.md").write_text("\n".join(md))
+    doc = Path(a.doc)
+    if doc.exists():
+        text = doc.read_text()
+        a0, a1 = "<!-- tables: made by benchmarks/generation/make_doc.py -->", "<!-- /tables -->"
+        if a0 in text and a1 in text:
+            body = []
+            for n in sorted({r["n_tokens"] for r in rows}):
+                body += [f"### Prompts of {n} tokens", "", table(rows, n), ""]
+            body += ["### Decode speed", "", speed_table(speed), ""]
+            body = "\n".join(body).replace("](generation_smollm2.png)", "](../benchmarks/results/generation_smollm2.png)")
+            text = text[:text.index(a0) + len(a0)] + "\n\n" + body + "\n" + text[text.index(a1):]
+            doc.write_text(text)
     print("\n".join(md))
 
 
