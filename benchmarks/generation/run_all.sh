@@ -2,7 +2,7 @@
 # Runs the generation benchmark in chunks of at most ~5 minutes (bench_generation.py
 # --budget-s), waiting while /tmp/prism_quiet exists (another measurement needs a quiet
 # machine) and while /tmp/genbench_pause exists. Resumable: re-running skips the records
-# already in the output file. Usage: bash benchmarks/generation/run_all.sh
+# already in the output file. Usage: [PYTHON=...] bash benchmarks/generation/run_all.sh
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-benchmarks/results/generation_records.json}
 run() {   # run ARGS...: repeat chunks until the job is complete
@@ -16,10 +16,11 @@ run() {   # run ARGS...: repeat chunks until the job is complete
   echo "job done (rc $rc): $*"
 }
 # 1. the main cell, P = 2, CR 10, every mode, 512 then 1024 tokens
-run --tokens 512 --partitions 2 --cr 10 --modes stock prism exact voltage --prompts 0 30 --check-generate
-run --tokens 1024 --partitions 2 --cr 10 --modes stock prism exact voltage --prompts 0 20 --check-generate
-# 2. the other settings, 512 tokens
-run --tokens 512 --partitions 3 --cr 10 --modes prism exact --prompts 0 20
-run --tokens 512 --partitions 2 3 --cr 4 32 --modes prism --prompts 0 20
-run --tokens 512 --partitions 2 3 --cr 4 32 --modes exact --prompts 0 20
-run --tokens 1024 --partitions 3 --cr 10 --modes prism exact --prompts 0 20
+run --tokens 512 --partitions 2 --cr 10 --modes stock prism exact voltage --prompts 0 24 --check-generate
+run --tokens 1024 --partitions 2 --cr 10 --modes stock prism exact --prompts 0 12 --check-generate
+# 2. CR = 1: every mode must reproduce stock greedy decoding
+run --tokens 512 --partitions 3 --cr 1 --modes prism exact --prompts 0 4
+# 3. the other settings, 512 tokens, as far as time allowed
+run --tokens 512 --partitions 3 --cr 10 --modes prism exact --prompts 0 12
+run --tokens 512 --partitions 2 3 --cr 4 32 --modes prism --prompts 0 12
+run --tokens 512 --partitions 2 3 --cr 4 32 --modes exact --prompts 0 12
