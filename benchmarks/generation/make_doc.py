@@ -101,6 +101,8 @@ def summarise(records: dict) -> list:
 
 def fmt_ci(v, ci, f="{:.3f}", sign=False):
     g = ("{:+" + f[2:]) if sign else f
+    nz = lambda x: 0.0 if abs(x) < 5e-4 else x     # no "-0.000"
+    v, ci = nz(v), [nz(x) for x in ci]
     return f"{g.format(v)} [{g.format(ci[0])}, {g.format(ci[1])}]"
 
 
@@ -230,7 +232,9 @@ between {start} and {end} UTC; load average (1 min) at the start of the chunks {
 Model: SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32, `prism_kernels.eval.models.load_smollm2`),
 eager attention for stock. Prompts: seed 0, passages of the six Jane Austen novels (janeaustenr) drawn as
 in `bench_generation.py`; every prompt is followed by its true 64-token continuation. Intervals are 95 %
-(bootstrap over prompts, 2000 resamples); n = prompts.
+(bootstrap over prompts, 2000 resamples); n = prompts. The first chunk (05:41 UTC, main cell prompts 0-6)
+ran before chunks were logged; its records were made before the two decode-path optimisations of
+hf/generation.py, which give the same tokens and bits (re-run for prompts 0-1 of prism and exact: equal).
 """
 
 
