@@ -30,16 +30,20 @@ checks that the keys it was given are that layer's cached keys before using them
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from ..api import prism_attention
+from ..ops import check_backend_name
+
+_attention_op = torch.ops.prism.attention.default     # what prism_kernels.prism_attention calls
 
 DECODE_MODES = ("prism", "exact", "voltage")
 BIG = 1 << 40          # same as hf.attention.BIG: a position no query reaches
+GROW = 64              # spare rows a layer reserves when decoding outgrows its buffer
 
 
 def check_decode(decode) -> str:
@@ -65,7 +69,14 @@ class PrismCacheLayer(DynamicLayer):
         self.next_pos: Optional[torch.Tensor] = None    # [B] real tokens so far = next position
         self.own: Optional[torch.Tensor] = None         # [B] the decoding device's own prompt tokens
         self.prompt: Optional[torch.Tensor] = None      # [B] real prompt tokens
+        self.log_counts: Optional[torch.Tensor] = None  # [B, R] log(counts) in the kernel's accumulation dtype
         self.seen = 0                                   # tokens fed, pads included
+        self._drop_buffers()
+
+    def _drop_buffers(self) -> None:
+        # preallocated room for decoded rows (see _grow); keys/values/counts/positions
+        # are views of these while they exist
+        self._buf, self._cap, self._steps = None, 0, None
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
@@ -80,27 +91,58 @@ class PrismCacheLayer(DynamicLayer):
             raise RuntimeError(
                 "PrismCache: the prompt's rows of this layer were never set by the prism attention (was the "
                 "model run under prism_kernels.hf.enable_prism, through its top-level forward?)")
-        B = key_states.shape[0]
-        i64 = dict(dtype=torch.int64, device=self.counts.device)
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
-        self.counts = torch.cat([self.counts, torch.ones(B, n, **i64)], dim=1)
-        self.positions = torch.cat([self.positions, self.next_pos[:, None] + torch.arange(n, **i64)], dim=1)
+        R = self.keys.shape[-2]
+        if self._cap < R + n:
+            self._grow(R + n)
+        kb, vb, cb, pb, lb = self._buf
+        kb[:, :, R:R + n].copy_(key_states)
+        vb[:, :, R:R + n].copy_(value_states)
+        cb[:, R:R + n] = 1
+        lb[:, R:R + n] = 0.0                                      # log 1
+        torch.add(self.next_pos[:, None], self._steps[:n], out=pb[:, R:R + n])
+        # views of the buffers: the attention reads them in place (any row stride)
+        self.keys, self.values = kb[:, :, :R + n], vb[:, :, :R + n]
+        self.counts, self.positions, self.log_counts = cb[:, :R + n], pb[:, :R + n], lb[:, :R + n]
         self.next_pos = self.next_pos + n
         self.seen += n
         return self.keys, self.values
 
+    def _grow(self, need: int) -> None:
+        """Move the rows into buffers with room for `need` rows and GROW more: decoding
+        then appends in place, copying the cache once every GROW tokens instead of at
+        every step as torch.cat would. The spare room (at most GROW rows per layer) is
+        not counted by cache_rows, which reports the rows held."""
+        cap = need + GROW
+        R = self.keys.shape[-2]
+        B, H, _, d = self.keys.shape
+        kb = self.keys.new_empty(B, H, cap, d)
+        vb = self.values.new_empty(B, H, cap, d)
+        cb = self.counts.new_empty(B, cap)
+        pb = self.positions.new_empty(B, cap)
+        lb = self.log_counts.new_empty(B, cap)
+        kb[:, :, :R].copy_(self.keys)
+        vb[:, :, :R].copy_(self.values)
+        cb[:, :R].copy_(self.counts)
+        pb[:, :R].copy_(self.positions)
+        lb[:, :R].copy_(self.log_counts)
+        self._buf, self._cap = (kb, vb, cb, pb, lb), cap
+        self._steps = torch.arange(cap, dtype=torch.int64, device=self.counts.device)
+
     def set_rows(self, keys, values, counts, positions, next_pos, own):
+        self._drop_buffers()
         self.keys, self.values = keys, values
         self.counts, self.positions, self.next_pos, self.own = counts, positions, next_pos, own
         self.prompt = next_pos
+        # what prism_attention computes from key_counts at every call, once per prefill
+        self.log_counts = counts.to(torch.float64 if keys.dtype == torch.float64 else torch.float32).log()
 
     def get_seq_length(self) -> int:
         return self.seen
 
     def reset(self) -> None:
-        self.counts = self.positions = self.next_pos = self.own = self.prompt = None
+        self.counts = self.positions = self.next_pos = self.own = self.prompt = self.log_counts = None
         self.seen = 0
+        self._drop_buffers()
         super().reset()
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -109,8 +151,9 @@ class PrismCacheLayer(DynamicLayer):
     def _select(self, fn) -> None:
         if self.counts is None:
             return
+        self._drop_buffers()          # the selected rows are new tensors; buffers are made again on append
         self.keys, self.values = fn(self.keys), fn(self.values)
-        self.counts, self.positions = fn(self.counts), fn(self.positions)
+        self.counts, self.positions, self.log_counts = fn(self.counts), fn(self.positions), fn(self.log_counts)
         self.next_pos, self.own, self.prompt = fn(self.next_pos), fn(self.own), fn(self.prompt)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
@@ -197,9 +240,14 @@ def decode_step(layer: PrismCacheLayer, query, key, value, attention_mask, confi
         valid = key_valid_from_mask(attention_mask, B, attention_mask.shape[-1])
         if valid is not None and not bool(valid[:, -Nq:].all()):
             raise NotImplementedError("prism decoding: the new tokens must all be real (no padding after the prompt)")
+    # The cache's rows are valid by construction (counts >= 1, int64 positions, shapes
+    # from the model), so the op is called as prism_attention would call it after its
+    # argument checks, with the log-counts kept by the layer: per decoded token this
+    # saves the checks and the log of every count in every layer.
+    scale = 1.0 / math.sqrt(d) if scaling is None else float(scaling)
     q_pos = layer.positions[:, -Nq:]
-    out = prism_attention(query, key, value, key_counts=layer.counts, causal=True, q_pos=q_pos,
-                          k_pos=layer.positions, scale=scaling, backend=config.backend)
+    out, _ = _attention_op(query, key, value, layer.log_counts, q_pos, layer.positions, scale,
+                           check_backend_name(config.backend))
     return out.transpose(1, 2)
 
 
