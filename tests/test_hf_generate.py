@@ -87,7 +87,7 @@ class _ExtendLast(PrismConfig):
     last device computes while decoding."""
     prompt: int = 0
 
-    def plan(self, n_tokens, causal, num_partitions=None, roles=None):
+    def plan(self, n_tokens, causal, num_partitions=None, roles=None, static=False):
         sizes = _sizes(self.prompt, self.num_partitions)
         sizes[-1] += n_tokens - self.prompt
         anchors, grid = resolve(n_tokens, roles, self.anchors, self.segments)

@@ -267,7 +267,8 @@ class Runtime:
             # send the means now, before the Q/K/V projections: the transfer then overlaps
             # them as well as the local attention (once: another Runtime of the same model
             # may have left its hook too)
-            if ctx.exchange_in_attention and ctx.rt.wire == "hidden" and ctx.pending is None:
+            if isinstance(ctx, LayerCtx) and ctx.exchange_in_attention and ctx.rt.wire == "hidden" \
+                    and ctx.pending is None:        # not while decoding (prism generate's DecodeCtx)
                 ctx.start_attention_exchange()
 
     def means(self, x: torch.Tensor) -> torch.Tensor:
