@@ -137,25 +137,12 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
           if (lo > qmax) continue;
           need_mask = hi > qmin;
         }
-        const scalar_t* ksrc = kd + b * ksB + hk * ksH + j0 * ksN;
-        const scalar_t* vsrc = vd + b * vsB + hk * vsH + j0 * vsN;
-        const acc_t *K, *Vp;
-        int64_t ldk, ldv;
-        if constexpr (kReduced) {
-          convert_rows(ksrc, ksN, kc_buf.get(), cols, d);
-          convert_rows(vsrc, vsN, vc_buf.get(), cols, d);
-          K = kc_buf.get();
-          Vp = vc_buf.get();
-          ldk = ldv = d;
-        } else {
-          K = ksrc;
-          Vp = vsrc;
-          ldk = ksN;
-          ldv = vsN;
-        }
+        const KVRows<acc_t> kv = kv_rows<acc_t>(kd + b * ksB + hk * ksH + j0 * ksN, ksN,
+                                                 vd + b * vsB + hk * vsH + j0 * vsN, vsN, cols, d,
+                                                 kc_buf.get(), vc_buf.get());
         // One block of the online softmax (attention_helpers.h), on this chunk's rows.
         const acc_t* bias_row = bd ? bd + b * bsB + j0 : nullptr;
-        online_softmax_block<acc_t>(R, cols, d, scale, Q, d, K, ldk, Vp, ldv, bias_row, need_mask, qp, kp, S,
+        online_softmax_block<acc_t>(R, cols, d, scale, Q, d, kv.K, kv.ldk, kv.V, kv.ldv, bias_row, need_mask, qp, kp, S,
                                     mrow, lrow, acc);
       }
 

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <limits>
+#include <type_traits>
 
 namespace prism {
 namespace attn {
@@ -113,6 +114,28 @@ inline void scale_row(T* x, T a, int64_t n) {
 template <typename src_t, typename dst_t>
 inline void convert_rows(const src_t* src, int64_t ld_src, dst_t* dst, int64_t rows, int64_t d) {
   for (int64_t r = 0; r < rows; ++r) widen(src + r * ld_src, dst + r * d, d);
+}
+
+// A block of `cols` key and value rows as acc_t rows for BLAS: read in place when the
+// storage type is the accumulation type (fp32, fp64), else widened (fp16, bf16) into
+// kbuf / vbuf with leading dimension d.
+template <typename acc_t>
+struct KVRows {
+  const acc_t* K;
+  const acc_t* V;
+  int64_t ldk, ldv;
+};
+
+template <typename acc_t, typename scalar_t>
+inline KVRows<acc_t> kv_rows(const scalar_t* ksrc, int64_t ksN, const scalar_t* vsrc, int64_t vsN,
+                             int64_t cols, int64_t d, acc_t* kbuf, acc_t* vbuf) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return {ksrc, vsrc, ksN, vsN};
+  } else {
+    convert_rows(ksrc, ksN, kbuf, cols, d);
+    convert_rows(vsrc, vsN, vbuf, cols, d);
+    return {kbuf, vbuf, d, d};
+  }
 }
 
 // One key block of the online softmax, for `rows` query rows (Q, ld ldq) against
