@@ -254,6 +254,8 @@ RUN_BAD = [
      "must be one of fp32, fp16, bf16, got 'fp8'"),
     (["--nproc", "2", "--seq-len", "8", "--mode", "voltage", "--wire-dtype", "float16"], "--wire-dtype",
      "must be one of fp32, fp16, bf16, got 'float16'"),
+    (["--nproc", "2", "--family", "bert", "--seq-len", "8", "--cr", "2", "--pixels", "uint8"], "--pixels uint8",
+     "applies to image models, not to the bert family"),
 ]
 
 
@@ -309,12 +311,6 @@ def test_run_argparse_errors_exit_2(capsys, no_launch):
     with pytest.raises(SystemExit) as e:
         cli.main(["run", "--nproc", "2", "--seq-len", "8", "--cr", "2", "--input", "pixels"])
     assert e.value.code == 2 and "argument --input: invalid choice: 'pixels'" in capsys.readouterr().err
-
-
-def test_run_pixels_uint8_refused_for_text(capsys, no_launch):
-    rc, _, err = run_cli(capsys, "run", "--nproc", "2", "--family", "bert", "--seq-len", "8", "--cr", "2",
-                         "--pixels", "uint8")
-    assert rc == 2 and "--pixels uint8 applies to image models, not to the bert family" in err, err
 
 
 def test_run_local_input_and_pixels_reach_the_ranks():
