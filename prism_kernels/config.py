@@ -22,8 +22,8 @@
   runtime casts every per-layer payload to it (`prism run --wire-dtype`); the
   simulation rounds every sent row (means and anchors, as K/V) to it and back, so
   `prism eval` measures what the rounding does to accuracy;
-* anchor_topk, anchor_score: for anchors="special+topk" (an experiment of the
-  simulation, hf/dynamic.py), how many tokens each device sends alone besides the
+* anchor_topk, anchor_score: for anchors="special+topk" (data-dependent segments,
+  prism_kernels/dynamic.py), how many tokens each device sends alone besides the
   special ones, and by which local score ("key_norm" | "key_dev");
 * backend: the kernels' backend (auto | cpp | triton | torch).
 
@@ -86,7 +86,7 @@ class PrismConfig:
             raise ValueError(f"anchor_score must be one of {ANCHOR_SCORES}, got {self.anchor_score!r}")
         if self.dynamic and (self.averaging != "attention_input" or self.count_bias != "log"):
             raise ValueError(f"anchors={self.anchors!r}, segments={self.segments!r} (data-dependent segments, "
-                             "an experiment of the simulation) need averaging='attention_input' and "
+                             "chosen from each layer's keys) need averaging='attention_input' and "
                              "count_bias='log'")
         if self.count_bias not in COUNT_BIASES:
             raise ValueError(f"count_bias must be one of {COUNT_BIASES}, got {self.count_bias!r}")
@@ -114,9 +114,10 @@ class PrismConfig:
     @property
     def dynamic(self) -> bool:
         """True when each device picks its segments from the layer's keys
-        (anchors="special+topk" or segments="content"): an experiment of the
-        one-process simulation (hf/dynamic.py), which the runtime refuses. The plan
-        then fixes the rows m_j and the special anchors only."""
+        (anchors="special+topk" or segments="content" / "content_sse" / "kmeans",
+        prism_kernels/dynamic.py), in the simulation and the runtime alike. The plan
+        then fixes the rows m_j and the special anchors only, and each row's count
+        travels with it."""
         return is_dynamic(self.anchors, self.segments)
 
     @property
@@ -130,13 +131,13 @@ class PrismConfig:
         as many devices as it has tokens (`num_partitions` overrides P). `roles`:
         the model's special tokens and patch grid (None: text whose first token is
         its only special token). A data-dependent policy (`dynamic`) has no plan of
-        its own: only the simulation asks for its static part (static=True); any
-        other caller (the runtime) is refused."""
+        its own: the callers that choose the segments per layer (the simulation and
+        the runtime, prism_kernels/dynamic.py) ask for its static part (static=True);
+        any other caller is refused, since the plan's segments would not be the ones sent."""
         if self.dynamic and not static:
             raise ValueError(f"anchors={self.anchors!r}, segments={self.segments!r}: data-dependent segments "
-                             "are an experiment of the one-process simulation (prism_kernels.hf); the "
-                             "runtime sends the static policies' segments only (anchors special / first / "
-                             "none, segments auto / runs)")
+                             "have no fixed plan (each device chooses them from its keys in every layer); "
+                             "ask for the static part with plan(..., static=True)")
         P = min(num_partitions or self.num_partitions, n_tokens)
         anchors, grid = resolve(n_tokens, roles, self.anchors, self.segments)
         kw = dict(num_means=self.num_means, compression_rate=self.compression_rate, causal=causal,

@@ -183,6 +183,19 @@ def test_tokens_and_bytes():
     assert r.voltage_gflops_max == max(r.voltage_gflops_devices)
 
 
+@pytest.mark.parametrize("policy", [dict(anchors="special+topk"), dict(segments="content_sse"),
+                                    dict(segments="kmeans")])
+def test_data_dependent_segments_send_their_counts(policy):
+    """Chosen per layer, a segment's count is not known to the receiver: an int32 (4 bytes)
+    travels with every row; the rows themselves are the static policy's."""
+    static = estimate("vit-b16", 197, 3, num_means=[10, 20, 30], dtype_bytes=2)
+    r = estimate("vit-b16", 197, 3, num_means=[10, 20, 30], dtype_bytes=2, **policy)
+    assert r.prism_tokens_devices == static.prism_tokens_devices == [50, 40, 30]
+    assert r.prism_bytes_devices == [t * (768 * 2 + 4) for t in (50, 40, 30)]
+    assert r.prism_bytes_per_layer == pytest.approx(40 * (768 * 2 + 4))
+    assert r.voltage_bytes_devices == static.voltage_bytes_devices
+
+
 def test_received_tokens_helpers():
     plan = make_plan(10, 3, [2, 1, 3])
     assert received_tokens(plan) == [4, 5, 3]

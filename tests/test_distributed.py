@@ -130,7 +130,7 @@ def _sim_attention(module, q, k, v, mask, scaling=None, dropout=0.0, **kw):
     return torch.cat(outs, 2).transpose(1, 2).contiguous(), None
 
 
-POLICY = ("anchors", "segments", "anchor_budget")
+POLICY = ("anchors", "segments", "anchor_budget", "anchor_topk", "anchor_score")
 
 
 def prism_config(P, *, num_means=None, cr=None, averaging="attention_input", weights=None, **policy):
@@ -192,6 +192,9 @@ def close(a, b, atol=3e-5):
 
 FAMILIES = ("bert", "roberta", "vit", "dinov2", "gpt2", "llama", "qwen2")
 BLOCK = dict(averaging="block_input")
+# data-dependent segments (prism_kernels/dynamic.py): each rank chooses them from its keys per layer
+TOPK_SSE = dict(anchors="special+topk", anchor_score="key_dev", segments="content_sse")
+TOPK = dict(anchors="special+topk")                 # key norm, 2-D blocks of the patch grid kept
 PLAIN = dict(anchors="none", segments="runs")      # the paper's plain means (default: anchors, 2-D blocks)
 SCEN2 = [
     dict(name="bert_prism", family="bert", mode="prism", num_means=2),
@@ -240,6 +243,15 @@ SCEN2 = [
          ref="llama_prism_block", **BLOCK),
     dict(name="bert_prism_bf16", family="bert", mode="prism", num_means=2, wire_dtype="bf16", ref="bert_prism"),
     dict(name="llama_prism_bf16", family="llama", mode="prism", num_means=2, wire_dtype="bf16", ref="llama_prism"),
+    # data-dependent segments: counts travel with the rows ("hidden" and "kv" wires, causal, overlap off,
+    # 2-D blocks with a top-k anchor, k-means groups, fp16 rows behind int32 counts)
+    dict(name="bert_dynamic", family="bert", mode="prism", num_means=3, **TOPK_SSE),
+    dict(name="llama_dynamic", family="llama", mode="prism", num_means=3, **TOPK_SSE),
+    dict(name="llama_dynamic_noverlap", family="llama", mode="prism", num_means=3, overlap=False, **TOPK_SSE),
+    dict(name="dinov2_topk", family="dinov2", mode="prism", num_means=3, **TOPK),
+    dict(name="gpt2_kmeans", family="gpt2", mode="prism", num_means=3, segments="kmeans", seq_len=40),
+    dict(name="llama_dynamic_fp16", family="llama", mode="prism", num_means=3, wire_dtype="fp16",
+         ref="llama_dynamic", **TOPK_SSE),
 ]
 SCEN3 = [
     dict(name="bert_prism", family="bert", mode="prism", num_means=2),
@@ -262,6 +274,10 @@ SCEN3 = [
     # a causal model where the last rank receives from two ranks, in fp16
     dict(name="gpt2_prism_fp16", family="gpt2", mode="prism", cr=2.0, wire_dtype="fp16", ref="gpt2_prism"),
     dict(name="vit_prism_bf16", family="vit", mode="prism", cr=2.0, wire_dtype="bf16", ref="vit_prism"),
+    dict(name="gpt2_dynamic", family="gpt2", mode="prism", num_means=3, **TOPK_SSE),
+    dict(name="vit_topk", family="vit", mode="prism", num_means=3, **TOPK),
+    dict(name="roberta_dynamic_noverlap", family="roberta", mode="prism", num_means=3, overlap=False,
+         anchors="special+topk", anchor_score="key_dev", segments="content"),
 ]
 # the hidden-state start-up (`--input hidden`, rank 0 embeds everything) for one prism
 # scenario of every family: the default raw start-up must give the same outputs
@@ -327,9 +343,18 @@ def test_outputs_equal_simulation_and_stock(run_scenarios):
             assert averaging == s.get("averaging", "attention_input")
             kw = dict(num_means=s.get("num_means"), cr=s.get("cr"), averaging=averaging,
                       **{k: s[k] for k in POLICY if k in s})
-            sim_hidden, sim_head = simulate(fam, inputs, P, weights=s.get("weights"), **kw)
-            close(r["hidden"], sim_hidden)
-            close(r["head"], sim_head)
+            if prism_config(P, **kw).dynamic:
+                # segments chosen per layer from the keys: the project's simulation chooses them
+                # the same way (its choices are tested in test_anchors.py); and they are not
+                # the static plan's (the runtime did not fall back to it)
+                static = dict(kw, anchors="special", segments="auto")
+                static.pop("anchor_score", None)
+                st_hidden, _ = hf_simulation(fam, inputs, P, **static)
+                assert (r["hidden"] - st_hidden).abs().max() > 1e-4, s["name"]
+            else:
+                sim_hidden, sim_head = simulate(fam, inputs, P, weights=s.get("weights"), **kw)
+                close(r["hidden"], sim_hidden)
+                close(r["head"], sim_head)
             if "weights" in s:
                 sizes = r["reports"][0]["sizes"]
                 assert len(set(sizes)) > 1, sizes     # really uneven partitions
@@ -367,15 +392,19 @@ def test_bytes_per_layer_equal_cost_model(run_scenarios):
                 tokens = sum(ms[j] for j in range(P) if j != i and (not causal or j < i))
             width = D if rep["wire"] == "hidden" else 2 * Hkv * entry.head_dim(cfg)
             assert rep["wire_dtype"] == s.get("wire_dtype", "fp32"), (s["name"], rep)
-            want = tokens * width * ELEMENT_BYTES[rep["wire_dtype"]]
+            dynamic = s["mode"] == "prism" and ("topk" in s.get("anchors", "") or
+                                                s.get("segments", "auto") not in ("auto", "runs"))
+            # a data-dependent segment's count travels with its row, as an int32
+            want = tokens * (width * ELEMENT_BYTES[rep["wire_dtype"]] + (4 if dynamic else 0))
             # the project's cost model (`prism costs`)
             if s["mode"] == "prism":
                 plan = make_plan(sum(sizes), sizes=sizes, num_means=rep["means"], causal=causal)
                 assert costs.received_tokens(plan)[i] == tokens, (s["name"], i)
             elif not causal:
                 assert costs.voltage_received_tokens(sizes)[i] == tokens, (s["name"], i)
-            assert costs.bytes_for(tokens, width, costs.dtype_bytes(rep["wire_dtype"])) == want
-            assert tokens * costs.row_bytes(cfg, rep["wire"], rep["wire_dtype"]) == want
+            if not dynamic:
+                assert costs.bytes_for(tokens, width, costs.dtype_bytes(rep["wire_dtype"])) == want
+            assert tokens * costs.row_bytes(cfg, rep["wire"], rep["wire_dtype"], counts=dynamic) == want
             assert rep["expected"] == want, (s["name"], i)
             if tokens == 0:
                 assert all(v == 0 for v in rep["layer_bytes"].values()), (s["name"], i)

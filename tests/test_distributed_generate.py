@@ -71,6 +71,10 @@ def test_tokens_equal_simulation(family, decode, cr):
 @pytest.mark.parametrize("family,extra,kw", [
     ("qwen2", [], {}),                                                     # rotary, K/V biases, GQA
     ("llama", ["--averaging", "block_input", "--no-overlap"], {"averaging": "block_input"}),
+    # data-dependent segments: per-layer, per-sequence counts kept in the decoding cache
+    ("llama", ["--anchors", "special+topk", "--anchor-score", "key_dev", "--segments", "content_sse"],
+     {"anchors": "special+topk", "anchor_score": "key_dev", "segments": "content_sse"}),
+    ("gpt2", ["--segments", "kmeans", "--no-overlap"], {"segments": "kmeans"}),
 ])
 def test_other_settings_equal_simulation(family, extra, kw):
     assert _run(family, "prism", 3, extra)["tokens"] == _simulated(family, "prism", 3, **kw)[0]

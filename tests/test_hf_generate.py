@@ -95,14 +95,20 @@ class _ExtendLast(PrismConfig):
                          causal=causal, anchors=anchors, grid=grid, anchor_budget=self.anchor_budget)
 
 
-@pytest.mark.parametrize("model_type,P,averaging", [("llama", 2, "attention_input"), ("llama", 3, "attention_input"),
-                                                    ("gpt2", 3, "attention_input"), ("llama", 3, "block_input"),
-                                                    ("qwen2", 3, "attention_input")])
-def test_prism_decode_equals_forward_with_extended_last_partition(model_type, P, averaging):
-    CR = 4
+# data-dependent segments (chosen per layer from each partition's keys): at CR 2 a 7-token
+# partition sends 4 rows, token 0 and the top-1 key alone and 2 content runs
+DYN = dict(anchors="special+topk", anchor_score="key_dev", segments="content_sse")
+
+
+@pytest.mark.parametrize("model_type,P,averaging,CR,policy", [
+    ("llama", 2, "attention_input", 4, {}), ("llama", 3, "attention_input", 4, {}),
+    ("gpt2", 3, "attention_input", 4, {}), ("llama", 3, "block_input", 4, {}),
+    ("qwen2", 3, "attention_input", 4, {}), ("llama", 3, "attention_input", 2, DYN),
+    ("gpt2", 2, "attention_input", 2, dict(segments="kmeans"))])
+def test_prism_decode_equals_forward_with_extended_last_partition(model_type, P, averaging, CR, policy):
     model = build_model(model_type)
     ids = _ids()
-    phf.enable_prism(model, num_partitions=P, compression_rate=CR, averaging=averaging)
+    phf.enable_prism(model, num_partitions=P, compression_rate=CR, averaging=averaging, **policy)
     tok, logits, out = _generate(model, ids)
     stock_tok = None
     # step 0: the first token's logits are the plain Prism forward's (no cache) at the last position
@@ -110,7 +116,8 @@ def test_prism_decode_equals_forward_with_extended_last_partition(model_type, P,
         plain = model(ids, use_cache=False).logits[:, -1]
     torch.testing.assert_close(logits[:, 0], plain, atol=1e-5, rtol=1e-5)
     # every step: a forward with the generated tokens on the last device
-    phf.enable_prism(model, config=_ExtendLast(num_partitions=P, compression_rate=CR, averaging=averaging, prompt=N))
+    phf.enable_prism(model, config=_ExtendLast(num_partitions=P, compression_rate=CR, averaging=averaging, prompt=N,
+                                               **policy))
     seq = torch.cat([ids, tok], 1)
     with torch.no_grad():
         for k in range(1, NEW):
@@ -127,6 +134,16 @@ def test_prism_decode_equals_forward_with_extended_last_partition(model_type, P,
     phf.disable_prism(model)
     stock_logits = _generate(model, ids)[1]
     assert not torch.allclose(stock_logits[:, 0], logits[:, 0], atol=1e-3)
+    if policy:
+        # the cache holds each layer's own counts, not the static plan's
+        layers = [l for l in out.cache.layers if isinstance(l, generation.PrismCacheLayer)]
+        static = PrismConfig(num_partitions=P, compression_rate=CR).plan(N, True)
+        plan_counts = python_ref.device_tensors(static, P - 1)[0][:expected - NEW + 1]
+        held = [l.counts[0, :expected - NEW + 1] for l in layers]
+        assert all(int(c.sum()) == N for c in held)
+        assert any(not torch.equal(c, plan_counts) for c in held)
+        if policy is DYN:       # (seen: the k-means groups of this tiny GPT-2 are alike in its 2 layers)
+            assert any(not torch.equal(held[0], c) for c in held[1:])
 
 
 def test_decode_step_against_python_ref():

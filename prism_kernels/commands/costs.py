@@ -21,7 +21,7 @@ import json
 import math
 import sys
 
-from prism_kernels.anchors import ANCHOR_BUDGETS, ANCHORS, DEFAULT_ANCHOR_BUDGET, DEFAULT_ANCHORS
+from prism_kernels.anchors import ANCHOR_BUDGETS, ANCHORS, DEFAULT_ANCHOR_BUDGET, DEFAULT_ANCHORS, DEFAULT_SEGMENTS, SEGMENTS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,7 +51,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="what the means are taken of; sets the wire format (rotary models send K/V means "
                         "under attention_input)")
     p.add_argument("--anchors", choices=ANCHORS, default=DEFAULT_ANCHORS,
-                   help="tokens sent alone (as `prism run`): special (default), first or none")
+                   help="tokens sent alone (as `prism run`): special (default), first, none or special+topk")
+    p.add_argument("--segments", choices=SEGMENTS, default=DEFAULT_SEGMENTS,
+                   help="segment shapes (as `prism run`); content / content_sse / kmeans (and anchors "
+                        "special+topk) send each row's count too (4 bytes)")
     p.add_argument("--anchor-budget", choices=ANCHOR_BUDGETS, default=DEFAULT_ANCHOR_BUDGET,
                    help="anchors out of the m means (shared, default: rows unchanged) or on top (extra)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -148,7 +151,7 @@ def run(args, p: argparse.ArgumentParser) -> int:
     try:
         report = estimate(spec, n, args.partitions, num_means=args.means, compression_rate=args.cr,
                           dtype_bytes=DTYPE_BYTES[args.dtype], averaging=args.averaging,
-                          anchors=args.anchors, anchor_budget=args.anchor_budget,
+                          anchors=args.anchors, anchor_budget=args.anchor_budget, segments=args.segments,
                           input_dtype=args.input_dtype, **split)
     except ValueError as e:           # rules checked in the library (none expected after _validate)
         p.error(str(e))

@@ -6,8 +6,12 @@ Prism:   device i receives the segment means of every other partition,
          sum_{j != i} m_j rows (the paper's tables count all of them).
          In causal models a device only needs the means of earlier partitions
          (later ones are fully masked), sum_{j < i} m_j: `causal=True` plans.
-The repetition counts need not travel: they follow from (n_j, m_j), which every
-device knows. Bytes = rows x floats per row x bytes per element, a row being
+The repetition counts need not travel with a static plan: they follow from
+(n_j, m_j), which every device knows. Data-dependent segments (anchors
+"special+topk", segments "content" / "content_sse" / "kmeans", prism_kernels/dynamic.py)
+change them from layer to layer and sequence to sequence, so each row then also
+carries its count: COUNT_BYTES (int32) more per row (`row_bytes(..., counts=True)`).
+Bytes = rows x (floats per row x bytes per element [+ COUNT_BYTES]), a row being
   "hidden": D floats (Voltage's rows; Prism's block_input means, and its
             attention_input means of non-rotary models when D <= 2*Hkv*d), or
   "kv":     2*Hkv*d floats (K/V means: rotary models under attention_input, the
@@ -145,9 +149,15 @@ def wire_torch_dtype(wire_dtype: str):
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[check_wire_dtype(wire_dtype)]
 
 
-def row_bytes(config, wire: str, wire_dtype: str = "fp32") -> int:
-    """Bytes of one row on the wire: floats per row x bytes per element of the wire dtype."""
-    return floats_per_row(config, wire) * DTYPE_BYTES[check_wire_dtype(wire_dtype)]
+# a segment's count on the wire (int32: exact for any sequence length), sent with each
+# row when the segments are data-dependent
+COUNT_BYTES = 4
+
+
+def row_bytes(config, wire: str, wire_dtype: str = "fp32", counts: bool = False) -> int:
+    """Bytes of one row on the wire: floats per row x bytes per element of the wire dtype,
+    plus its count (COUNT_BYTES) when the segments are data-dependent (`counts`)."""
+    return floats_per_row(config, wire) * DTYPE_BYTES[check_wire_dtype(wire_dtype)] + (COUNT_BYTES if counts else 0)
 
 
 def dtype_bytes(dtype) -> int:

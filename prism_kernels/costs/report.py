@@ -14,10 +14,10 @@ import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Union
 
-from ..anchors import DEFAULT_ANCHOR_BUDGET, DEFAULT_ANCHORS, DEFAULT_SEGMENTS, check_policy, resolve
+from ..anchors import DEFAULT_ANCHOR_BUDGET, DEFAULT_ANCHORS, DEFAULT_SEGMENTS, check_policy, is_dynamic, resolve
 from ..models.table import token_roles
 from ..plan import make_plan
-from .comm import INPUT_DTYPE_BYTES, bytes_for, floats_per_row, startup_bytes, received_tokens, voltage_received_tokens, wire_format
+from .comm import COUNT_BYTES, INPUT_DTYPE_BYTES, bytes_for, floats_per_row, startup_bytes, received_tokens, voltage_received_tokens, wire_format
 from .flops import COUNTED_TERMS, NOT_COUNTED_TERMS, device_flops, embedding_flops, vision_seq_len
 from .model_configs import resolve_model
 
@@ -113,7 +113,8 @@ def estimate(model, seq_len: Optional[int] = None, num_partitions: Optional[int]
              compression_rate: Optional[float] = None, dtype_bytes: int = 4, *,
              sizes: Optional[Sequence[int]] = None, weights: Optional[Sequence[float]] = None,
              averaging: str = "attention_input", anchors: str = DEFAULT_ANCHORS,
-             anchor_budget: str = DEFAULT_ANCHOR_BUDGET, input_dtype: Optional[str] = None) -> CostReport:
+             anchor_budget: str = DEFAULT_ANCHOR_BUDGET, input_dtype: Optional[str] = None,
+             segments: str = DEFAULT_SEGMENTS) -> CostReport:
     """Cost of single-device, Voltage and Prism inference of one sequence.
 
     model: preset (see model_configs.PRESETS), transformers model type,
@@ -131,6 +132,9 @@ def estimate(model, seq_len: Optional[int] = None, num_partitions: Optional[int]
     anchors, anchor_budget: tokens sent alone (prism_kernels.anchors, the runtime's
         defaults): out of the m_j rows ("shared") they leave the rows unchanged;
         "extra" adds them. (Segment shapes do not change the counts either.)
+    segments: shapes only, except the data-dependent policies (anchors "special+topk",
+        segments "content" / "content_sse" / "kmeans"), whose rows each carry their
+        count on the wire (COUNT_BYTES more per row, as the runtime sends them).
     Raises ValueError naming the argument and the rule on bad input.
     """
     spec = resolve_model(model)
@@ -146,7 +150,8 @@ def estimate(model, seq_len: Optional[int] = None, num_partitions: Optional[int]
     if isinstance(num_means, numbers.Integral) and not isinstance(num_means, bool):
         # one m for every partition, checked against each partition (1 <= m <= n_j)
         num_means = [num_means] * (num_partitions or len(sizes if sizes is not None else weights))
-    check_policy(anchors, DEFAULT_SEGMENTS, anchor_budget)
+    check_policy(anchors, segments, anchor_budget)
+    counts = is_dynamic(anchors, segments)
     roles = token_roles(spec.config)
     anchor_idx, _ = resolve(n, roles, anchors, "runs")
     kw = dict(num_means=num_means, compression_rate=compression_rate, sizes=sizes, weights=weights,
@@ -196,8 +201,10 @@ def estimate(model, seq_len: Optional[int] = None, num_partitions: Optional[int]
         voltage_tokens_per_layer=vt, prism_tokens_per_layer=pt,
         prism_causal_tokens_per_layer=None if causal_tokens is None else mean(causal_tokens),
         voltage_bytes_devices=[bytes_for(t, hidden, dtype_bytes) for t in v_tokens],
-        prism_bytes_devices=[bytes_for(t, width, dtype_bytes) for t in p_tokens],
-        voltage_bytes_per_layer=vt * hidden * dtype_bytes, prism_bytes_per_layer=pt * width * dtype_bytes,
+        prism_bytes_devices=[bytes_for(t, width, dtype_bytes) + (t * COUNT_BYTES if counts else 0)
+                             for t in p_tokens],
+        voltage_bytes_per_layer=vt * hidden * dtype_bytes,
+        prism_bytes_per_layer=pt * (width * dtype_bytes + (COUNT_BYTES if counts else 0)),
         averaging=averaging, prism_wire=wire, prism_floats_per_row=width,
         compression_rate=cr,
         comm_speedup_pct=100.0 * (1.0 - 1.0 / cr) if cr else 0.0,

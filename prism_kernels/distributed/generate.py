@@ -42,8 +42,7 @@ IDLE_WAIT_S = 30 * 24 * 3600.0     # "no deadline" for a rank waiting while the 
 # command line
 
 def add_arguments(p: argparse.ArgumentParser):
-    from prism_kernels.anchors import (ANCHOR_BUDGETS, ANCHORS, DEFAULT_ANCHOR_BUDGET, DEFAULT_ANCHORS,
-                                       DEFAULT_SEGMENTS, SEGMENTS)
+    from .launch import add_policy_arguments
     from prism_kernels.models import MODEL_TYPES, SIZES
     p.add_argument("--nproc", type=int, default=None,
                    help="spawn torchrun with this many processes on this machine (loopback)")
@@ -61,9 +60,7 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("-m", "--num-means", type=int, default=None, help="segment means per partition (prefill)")
     p.add_argument("--cr", type=float, default=None, help="compression rate of the prefill (Eq. 16)")
     p.add_argument("--averaging", default="attention_input", choices=("attention_input", "block_input"))
-    p.add_argument("--anchors", default=DEFAULT_ANCHORS, choices=ANCHORS)
-    p.add_argument("--segments", default=DEFAULT_SEGMENTS, choices=SEGMENTS)
-    p.add_argument("--anchor-budget", default=DEFAULT_ANCHOR_BUDGET, choices=ANCHOR_BUDGETS)
+    add_policy_arguments(p)
     p.add_argument("--wire-dtype", default="fp32", metavar="{fp32,fp16,bf16}",
                    help="element type of the prefill's per-layer exchange")
     p.add_argument("--no-overlap", action="store_true")
@@ -80,7 +77,7 @@ def _run_namespace(args) -> argparse.Namespace:
         nproc=args.nproc, family=args.family, size=args.size, model=args.model, seed=args.seed,
         seq_len=args.seq_len, text=getattr(args, "prompt_text", None), mode="prism", num_means=args.num_means,
         cr=args.cr, averaging=args.averaging, anchors=args.anchors, segments=args.segments,
-        anchor_budget=args.anchor_budget, speeds=None, partition_weights=None, calibrate=False, input="raw",
+        anchor_budget=args.anchor_budget, anchor_topk=args.anchor_topk, anchor_score=args.anchor_score, speeds=None, partition_weights=None, calibrate=False, input="raw",
         no_overlap=args.no_overlap, wire_dtype=args.wire_dtype, gather="head", partitions=None,
         timeout=args.timeout, threads=args.threads, repeat=1, warmup=0, interleave_single=False,
         no_compare=True, out=None, json=args.json)
@@ -246,7 +243,9 @@ class Generator:
             if self.decode == "prism" and s["remote"] is not None:
                 kr, vr, cr, pr = s["remote"]
                 k, v = torch.cat([kr, k], 2), torch.cat([vr, v], 2)
-                counts, pos = torch.cat([cr, counts]), torch.cat([pr, pos])
+                # cr: the plan's [R], or [B, R] per sequence with data-dependent segments
+                counts = torch.cat([cr, counts.expand(cr.shape[:-1] + counts.shape)], -1)
+                pos = torch.cat([pr, pos])
             self.cache[i] = {"keys": k, "values": v, "counts": counts, "positions": pos}
         h = rt.entry.final_norm(rt.model, h[:, -1:])
         return rt.entry.head(rt.model, h)[:, -1]
@@ -281,7 +280,8 @@ class Generator:
         c = self.cache[ctx.index]
         c["keys"] = torch.cat([c["keys"], key], 2)
         c["values"] = torch.cat([c["values"], value], 2)
-        c["counts"] = torch.cat([c["counts"], torch.ones(key.shape[2], dtype=torch.int64)])
+        c["counts"] = torch.cat([c["counts"], torch.ones(c["counts"].shape[:-1] + (key.shape[2],),
+                                                         dtype=torch.int64)], -1)
         c["positions"] = torch.cat([c["positions"], torch.tensor([ctx.pos], dtype=torch.int64)])
         pend = None
         if self.decode == "exact" and self.last > 0:

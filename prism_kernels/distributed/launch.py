@@ -23,8 +23,30 @@ import sys
 import time
 from datetime import timedelta
 
-from ..anchors import (ANCHOR_BUDGETS, ANCHORS, DEFAULT_ANCHOR_BUDGET, DEFAULT_ANCHORS, DEFAULT_SEGMENTS,
-                       SEGMENTS)
+from ..anchors import (ANCHOR_BUDGETS, ANCHOR_SCORES, ANCHORS, DEFAULT_ANCHOR_BUDGET, DEFAULT_ANCHORS,
+                       DEFAULT_SEGMENTS, SEGMENTS)
+
+
+def add_policy_arguments(p: argparse.ArgumentParser):
+    """Which tokens are sent alone and how the others are grouped (PrismConfig's anchors,
+    segments, anchor_budget, anchor_topk, anchor_score): `prism run` and `prism generate`."""
+    p.add_argument("--anchors", default=DEFAULT_ANCHORS, choices=ANCHORS,
+                   help="tokens sent alone instead of averaged: the model's special tokens ([CLS], "
+                        "[SEP], a decoder's first token; default), the first token, none (the "
+                        "paper's plain means), or special+topk (also the --anchor-topk tokens of each "
+                        "partition with the largest --anchor-score, chosen per layer); docs/method.md, "
+                        "\"Anchors and 2-D segments\"")
+    p.add_argument("--segments", default=DEFAULT_SEGMENTS, choices=SEGMENTS,
+                   help="segment shapes: auto = 2-D blocks of the patch grid for vision models, runs "
+                        "for text (default); runs = contiguous runs everywhere (the paper's); content, "
+                        "content_sse, kmeans = chosen per layer from each partition's keys "
+                        "(the counts then travel with the means)")
+    p.add_argument("--anchor-budget", default=DEFAULT_ANCHOR_BUDGET, choices=ANCHOR_BUDGETS,
+                   help="anchors out of the partition's m means (shared, default) or on top (extra)")
+    p.add_argument("--anchor-topk", type=int, default=1,
+                   help="with --anchors special+topk: tokens per partition sent alone besides the special ones")
+    p.add_argument("--anchor-score", default="key_norm", choices=ANCHOR_SCORES,
+                   help="with --anchors special+topk: key_norm = ||k||, key_dev = ||k - the partition's mean key||")
 
 
 def add_arguments(p: argparse.ArgumentParser):
@@ -45,15 +67,7 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--averaging", default="attention_input", choices=("attention_input", "block_input"),
                    help="what the means are taken of: the keys'/values' input (default) or the block "
                         "input (the paper's); docs/method.md, \"What is averaged\"")
-    p.add_argument("--anchors", default=DEFAULT_ANCHORS, choices=ANCHORS,
-                   help="tokens sent alone instead of averaged: the model's special tokens ([CLS], "
-                        "[SEP], a decoder's first token; default), the first token, or none (the "
-                        "paper's plain means); docs/method.md, \"Anchors and 2-D segments\"")
-    p.add_argument("--segments", default=DEFAULT_SEGMENTS, choices=SEGMENTS,
-                   help="segment shapes: auto = 2-D blocks of the patch grid for vision models, runs "
-                        "for text (default); runs = contiguous runs everywhere (the paper's)")
-    p.add_argument("--anchor-budget", default=DEFAULT_ANCHOR_BUDGET, choices=ANCHOR_BUDGETS,
-                   help="anchors out of the partition's m means (shared, default) or on top (extra)")
+    add_policy_arguments(p)
     p.add_argument("--speeds", default=None,
                    help="comma-separated relative speed of each rank (e.g. 1,0.5): partition sizes in "
                         "proportion (plan.proportional_sizes)")
@@ -303,7 +317,8 @@ def run_config(args, world: int, weights=None):
     if args.mode == "prism":
         prism = PrismConfig(num_partitions=world, num_means=args.num_means, compression_rate=args.cr,
                             averaging=args.averaging, partition_weights=weights, anchors=args.anchors,
-                            segments=args.segments, anchor_budget=args.anchor_budget)
+                            segments=args.segments, anchor_budget=args.anchor_budget,
+                            anchor_topk=args.anchor_topk, anchor_score=args.anchor_score)
     elif args.mode == "voltage" and weights is not None:     # Voltage: the same partitions, CR = 1
         prism = PrismConfig(num_partitions=world, compression_rate=1.0, partition_weights=weights)
     return RunConfig(mode=args.mode, prism=prism, overlap=not args.no_overlap, gather=args.gather,

@@ -93,9 +93,10 @@ def prism_distributed_attention(module, query, key, value, attention_mask, scali
                                      scale=scaling)
         else:
             kr, vr, cr, pr = remote
-            ones = torch.ones(key.shape[2], dtype=torch.int64)
+            # counts: the plan's [R], or [B, R] per sequence with data-dependent segments
+            ones = torch.ones(cr.shape[:-1] + (key.shape[2],), dtype=torch.int64)
             out = pk.prism_attention(query, torch.cat([key, kr], 2), torch.cat([value, vr], 2),
-                                     key_counts=torch.cat([ones, cr]), causal=causal, q_pos=q_pos,
+                                     key_counts=torch.cat([ones, cr], -1), causal=causal, q_pos=q_pos,
                                      k_pos=torch.cat([q_pos, pr]) if causal else None, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
 

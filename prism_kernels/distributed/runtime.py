@@ -26,6 +26,16 @@ receives. What the means are taken of is the config's `averaging`
                    rotation (mean cos, mean sin).
 Voltage always sends "hidden" rows (the block input).
 
+Data-dependent segments (PrismConfig.dynamic: anchors "special+topk", segments
+"content" / "content_sse" / "kmeans"; prism_kernels/dynamic.py): the plan fixes the
+rows m_j and the special anchors; in every layer each rank chooses its segments
+from its own keys, as the simulation does, and sends each row's count with it (one
+message per receiver: the int32 counts [B, m_j], then the rows in the wire dtype,
+as bytes). The means then leave from inside the attention, once the keys exist
+(also on the "hidden" wire, whose rows are the attention input averaged by the
+same segments). Receivers take the counts into the log-count bias; positions are
+the plan's (only earlier partitions are received in causal models, never masked).
+
 Start-up (RunConfig.input, `--input`):
   raw      (default) rank 0 sends rank i only the part of the input it needs to embed
            its own tokens (ModelType.input_slice: its token ids; for an image the pixel
@@ -53,9 +63,11 @@ from typing import Dict, Optional
 
 import torch
 
+from .. import dynamic
+from ..anchors import resolve
 from ..config import PrismConfig
-from ..costs.comm import (INPUT_DTYPE_BYTES, WIRE_DTYPES, bytes_for, check_wire_dtype, floats_per_row, row_bytes,
-                          startup_bytes, wire_format, wire_torch_dtype)
+from ..costs.comm import (COUNT_BYTES, INPUT_DTYPE_BYTES, WIRE_DTYPES, bytes_for, check_wire_dtype, floats_per_row,
+                          row_bytes, startup_bytes, wire_format, wire_torch_dtype)
 from ..models import apply_rotary, lookup
 from ..plan import partition_means
 from . import overlap
@@ -91,13 +103,14 @@ class RunConfig:
             raise ValueError(f"gather must be 'head' or 'all', got {self.gather!r}")
         if self.mode == "prism" and self.prism is None:
             raise ValueError("prism mode needs a PrismConfig (num_means or compression_rate)")
-        if self.prism is not None and self.prism.dynamic:
-            raise ValueError(f"anchors={self.prism.anchors!r}, segments={self.prism.segments!r}: data-dependent "
-                             "segments are an experiment of the one-process simulation (prism_kernels.hf); the "
-                             "runtime sends the static plan")
         if self.prism is not None and self.prism.count_bias != "log":
             raise ValueError(f"count_bias={self.prism.count_bias!r} is an experiment of the one-process "
                              "simulation (prism_kernels.hf); the runtime uses the log-count bias")
+
+    @property
+    def dynamic(self) -> bool:
+        """Prism with data-dependent segments: counts travel with the rows."""
+        return self.mode == "prism" and self.prism.dynamic
 
     @property
     def averaging(self) -> Optional[str]:
@@ -113,19 +126,21 @@ class RunConfig:
         if cfg.num_partitions != world:
             raise ValueError(f"the PrismConfig has {cfg.num_partitions} partitions but the world size is {world}")
         if self.mode == "voltage":
-            cfg = dataclasses.replace(cfg, num_means=None, compression_rate=1.0)
-        plan = cfg.plan(n_tokens, causal, roles=roles)
+            cfg = dataclasses.replace(cfg, num_means=None, compression_rate=1.0, anchors="none", segments="runs")
+        # data-dependent segments: the plan's static part; the ranks choose the rest per layer
+        plan = cfg.plan(n_tokens, causal, roles=roles, static=True)
         if plan.num_partitions != world:
             raise ValueError(f"{world} partitions (world size) for {n_tokens} tokens; P must be <= N")
         return plan
 
 
 def expected_recv_bytes(plan, model_config, wire: str, rank: int, batch: int = 1,
-                        wire_dtype: str = "fp32") -> int:
+                        wire_dtype: str = "fp32", counts: bool = False) -> int:
     """Cost model of one layer for one device: rows received (the segment means of its
     source partitions; their full rows in Voltage) x bytes per row (floats per row x
-    bytes per element of the wire dtype)."""
-    return bytes_for(plan.devices[rank].tokens_received * batch, row_bytes(model_config, wire, wire_dtype), 1)
+    bytes per element of the wire dtype, plus the row's count with data-dependent
+    segments)."""
+    return bytes_for(plan.devices[rank].tokens_received * batch, row_bytes(model_config, wire, wire_dtype, counts), 1)
 
 
 def to_wire(payload: torch.Tensor, dtype: torch.dtype, what: str = "a payload") -> torch.Tensor:
@@ -181,19 +196,44 @@ class LayerCtx:
 
     def start_attention_exchange(self, k: Optional[torch.Tensor] = None, v: Optional[torch.Tensor] = None):
         """Means of K and V (wire "kv", inside the attention) or of the attention input
-        (wire "hidden", from the pre-hook before the projections)."""
+        (wire "hidden", from the pre-hook before the projections; with data-dependent
+        segments from inside the attention, by the segments chosen from the keys)."""
         rt = self.rt
-        if rt.wire == "kv":
-            payload = torch.stack([rt.means(k), rt.means(v)], dim=1)     # [B, 2, Hkv, m, d]
+        if rt.cfg.dynamic:
+            self._start_dynamic(k, v)
+        elif rt.wire == "kv":
+            self._start(torch.stack([rt.means(k), rt.means(v)], dim=1))  # [B, 2, Hkv, m, d]
         else:
-            payload = rt.means(self.attn_input)                           # [B, m, D]
-        self._start(payload)
+            self._start(rt.means(self.attn_input))                        # [B, m, D]
 
-    def _start(self, payload):
+    def _start_dynamic(self, k, v):
+        """This layer's segments from the rank's own keys k [B, Hkv, n, d] (rotated for
+        rotary models), their means and counts."""
+        rt = self.rt
+        if not rt.receivers:
+            self._start(None)
+            return
+        B, Hkv, n, d = k.shape
+        rows = lambda t: t.transpose(1, 2).reshape(B, n, -1)
+        k3 = rows(k)
+        seg_of, counts = dynamic.partition_segments(rt.cfg.prism, k3, rt.part, rt.fixed, rt.grid)
+        m = counts.shape[1]
+        if rt.wire == "kv":
+            heads = lambda t: t.view(B, m, Hkv, d).transpose(1, 2)
+            payload = torch.stack([heads(dynamic.means(k3, seg_of, counts)),
+                                   heads(dynamic.means(rows(v), seg_of, counts))], dim=1)
+        else:
+            payload = dynamic.means(self.attn_input, seg_of, counts)
+        self._start(payload, counts)
+
+    def _start(self, payload, counts: Optional[torch.Tensor] = None):
         rt = self.rt
         if rt.receivers:
             t0 = time.perf_counter()
             payload = to_wire(payload, rt.wire_dtype, f"layer {self.layer.index} exchange")
+            if counts is not None:      # one message: the int32 counts, then the rows, as bytes
+                payload = torch.cat([counts.to(torch.int32).reshape(-1).view(torch.uint8),
+                                     payload.contiguous().reshape(-1).view(torch.uint8)])
             rt.comm.post_s += time.perf_counter() - t0
         send = {p: payload for p in rt.receivers}
         recv = {j: rt.recv_buffer(j) for j in rt.sources}
@@ -207,9 +247,13 @@ class LayerCtx:
                 self.pending.wait()       # our sends must complete too
             return None
         got = self.pending.wait()
-        ks, vs = [], []
+        ks, vs, cs = [], [], []
         for j in rt.sources:
-            t = got[j].to(rt.compute_dtype)            # back from the wire dtype
+            t = got[j]
+            if rt.cfg.dynamic:                         # counts [B, m_j], then the rows
+                c, t = rt.unpack(j, t)
+                cs.append(c)
+            t = t.to(rt.compute_dtype)                 # back from the wire dtype
             if rt.wire == "kv":
                 k, v = t[:, 0], t[:, 1]
             elif self.exchange_in_attention:           # attention-input means: project
@@ -220,7 +264,8 @@ class LayerCtx:
                     k = apply_rotary(k, *rt.rotation(j, t))
             ks.append(k)
             vs.append(v)
-        return (torch.cat(ks, 2).to(dtype), torch.cat(vs, 2).to(dtype), rt.remote_counts, rt.remote_pos)
+        counts = torch.cat(cs, 1) if cs else rt.remote_counts       # [B, R] per sequence, or the plan's [R]
+        return (torch.cat(ks, 2).to(dtype), torch.cat(vs, 2).to(dtype), counts, rt.remote_pos)
 
 
 class Runtime:
@@ -252,6 +297,12 @@ class Runtime:
             self.q_pos = torch.tensor(dev.query_positions, dtype=torch.int64)
             self.remote_counts = torch.tensor(dev.counts[dev.size:], dtype=torch.int64)
             self.remote_pos = torch.tensor(dev.key_positions[dev.size:], dtype=torch.int64)
+            # data-dependent segments: the static anchors this rank keeps alone, the patch grid
+            self.fixed, self.grid = (), None
+            if cfg.dynamic:
+                anchors, self.grid = resolve(n_tokens, self.entry.roles(model.config), cfg.prism.anchors,
+                                             cfg.prism.segments)
+                self.fixed = dynamic.fixed_anchors(self.part, anchors)
             if cfg.input in ("raw", "local") and self.rank != 0 and (self.input_shape is None or self.input_dtype is None):
                 raise ValueError(f"input {cfg.input!r}: ranks other than 0 need the input's shape and dtype")
         self._capture_hooks = []
@@ -267,8 +318,9 @@ class Runtime:
             # send the means now, before the Q/K/V projections: the transfer then overlaps
             # them as well as the local attention (once: another Runtime of the same model
             # may have left its hook too)
+            # (data-dependent segments need the keys: they start inside the attention)
             if isinstance(ctx, LayerCtx) and ctx.exchange_in_attention and ctx.rt.wire == "hidden" \
-                    and ctx.pending is None:        # not while decoding (prism generate's DecodeCtx)
+                    and not ctx.rt.cfg.dynamic and ctx.pending is None:   # not while decoding (DecodeCtx)
                 ctx.start_attention_exchange()
 
     def means(self, x: torch.Tensor) -> torch.Tensor:
@@ -286,13 +338,29 @@ class Runtime:
             self._rotations[j] = (cos, sin)
         return self._rotations[j]
 
-    def recv_buffer(self, j: int) -> torch.Tensor:
+    def _rows_shape(self, j: int):
         rows = self.plan.means[j]              # = the partition's size in Voltage (CR = 1)
-        c = self.model.config
+        c, e = self.model.config, self.entry
         if self.wire == "kv":
-            e = self.entry
-            return torch.empty(self.batch, 2, e.num_kv_heads(c), rows, e.head_dim(c), dtype=self.wire_dtype)
-        return torch.empty(self.batch, rows, c.hidden_size, dtype=self.wire_dtype)
+            return (self.batch, 2, e.num_kv_heads(c), rows, e.head_dim(c))
+        return (self.batch, rows, c.hidden_size)
+
+    def recv_buffer(self, j: int) -> torch.Tensor:
+        shape = self._rows_shape(j)
+        if not self.cfg.dynamic:
+            return torch.empty(shape, dtype=self.wire_dtype)
+        numel = 1
+        for x in shape:
+            numel *= x
+        itemsize = torch.empty((), dtype=self.wire_dtype).element_size()
+        return torch.empty(self.batch * self.plan.means[j] * COUNT_BYTES + numel * itemsize, dtype=torch.uint8)
+
+    def unpack(self, j: int, buf: torch.Tensor):
+        """A data-dependent message from rank j -> (counts [B, m_j] int64, rows in the wire dtype)."""
+        m = self.plan.means[j]
+        nc = self.batch * m * COUNT_BYTES
+        counts = buf[:nc].view(torch.int32).view(self.batch, m).to(torch.int64)
+        return counts, buf[nc:].view(self.wire_dtype).view(self._rows_shape(j))
 
     def token_range(self, j: int):
         o = self.plan.offsets[j]
@@ -348,7 +416,7 @@ class Runtime:
 
     def expected_layer_bytes(self) -> int:
         return expected_recv_bytes(self.plan, self.model.config, self.wire, self.rank, self.batch,
-                                   self.cfg.wire_dtype)
+                                   self.cfg.wire_dtype, counts=self.cfg.dynamic)
 
     # ------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -60,11 +60,11 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from ..anchors import TokenRoles, resolve
+from .. import dynamic as dyn
 from ..api import prism_attention
 from ..config import PrismConfig
 from ..costs.comm import wire_torch_dtype
 from ..plan import Partition, PrismPlan
-from . import dynamic as dyn
 from .averaging import ATTENTION_INPUT
 from .masks import key_valid_from_mask
 from .spread_bias import augment, segment_key_spread
@@ -92,8 +92,7 @@ class Group:
 
     def fixed(self, part: Partition) -> Tuple[int, ...]:
         """Local indices of the anchors the plan keeps alone in this partition."""
-        keep = set(self.anchors)
-        return tuple(s.tokens[0] - part.offset for s in part.segments if s.count == 1 and s.tokens[0] in keep)
+        return dyn.fixed_anchors(part, self.anchors)
 
     @property
     def size(self) -> int:
@@ -262,8 +261,9 @@ def simulate_prism(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     query [B, H, N, d]; key, value [B, Hkv, N, d]; key_valid [B, N] bool or None.
     `averaging` (hf/averaging.py; default: means of K and V) gives each partition's
     K/V means. `roles`: the model's special tokens and patch grid (None: text). `plans`, when given a list, receives (group rows, PrismPlan) per group.
-    `capture(layout, k_rows, v_rows)`, when given, sees every device's key / value rows
-    ([R * nk, Hkv * d], slot order of the layout): generation keeps the last device's.
+    `capture(layout, k_rows, v_rows, counts)`, when given, sees every device's key / value rows
+    ([R * nk, Hkv * d], slot order of the layout) and their counts ([R, nk]: the layout's,
+    or this layer's with data-dependent segments): generation keeps the last device's.
     """
     B, H, N, d = query.shape
     Hkv = key.shape[1]
@@ -285,13 +285,9 @@ def simulate_prism(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     bank_counts = [torch.ones(B * N, dtype=torch.int64, device=query.device)] if config.dynamic else None
     for g in lay.groups:
         for part in g.sent():
-            if config.dynamic:      # segments chosen from this layer's keys (hf/dynamic.py)
+            if config.dynamic:      # segments chosen from this layer's keys (prism_kernels/dynamic.py)
                 kp = g.take(k3, part)
-                seg_of, cnt = dyn.assign(kp, part.num_segments, g.fixed(part),
-                                         config.anchor_topk if config.anchors == "special+topk" else 0,
-                                         config.anchor_score,
-                                         {"content": True, "content_sse": "sse", "kmeans": "kmeans"}.get(config.segments, False),
-                                         grid=g.grid, offset=part.offset)
+                seg_of, cnt = dyn.partition_segments(config, kp, part, g.fixed(part), g.grid)
                 km, vm = dyn.means(kp, seg_of, cnt), dyn.means(g.take(v3, part), seg_of, cnt)
                 bank_counts.append(cnt.reshape(-1))
             else:
@@ -309,7 +305,7 @@ def simulate_prism(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     q_all = query.transpose(1, 2).reshape(B * N, H * d).index_select(0, lay.q_index)
     k_all, v_all = stack(ks), stack(vs)
     if capture is not None:
-        capture(lay, k_all, v_all)
+        capture(lay, k_all, v_all, counts)
     heads = lambda t, n, h: t.view(R, n, h, d).transpose(1, 2)
     q4, k4, v4 = heads(q_all, nq, H), heads(k_all, nk, Hkv), heads(v_all, nk, Hkv)
     if spread:
@@ -383,10 +379,6 @@ def _with_cache(cache, layer, module, query, key, value, attention_mask, config,
     from . import generation
     if not getattr(module, "is_causal", False):
         raise NotImplementedError("generation with a PrismCache needs a causal (decoder) attention layer")
-    if config.dynamic:
-        raise NotImplementedError(f"anchors={config.anchors!r}, segments={config.segments!r} (data-dependent "
-                                  "segments) is an experiment of the simulation's forward; generation "
-                                  "supports the static policies only")
     if layer.counts is not None:
         return generation.decode_step(layer, query, key, value, attention_mask, config, scaling)
     averaging = getattr(module, "_prism_averaging", None)
@@ -399,8 +391,9 @@ def _with_cache(cache, layer, module, query, key, value, attention_mask, config,
     out = simulate_prism(query, key, value, config=config, causal=True, scale=scaling, key_valid=key_valid,
                          averaging=averaging, module=module, layout=layout,
                          plans=getattr(module, "_prism_plans", None),
-                         capture=lambda lay, k, v: seen.update(lay=lay, k=k, v=v))
-    generation.prefill(layer, cache.decode, seen["lay"], seen["k"], seen["v"], key, value, key_valid, config)
+                         capture=lambda lay, k, v, c: seen.update(lay=lay, k=k, v=v, c=c))
+    generation.prefill(layer, cache.decode, seen["lay"], seen["k"], seen["v"], key, value, key_valid, config,
+                       slot_counts=seen["c"])
     return out
 
 

@@ -187,11 +187,14 @@ class PrismCache(DynamicCache):
 # ------------------------------------------------------------------ attention side
 
 
-def prefill(layer: PrismCacheLayer, decode: str, lay, k_all, v_all, key, value, key_valid, config) -> None:
+def prefill(layer: PrismCacheLayer, decode: str, lay, k_all, v_all, key, value, key_valid, config,
+            slot_counts=None) -> None:
     """Replace the prefill rows of `layer` with what the last device keeps.
 
     lay, k_all, v_all: the layout and stacked key / value rows of the simulated devices
-    (hf.attention.simulate_prism's capture); key, value [B, Hkv, N, d] the prompt's own rows.
+    (hf.attention.simulate_prism's capture); slot_counts [R, nk]: their counts when they
+    are this layer's own (data-dependent segments; None: the layout's);
+    key, value [B, Hkv, N, d] the prompt's own rows.
     """
     B, Hkv, N, d = key.shape
     dev = key.device
@@ -217,7 +220,7 @@ def prefill(layer: PrismCacheLayer, decode: str, lay, k_all, v_all, key, value, 
         sel = row.clamp_min(0).to(dev)
         rows = lambda t: t.view(lay.rows, nk, Hkv, d).index_select(0, sel)[:, :width].transpose(1, 2)
         keys, values = rows(k_all), rows(v_all)
-        counts = lay.counts.index_select(0, sel)[:, :width].clone()
+        counts = (lay.counts if slot_counts is None else slot_counts).index_select(0, sel)[:, :width].clone()
         pos = lay.k_pos.index_select(0, sel)[:, :width].clone()
         pos[(row < 0).to(dev)] = BIG + 1                     # an all-padding sequence holds nothing
     else:

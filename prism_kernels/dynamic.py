@@ -1,11 +1,12 @@
 """Data-dependent segments: each device picks its partition's segments from the
-layer's keys (an experiment of the one-process simulation; the runtime refuses it).
+layer's keys, in the simulation (prism_kernels.hf) and the runtime alike.
 
-PrismConfig.anchors="special+topk" and PrismConfig.segments="content"
-(prism_kernels/anchors.py). The static plan (PrismConfig.plan) still fixes what
-does not depend on the data: the partitions, the rows m_j each partition sends
-and which special tokens stay alone. In every layer and for every sequence the
-sending device then chooses, from its own keys only:
+PrismConfig.anchors="special+topk" and PrismConfig.segments="content" /
+"content_sse" / "kmeans" (prism_kernels/anchors.py). The static plan
+(PrismConfig.plan(..., static=True)) still fixes what does not depend on the
+data: the partitions, the rows m_j each partition sends and which special tokens
+stay alone. In every layer and for every sequence the sending device then
+chooses, from its own keys only:
 
   * "special+topk": besides the special anchors, the `anchor_topk` tokens with the
     largest score go alone (count 1), out of the same m_j rows; score "key_norm"
@@ -18,15 +19,19 @@ sending device then chooses, from its own keys only:
     "kmeans": m_rest groups of similar keys, not necessarily contiguous (Lloyd's
     k-means started from the equal runs); otherwise equal runs (Alg. 2).
 
-What a runtime would have to send besides the means: each segment's count (m_j
-small integers per layer and sequence), since counts change from layer to layer.
-Positions are not needed for the causal mask: a causal device only receives
-earlier partitions, whose every token precedes all of its queries (the decoder's
-mask never hides a received row), so the static plan's positions stay valid.
+What crosses the network besides the means: each segment's count (m_j int32 per
+layer and sequence), since counts change from layer to layer (the runtime packs
+them in front of the rows, costs.comm.COUNT_BYTES). Positions are not needed for
+the causal mask: a causal device only receives earlier partitions, whose every
+token precedes all of its queries (the decoder's mask never hides a received
+row), so the static plan's positions stay valid.
 
-`assign(k, m, fixed, topk, score, content)` gives every token its segment
-([Bg, n] indices in 0..m-1) and the counts [Bg, m]; `segments_of(...)` turns one
-sequence's assignment into token tuples (for tests).
+`partition_segments(config, k, part, fixed, grid)` gives every token of a
+partition its segment ([Bg, n] indices in 0..m-1) and the counts [Bg, m] under a
+config's policy (`assign` with the policy's arguments); `fixed_anchors` says
+which of a partition's tokens the static plan keeps alone; `means` averages by
+an assignment; `segments_of(...)` turns one sequence's assignment into token
+tuples (for tests).
 """
 from __future__ import annotations
 
@@ -34,7 +39,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-from ..plan import _blocks, split_sizes
+from .plan import Partition, _blocks, split_sizes
 
 
 def sse_boundaries(x: torch.Tensor, m: int) -> torch.Tensor:
@@ -188,3 +193,23 @@ def segments_of(seg_of_row: torch.Tensor, offset: int) -> List[Tuple[int, ...]]:
     """One sequence's assignment [n] -> its segments as ascending global token tuples."""
     m = int(seg_of_row.max()) + 1
     return [tuple(offset + int(t) for t in (seg_of_row == s).nonzero().flatten()) for s in range(m)]
+
+
+# PrismConfig.segments -> assign's `content` argument
+CONTENT = {"content": True, "content_sse": "sse", "kmeans": "kmeans"}
+
+
+def fixed_anchors(part: Partition, anchors: Sequence[int]) -> Tuple[int, ...]:
+    """Local indices of the policy's static anchors (`anchors`: global token indices,
+    anchors.resolve) that the plan keeps alone in partition `part`."""
+    keep = set(anchors)
+    return tuple(s.tokens[0] - part.offset for s in part.segments if s.count == 1 and s.tokens[0] in keep)
+
+
+def partition_segments(config, k: torch.Tensor, part: Partition, fixed: Sequence[int],
+                       grid=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`assign` under a PrismConfig's data-dependent policy: k [Bg, n_j, F] the
+    partition's keys (rotated for rotary models), part its static plan (rows m_j)."""
+    topk = config.anchor_topk if config.anchors == "special+topk" else 0
+    return assign(k, part.num_segments, fixed, topk, config.anchor_score,
+                  CONTENT.get(config.segments, False), grid=grid, offset=part.offset)
