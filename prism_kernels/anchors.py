@@ -18,28 +18,33 @@ table gives one per model type, prism_kernels.models); `PrismConfig.anchors` and
 `anchors` and `grid` arguments of plan.make_plan for a sequence of n tokens.
 
 Policies (PrismConfig.anchors):
-  * "special" (default): the model's special tokens: the leading ones ([CLS], BOS or
-    a decoder's first token, register tokens) and the trailing ones ([SEP], </s>);
+  * "auto" (default): the best measured policy (docs/accuracy.md): "special+topk"
+    with the key-deviation score, where the means are taken of the attention input
+    with the log-count bias (the defaults); "special" otherwise (block_input
+    averaging takes its means before the keys exist). `resolve_anchors` decides;
+  * "special": the model's special tokens: the leading ones ([CLS], BOS or a
+    decoder's first token, register tokens) and the trailing ones ([SEP], </s>);
   * "first": the first token only;
   * "none": no anchors, the paper's plain means;
-  * "special+topk" (an experiment of the simulation, hf/dynamic.py): the special
-    tokens and, chosen by each device on its own in every layer, the
-    `anchor_topk` tokens of its partition with the largest local score
-    (`anchor_score`: "key_norm", the norm of the token's key; "key_dev", the
-    distance of its key from the partition's mean key), out of the same rows.
+  * "special+topk" (data-dependent, prism_kernels/dynamic.py): the special tokens
+    and, chosen by each device on its own in every layer, the `anchor_topk` tokens
+    of its partition with the largest local score (`anchor_score`: "key_dev"
+    (default), the distance of its key from the partition's mean key; "key_norm",
+    the norm of the token's key), out of the same rows.
 Segment shapes (PrismConfig.segments):
-  * "auto" (default): compact 2-D blocks of the patch grid for vision models,
-    contiguous runs for text;
-  * "runs": contiguous runs everywhere (the paper's Alg. 2);
-  * "content" (an experiment of the simulation, hf/dynamic.py): runs of the
-    non-anchor tokens whose m - 1 boundaries are where consecutive keys differ
-    most (||k_t - k_t-1||), chosen by each device in every layer;
+  * "auto" (default): compact 2-D blocks of the patch grid for vision models; for
+    text, contiguous runs, cut where the keys change (as "content_sse") when the
+    segments are chosen per layer anyway (data-dependent anchors), else equal runs;
+  * "runs": equal contiguous runs everywhere (the paper's Alg. 2);
+  * "content" (data-dependent): runs of the non-anchor tokens whose m - 1
+    boundaries are where consecutive keys differ most (||k_t - k_t-1||), chosen by
+    each device in every layer;
   * "content_sse" (likewise): the runs with the least total within-run squared
-    deviation of the keys (exact dynamic programming, hf/dynamic.py);
+    deviation of the keys (exact dynamic programming, prism_kernels/dynamic.py);
   * "kmeans" (likewise): groups of similar keys, not contiguous (k-means on each
     partition's keys, started from the runs).
-  The two experiments are data-dependent: the static plan (`resolve`) treats
-  them as "special" and "runs"; it fixes the rows m_j each partition sends.
+  For the data-dependent policies the static plan (`resolve`) fixes the rows m_j
+  each partition sends and the special anchors; the rest is chosen per layer.
 Budget (PrismConfig.anchor_budget):
   * "shared" (default): anchors come out of the partition's m_j rows, so the
     compression rate stays what it says: a partition sends exactly m_j rows (with
@@ -52,14 +57,15 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
-ANCHORS = ("special", "first", "none", "special+topk")
+ANCHORS = ("auto", "special", "first", "none", "special+topk")
 SEGMENTS = ("auto", "runs", "content", "content_sse", "kmeans")
 ANCHOR_SCORES = ("key_norm", "key_dev")
-# data-dependent policies: simulation only (prism_kernels/hf/dynamic.py)
+# data-dependent policies (prism_kernels/dynamic.py): counts travel with the means
 DYNAMIC_ANCHORS = ("special+topk",)
 DYNAMIC_SEGMENTS = ("content", "content_sse", "kmeans")
 ANCHOR_BUDGETS = ("shared", "extra")
-DEFAULT_ANCHORS = "special"
+DEFAULT_ANCHORS = "auto"
+DEFAULT_ANCHOR_SCORE = "key_dev"
 DEFAULT_SEGMENTS = "auto"
 DEFAULT_ANCHOR_BUDGET = "shared"
 
@@ -117,8 +123,17 @@ def check_policy(anchors: str, segments: str, anchor_budget: str) -> None:
             raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
+def resolve_anchors(anchors: str, averaging: str = "attention_input", count_bias: str = "log") -> str:
+    """The policy "auto" stands for: "special+topk" where the segments can be chosen
+    from the layer's keys (means of the attention input, log-count bias), else
+    "special". Other policies are returned as given."""
+    if anchors != "auto":
+        return anchors
+    return "special+topk" if averaging == "attention_input" and count_bias == "log" else "special"
+
+
 def is_dynamic(anchors: str, segments: str) -> bool:
-    """True when the segments depend on the layer's keys (simulation only)."""
+    """True when the segments depend on the layer's keys (anchors resolved)."""
     return anchors in DYNAMIC_ANCHORS or segments in DYNAMIC_SEGMENTS
 
 
@@ -129,6 +144,8 @@ def resolve(n: int, roles: Optional[TokenRoles], anchors: str = DEFAULT_ANCHORS,
     The data-dependent policies give their static part: "special+topk" the special
     tokens, "content" runs (hf/dynamic.py chooses the rest in every layer)."""
     roles = roles or TEXT
+    if anchors == "auto":
+        raise ValueError("anchors='auto' must be resolved first (resolve_anchors)")
     if anchors == "none":
         idx: Tuple[int, ...] = ()
     elif anchors == "first":

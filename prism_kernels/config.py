@@ -12,10 +12,13 @@
     - "block_input": the paper's choice, the block input (the residual stream),
       normalised by the receiving block's own pre-attention norm;
 * anchors, segments, anchor_budget: which tokens are sent alone and how the others
-  are grouped (prism_kernels/anchors.py). Defaults: the model's special tokens
-  alone ("special"), 2-D blocks of the patch grid for vision models ("auto"), out
-  of the same budget ("shared"). anchors="none", segments="runs" is the paper's
-  plain means;
+  are grouped (prism_kernels/anchors.py). Defaults ("auto", "auto", "shared"): the
+  model's special tokens and, chosen per layer by each device, the token whose key
+  its partition's mean represents worst, alone; the other tokens in 2-D blocks of
+  the patch grid for vision models, in runs cut where the keys change for text; out
+  of the same budget. With block_input averaging or the spread bias "auto" anchors
+  are the special tokens only. anchors="none", segments="runs" is the paper's
+  plain means. The config holds the resolved policy (anchors is never "auto");
 * count_bias: "log" (the paper's log-count bias) or "spread" (an experiment of the
   simulation: the bias corrected for the spread of a segment's keys, hf/spread_bias.py);
 * wire_dtype: element type of what crosses the network (fp32 | fp16 | bf16). The
@@ -37,8 +40,8 @@ import numbers
 from dataclasses import asdict, dataclass
 from typing import Optional, Tuple
 
-from .anchors import (ANCHOR_SCORES, DEFAULT_ANCHOR_BUDGET, DEFAULT_ANCHORS, DEFAULT_SEGMENTS, TokenRoles,
-                      check_policy, is_dynamic, resolve)
+from .anchors import (ANCHOR_SCORES, DEFAULT_ANCHOR_BUDGET, DEFAULT_ANCHOR_SCORE, DEFAULT_ANCHORS, DEFAULT_SEGMENTS,
+                      TokenRoles, check_policy, is_dynamic, resolve, resolve_anchors)
 from .costs.comm import check_wire_dtype
 from .plan import PrismPlan, check_compression_rate, make_plan
 
@@ -62,7 +65,7 @@ class PrismConfig:
     count_bias: str = "log"
     wire_dtype: str = "fp32"
     anchor_topk: int = 1
-    anchor_score: str = "key_norm"
+    anchor_score: str = DEFAULT_ANCHOR_SCORE
 
     def __post_init__(self):
         P = self.num_partitions
@@ -79,6 +82,10 @@ class PrismConfig:
         if self.averaging not in AVERAGING:
             raise ValueError(f"averaging must be one of {AVERAGING}, got {self.averaging!r}")
         check_policy(self.anchors, self.segments, self.anchor_budget)
+        if self.count_bias not in COUNT_BIASES:
+            raise ValueError(f"count_bias must be one of {COUNT_BIASES}, got {self.count_bias!r}")
+        # "auto": the best measured policy that this averaging and bias allow (anchors.resolve_anchors)
+        object.__setattr__(self, "anchors", resolve_anchors(self.anchors, self.averaging, self.count_bias))
         k = self.anchor_topk
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
             raise ValueError(f"anchor_topk must be an integer >= 0, got {k!r}")
@@ -88,8 +95,6 @@ class PrismConfig:
             raise ValueError(f"anchors={self.anchors!r}, segments={self.segments!r} (data-dependent segments, "
                              "chosen from each layer's keys) need averaging='attention_input' and "
                              "count_bias='log'")
-        if self.count_bias not in COUNT_BIASES:
-            raise ValueError(f"count_bias must be one of {COUNT_BIASES}, got {self.count_bias!r}")
         check_wire_dtype(self.wire_dtype)
         from .api import BACKENDS
         if self.backend not in BACKENDS:

@@ -83,8 +83,8 @@ def kmeans_groups(x: torch.Tensor, m: int, iters: int = 10) -> torch.Tensor:
     Bg, R, F = x.shape
     dev = x.device
     xd = x.double()
-    g = torch.repeat_interleave(torch.arange(m, device=dev),
-                                torch.tensor(split_sizes(R, m), device=dev)).expand(Bg, R).clone()
+    g = torch.repeat_interleave(torch.arange(m, device=dev), torch.tensor(split_sizes(R, m), device=dev),
+                                output_size=R).expand(Bg, R).clone()
     rows = torch.arange(Bg, device=dev)[:, None] * m
     for _ in range(iters):
         cnt = torch.zeros(Bg, m, dtype=torch.float64, device=dev).scatter_add_(1, g, torch.ones_like(xd[..., 0]))
@@ -166,8 +166,9 @@ def assign(k: torch.Tensor, m: int, fixed: Sequence[int] = (), topk: int = 0, sc
         if starts is not None:
             seg_rest = starts.cumsum(1)
     else:
+        # (output_size: a size known when traced, so torch.compile(fullgraph=True) needs no guard)
         table = torch.repeat_interleave(torch.arange(m_rest, device=dev),
-                                        torch.tensor(split_sizes(R, m_rest), device=dev))
+                                        torch.tensor(split_sizes(R, m_rest), device=dev), output_size=R)
         seg_rest = table.expand(Bg, R)
     seg_of = torch.empty(Bg, n, dtype=torch.int64, device=dev)
     seg_of.scatter_(1, rest, seg_rest)
@@ -211,5 +212,8 @@ def partition_segments(config, k: torch.Tensor, part: Partition, fixed: Sequence
     """`assign` under a PrismConfig's data-dependent policy: k [Bg, n_j, F] the
     partition's keys (rotated for rotary models), part its static plan (rows m_j)."""
     topk = config.anchor_topk if config.anchors == "special+topk" else 0
-    return assign(k, part.num_segments, fixed, topk, config.anchor_score,
-                  CONTENT.get(config.segments, False), grid=grid, offset=part.offset)
+    content = CONTENT.get(config.segments, False)
+    if config.segments == "auto" and grid is None:       # text: runs cut where the keys change
+        content = "sse"
+    return assign(k, part.num_segments, fixed, topk, config.anchor_score, content, grid=grid,
+                  offset=part.offset)

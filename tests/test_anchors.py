@@ -22,15 +22,15 @@ def segments(plan):
 
 def test_bert_cls_and_sep_alone_out_of_the_budget():
     # 10 tokens, P = 2, m = 3: [CLS] and [SEP] take one of their partition's 3 rows each
-    plan = PrismConfig(2, num_means=3).plan(10, False, roles=BERT)
+    plan = PrismConfig(2, num_means=3, anchors="special").plan(10, False, roles=BERT)
     assert segments(plan) == [[[0], [1, 2], [3, 4]], [[5, 6], [7, 8], [9]]]
     assert plan.means == (3, 3)
 
 
 def test_extra_budget_adds_the_anchors():
-    plan = PrismConfig(2, num_means=2, anchor_budget="extra").plan(10, False, roles=BERT)
+    plan = PrismConfig(2, num_means=2, anchors="special", anchor_budget="extra").plan(10, False, roles=BERT)
     assert segments(plan) == [[[0], [1, 2], [3, 4]], [[5, 6], [7, 8], [9]]]
-    plan = PrismConfig(2, num_means=2).plan(10, False, roles=BERT)
+    plan = PrismConfig(2, num_means=2, anchors="special").plan(10, False, roles=BERT)
     assert segments(plan) == [[[0], [1, 2, 3, 4]], [[5, 6, 7, 8], [9]]]
 
 
@@ -43,15 +43,15 @@ def test_policies_first_and_none():
 
 def test_shared_budget_sends_exactly_m_rows():
     # [CLS] and [SEP] in one partition of m = 2: [CLS] alone, [SEP] averaged; m = 1: one plain mean
-    assert segments(PrismConfig(1, num_means=2).plan(6, False, roles=BERT)) == [[[0], [1, 2, 3, 4, 5]]]
-    assert segments(PrismConfig(1, num_means=1).plan(6, False, roles=BERT)) == [[[0, 1, 2, 3, 4, 5]]]
-    assert segments(PrismConfig(1, num_means=1, anchor_budget="extra").plan(6, False, roles=BERT)) == \
+    assert segments(PrismConfig(1, num_means=2, anchors="special").plan(6, False, roles=BERT)) == [[[0], [1, 2, 3, 4, 5]]]
+    assert segments(PrismConfig(1, num_means=1, anchors="special").plan(6, False, roles=BERT)) == [[[0, 1, 2, 3, 4, 5]]]
+    assert segments(PrismConfig(1, num_means=1, anchors="special", anchor_budget="extra").plan(6, False, roles=BERT)) == \
         [[[0], [1, 2, 3, 4], [5]]]
 
 
 def test_vit_blocks_of_the_patch_grid():
     # 4 x 4 patches (tokens 1..16, row-major) after [CLS]; P = 2: tokens 0..8 and 9..16
-    plan = PrismConfig(2, num_means=3).plan(17, False, roles=VIT_4x4)
+    plan = PrismConfig(2, num_means=3, anchors="special").plan(17, False, roles=VIT_4x4)
     assert segments(plan)[0] == [[0], [1, 2, 5, 6], [3, 4, 7, 8]]
     plan = PrismConfig(2, num_means=2, segments="runs", anchors="none").plan(17, False, roles=VIT_4x4)
     assert segments(plan) == [[[0, 1, 2, 3, 4], [5, 6, 7, 8]], [[9, 10, 11, 12], [13, 14, 15, 16]]]
@@ -66,7 +66,7 @@ def test_grid_follows_the_input_resolution():
 
 
 def test_decoder_first_token_alone_and_causal_positions():
-    plan = PrismConfig(3, compression_rate=2.5).plan(17, True, roles=lookup("llama").roles(None))
+    plan = PrismConfig(3, compression_rate=2.5, anchors="special").plan(17, True, roles=lookup("llama").roles(None))
     assert segments(plan)[:2] == [[[0], [1, 2, 3], [4, 5]], [[6, 7], [8, 9], [10, 11]]]
     # a mean is visible from its segment's last token on (the partition-aware mask)
     assert plan.device(2).key_positions[5:] == (0, 3, 5, 7, 9, 11)
@@ -220,7 +220,8 @@ def test_dynamic_layer_against_python_ref(policy, causal):
     from prism_kernels.hf.attention import simulate_prism
     q, k, v = _plant()
     if policy == "topk":
-        cfg = PrismConfig(2, num_means=3, anchors="special+topk", anchor_topk=1, backend="torch")
+        cfg = PrismConfig(2, num_means=3, anchors="special+topk", anchor_topk=1, anchor_score="key_norm",
+                          segments="runs", backend="torch")
         for b, (t0, t1) in enumerate([(3, 8), (2, 10)]):                       # planted large keys
             k[b, :, t0] *= 20
             k[b, :, t1] *= 20
@@ -264,7 +265,25 @@ def test_dynamic_policies_refuse_what_they_cannot_do():
     with pytest.raises(ValueError, match="no fixed plan.*static=True"):
         cfg.plan(20, False)                                  # its segments would not be the ones sent
     assert cfg.plan(20, False, static=True).means == (3, 3)
-    assert not PrismConfig(2, compression_rate=4).dynamic
+    assert not PrismConfig(2, compression_rate=4, anchors="special").dynamic
+
+
+def test_auto_anchors_are_the_measured_best_that_the_settings_allow():
+    """anchors="auto" (the default): special tokens + top-1 by key deviation, chosen per
+    layer, under attention_input averaging and the log-count bias; the special tokens
+    alone where the keys are not there to choose from (block_input averaging) or the
+    bias is the spread experiment."""
+    cfg = PrismConfig(2, compression_rate=4)
+    assert (cfg.anchors, cfg.anchor_score, cfg.anchor_topk, cfg.segments) == ("special+topk", "key_dev", 1, "auto")
+    assert cfg.dynamic
+    for kw in (dict(averaging="block_input"), dict(count_bias="spread")):
+        c = PrismConfig(2, compression_rate=4, **kw)
+        assert c.anchors == "special" and not c.dynamic, kw
+    assert PrismConfig(2, compression_rate=4, anchors="none").anchors == "none"
+    # the resolved policy is what the config holds and passes on
+    assert PrismConfig.from_any(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="resolve"):
+        resolve(10, BERT, "auto")
 
 
 def test_topk_anchor_with_2d_blocks_against_python_ref():
@@ -275,7 +294,7 @@ def test_topk_anchor_with_2d_blocks_against_python_ref():
     q, k, v = _plant(B=1, N=17)
     k[0, :, 6] *= 20
     k[0, :, 12] *= 20
-    cfg = PrismConfig(2, num_means=4, anchors="special+topk", backend="torch")
+    cfg = PrismConfig(2, num_means=4, anchors="special+topk", anchor_score="key_norm", backend="torch")
     out = simulate_prism(q, k, v, config=cfg, causal=False, scale=0.5, roles=VIT_4x4)
     segs = [[[[0], [6], [1, 2, 3, 5], [4, 7, 8]], [[9, 13], [10, 14], [11, 15, 16], [12]]]]
     _check_against_python_ref(out, q, k, v, segs, [9, 8], False)

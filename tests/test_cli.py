@@ -84,21 +84,22 @@ def test_costs_json_matches_api(capsys):
                 "comm_speedup_pct", "comp_speedup_pct"):
         assert d[key] == pytest.approx(getattr(r, key))
     assert d["prism_gflops_per_device"] == pytest.approx(32.64, rel=0.015)     # paper, Table VI
-    assert d["dtype"] == "fp32" and d["prism_bytes_devices"] == [13 * 768 * 4] * 2
+    # 13 means of 768 floats, each with its int32 count (the default segments are chosen per layer)
+    assert d["dtype"] == "fp32" and d["prism_bytes_devices"] == [13 * (768 * 4 + 4)] * 2
 
 
 def test_costs_dtype_changes_bytes(capsys):
     rc, out, _ = run_cli(capsys, "costs", "--model", "bert-base", "--partitions", "2", "--means", "1",
                          "--dtype", "fp16", "--json")
     d = json.loads(out)
-    assert d["prism_bytes_devices"] == [768 * 2, 768 * 2]
+    assert d["prism_bytes_devices"] == [768 * 2 + 4, 768 * 2 + 4]       # + the mean's int32 count
     assert d["voltage_bytes_devices"] == [128 * 768 * 2] * 2
     # --wire-dtype, the name shared with `prism run`: bf16 halves fp32's bytes too
     for dtype, size in (("fp32", 4), ("bf16", 2)):
         rc, out, _ = run_cli(capsys, "costs", "--model", "bert-base", "--partitions", "2", "--means", "1",
                              "--wire-dtype", dtype, "--json")
         d = json.loads(out)
-        assert rc == 0 and d["wire_dtype"] == dtype and d["prism_bytes_devices"] == [768 * size] * 2
+        assert rc == 0 and d["wire_dtype"] == dtype and d["prism_bytes_devices"] == [768 * size + 4] * 2
 
 
 def test_costs_human_table(capsys):

@@ -172,7 +172,7 @@ def test_cr1_prism_equals_voltage(model, n, p):
 
 
 def test_tokens_and_bytes():
-    r = estimate("vit-b16", 197, 3, num_means=[10, 20, 30], dtype_bytes=2)
+    r = estimate("vit-b16", 197, 3, num_means=[10, 20, 30], dtype_bytes=2, anchors="special")   # a static plan
     assert r.partition_sizes == [66, 66, 65]
     assert r.voltage_tokens_devices == [131, 131, 132]
     assert r.prism_tokens_devices == [50, 40, 30]
@@ -188,8 +188,10 @@ def test_tokens_and_bytes():
 def test_data_dependent_segments_send_their_counts(policy):
     """Chosen per layer, a segment's count is not known to the receiver: an int32 (4 bytes)
     travels with every row; the rows themselves are the static policy's."""
-    static = estimate("vit-b16", 197, 3, num_means=[10, 20, 30], dtype_bytes=2)
-    r = estimate("vit-b16", 197, 3, num_means=[10, 20, 30], dtype_bytes=2, **policy)
+    static = estimate("vit-b16", 197, 3, num_means=[10, 20, 30], dtype_bytes=2, anchors="special")
+    r = estimate("vit-b16", 197, 3, num_means=[10, 20, 30], dtype_bytes=2, **dict(dict(anchors="special"), **policy))
+    assert estimate("vit-b16", 197, 3, num_means=[10, 20, 30], dtype_bytes=2).prism_bytes_devices == \
+        r.prism_bytes_devices                     # the default ("auto" anchors: special+topk) sends counts
     assert r.prism_tokens_devices == static.prism_tokens_devices == [50, 40, 30]
     assert r.prism_bytes_devices == [t * (768 * 2 + 4) for t in (50, 40, 30)]
     assert r.prism_bytes_per_layer == pytest.approx(40 * (768 * 2 + 4))
@@ -295,7 +297,7 @@ def test_uneven_sizes_and_weights():
 
 @pytest.mark.parametrize("model", ["qwen2", "roberta", "qwen2-0.5b", "roberta-base"])
 def test_qwen2_and_roberta(model):
-    r = estimate(model, 128, 2, compression_rate=8)
+    r = estimate(model, 128, 2, compression_rate=8, anchors="special")
     assert r.kind == ("causal" if model.startswith("qwen2") else "encoder")
     assert r.means_per_partition == [8, 8]
     assert r.prism_gflops_per_device < r.voltage_gflops_per_device < r.single_gflops

@@ -279,6 +279,19 @@ SCEN3 = [
     dict(name="roberta_dynamic_noverlap", family="roberta", mode="prism", num_means=3, overlap=False,
          anchors="special+topk", anchor_score="key_dev", segments="content"),
 ]
+# The package's default policy (data-dependent: special tokens and the top-1 key alone,
+# content runs for text, 2-D blocks for images) in the *_default scenarios; every other
+# scenario names its policy, the static special tokens unless it says otherwise, so that
+# python_ref checks its plan independently.
+SCEN2 += [dict(name="bert_default", family="bert", mode="prism", num_means=3, default=True),
+          dict(name="llama_default", family="llama", mode="prism", num_means=3, seq_len=20, default=True),
+          dict(name="vit_default", family="vit", mode="prism", num_means=3, default=True)]
+SCEN3 += [dict(name="gpt2_default", family="gpt2", mode="prism", num_means=3, seq_len=24, default=True),
+          dict(name="dinov2_default", family="dinov2", mode="prism", num_means=3, default=True)]
+for _scen in (SCEN2, SCEN3):
+    for _s in _scen:
+        if _s["mode"] == "prism" and "anchors" not in _s and not _s.get("default"):
+            _s["anchors"] = "special"
 # the hidden-state start-up (`--input hidden`, rank 0 embeds everything) for one prism
 # scenario of every family: the default raw start-up must give the same outputs
 for _scen in (SCEN2, SCEN3):
@@ -392,8 +405,8 @@ def test_bytes_per_layer_equal_cost_model(run_scenarios):
                 tokens = sum(ms[j] for j in range(P) if j != i and (not causal or j < i))
             width = D if rep["wire"] == "hidden" else 2 * Hkv * entry.head_dim(cfg)
             assert rep["wire_dtype"] == s.get("wire_dtype", "fp32"), (s["name"], rep)
-            dynamic = s["mode"] == "prism" and ("topk" in s.get("anchors", "") or
-                                                s.get("segments", "auto") not in ("auto", "runs"))
+            dynamic = s["mode"] == "prism" and prism_config(
+                P, num_means=1, averaging=rep["averaging"], **{k: s[k] for k in POLICY if k in s}).dynamic
             # a data-dependent segment's count travels with its row, as an int32
             want = tokens * (width * ELEMENT_BYTES[rep["wire_dtype"]] + (4 if dynamic else 0))
             # the project's cost model (`prism costs`)
@@ -616,9 +629,10 @@ def test_cli_torchrun_and_json(tmp_path):
     line = [l for l in p.stdout.splitlines() if l.startswith("{")][-1]
     d = json.loads(line)
     assert d["bytes_match_cost_model"] and d["world"] == 2 and d["means"] == [2, 2]
-    # causal: rank 0 receives nothing, rank 1 receives partition 0's 2 means of D=32 floats per layer
+    # causal: rank 0 receives nothing, rank 1 receives partition 0's 2 means of D=32 floats per layer,
+    # each with its int32 count (the default segments are chosen per layer from the keys)
     assert d["layer_bytes_per_rank"][0] == {} or set(d["layer_bytes_per_rank"][0].values()) == {0}
-    assert set(d["layer_bytes_per_rank"][1].values()) == {2 * 32 * 4}
+    assert set(d["layer_bytes_per_rank"][1].values()) == {2 * (32 * 4 + 4)}
     assert len(d["times_s"]) == 2 and d["wire_dtype"] == "fp32"
     # fp16 on the wire: half the bytes, named in the human-readable report
     p = subprocess.run([sys.executable, "-m", "prism_kernels.cli", "run", "--nproc", "2", "--family", "gpt2",
@@ -626,8 +640,8 @@ def test_cli_torchrun_and_json(tmp_path):
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "wire=hidden (32 floats per row, fp16)" in p.stdout, p.stdout
-    assert ("rank 1: start-up bytes 40 (raw; cost model 40), bytes received per layer [128] "
-            "(cost model 128, match=True)") in p.stdout, p.stdout
+    assert ("rank 1: start-up bytes 40 (raw; cost model 40), bytes received per layer [136] "
+            "(cost model 136, match=True)") in p.stdout, p.stdout                # 2 x (32 x 2 + 4)
     # raw start-up: rank 1 receives its 5 int64 token ids, not 5 rows of 32 floats
     assert d["input"] == "raw" and d["startup_bytes_per_rank"] == [0, 5 * 8], d
     assert d["speeds"] is None and d["calibrated"] is False
@@ -639,7 +653,7 @@ def test_cli_calibrate(tmp_path):
     from prism_kernels.plan import proportional_sizes
     out = tmp_path / "out.pt"
     res, _ = launch(2, ["--family", "bert", "--seq-len", "12", "--cr", "2", "--calibrate", "--json",
-                        "--gather", "all", "--no-compare", "--out", str(out)])
+                        "--gather", "all", "--no-compare", "--out", str(out), "--anchors", "special"])
     for rc, o, e in res:
         assert rc == 0, e[-3000:]
     d = json.loads([l for l in res[0][1].splitlines() if l.startswith("{")][-1])
@@ -651,7 +665,7 @@ def test_cli_calibrate(tmp_path):
     assert d["sizes"] == proportional_sizes(12, speeds)
     assert d["bytes_match_cost_model"]
     saved = torch.load(out, weights_only=False)
-    hidden, head = simulate("bert", saved["inputs"], 2, cr=2.0, weights=speeds)
+    hidden, head = simulate("bert", saved["inputs"], 2, cr=2.0, weights=speeds, anchors="special")
     close(saved["result"]["hidden"], hidden)
     close(saved["result"]["head"], head)
 

@@ -110,6 +110,7 @@ def test_prism_decode_equals_forward_with_extended_last_partition(model_type, P,
     ids = _ids()
     phf.enable_prism(model, num_partitions=P, compression_rate=CR, averaging=averaging, **policy)
     tok, logits, out = _generate(model, ids)
+    new = logits.shape[1]                     # NEW, or fewer after an end-of-sequence token
     stock_tok = None
     # step 0: the first token's logits are the plain Prism forward's (no cache) at the last position
     with torch.no_grad():
@@ -120,16 +121,16 @@ def test_prism_decode_equals_forward_with_extended_last_partition(model_type, P,
                                                **policy))
     seq = torch.cat([ids, tok], 1)
     with torch.no_grad():
-        for k in range(1, NEW):
+        for k in range(1, new):
             ref = model(seq[:, :N + k], use_cache=False).logits[:, -1]
             torch.testing.assert_close(logits[:, k], ref, atol=1e-4, rtol=1e-4)
     # the cache: own rows + m_j = ceil(n_j / CR) means of every earlier partition (Eq. 16), + fed tokens
     sizes = _sizes(N, P)
-    expected = sizes[-1] + sum(min(n, max(1, math.ceil(n / CR))) for n in sizes[:-1]) + NEW - 1
+    expected = sizes[-1] + sum(min(n, max(1, math.ceil(n / CR))) for n in sizes[:-1]) + new - 1
     rep = phf.cache_rows(out.cache)
     assert rep.rows == [[expected]] * model.config.num_hidden_layers
-    assert rep.stock_rows == [N + NEW - 1]
-    assert rep.bytes * (N + NEW - 1) == rep.stock_bytes * expected
+    assert rep.stock_rows == [N + new - 1]
+    assert rep.bytes * (N + new - 1) == rep.stock_bytes * expected
     # and compression did change the generation (the check above is not vacuous)
     phf.disable_prism(model)
     stock_logits = _generate(model, ids)[1]
@@ -137,9 +138,9 @@ def test_prism_decode_equals_forward_with_extended_last_partition(model_type, P,
     if policy:
         # the cache holds each layer's own counts, not the static plan's
         layers = [l for l in out.cache.layers if isinstance(l, generation.PrismCacheLayer)]
-        static = PrismConfig(num_partitions=P, compression_rate=CR).plan(N, True)
-        plan_counts = python_ref.device_tensors(static, P - 1)[0][:expected - NEW + 1]
-        held = [l.counts[0, :expected - NEW + 1] for l in layers]
+        static = PrismConfig(num_partitions=P, compression_rate=CR, anchors="special").plan(N, True)
+        plan_counts = python_ref.device_tensors(static, P - 1)[0][:expected - new + 1]
+        held = [l.counts[0, :expected - new + 1] for l in layers]
         assert all(int(c.sum()) == N for c in held)
         assert any(not torch.equal(c, plan_counts) for c in held)
         if policy is DYN:       # (seen: the k-means groups of this tiny GPT-2 are alike in its 2 layers)

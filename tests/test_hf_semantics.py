@@ -229,22 +229,22 @@ def test_vit_layer_against_python_ref(averaging):
 
 @pytest.mark.parametrize("averaging", ["attention_input", "block_input"])
 def test_gpt2_anchored_layer_against_python_ref(averaging):
-    """The default policy on a decoder: token 0 is sent alone, out of partition 0's
+    """The special-token policy on a decoder: token 0 is sent alone, out of partition 0's
     budget. 17 tokens, P = 3 (6 + 6 + 5), CR 2.5: m = 3, 3, 2; the segments are
     written out by hand and python_ref computes the layer from them."""
     segs = [[[0], [1, 2, 3], [4, 5]], [[6, 7], [8, 9], [10, 11]], [[12, 13, 14], [15, 16]]]
     _gpt2_layer_vs_python_ref(averaging, plan_from_segments(17, [6, 6, 5], segs, causal=True),
-                              num_partitions=3, compression_rate=2.5)
+                              num_partitions=3, compression_rate=2.5, anchors="special")
 
 
 @pytest.mark.parametrize("averaging", ["attention_input", "block_input"])
 def test_vit_anchor_and_2d_blocks_against_python_ref(averaging):
-    """The default policy on a ViT: [CLS] alone and 2 x 2 blocks of the 4 x 4 patch
+    """The special-token policy on a ViT: [CLS] alone and 2 x 2 blocks of the 4 x 4 patch
     grid (tokens 1..16, row-major). P = 2 (9 + 8 tokens), 2 means each plus the
     anchor on top (anchor_budget="extra"); segments written out by hand."""
     segs = [[[0], [1, 2, 5, 6], [3, 4, 7, 8]], [[9, 10, 13, 14], [11, 12, 15, 16]]]
     _vit_layer_vs_python_ref(averaging, plan_from_segments(17, [9, 8], segs), num_partitions=2, num_means=2,
-                             anchor_budget="extra")
+                             anchors="special", anchor_budget="extra")
 
 
 def _ref_plan(sizes, cr, causal):
@@ -338,9 +338,10 @@ def test_block_input_equals_attention_input_on_post_ln_bert():
     model = bert()
     ids = _ids()
     with torch.no_grad():
+        # (block_input's "auto" anchors are the special tokens: the same policy on both sides)
         phf.enable_prism(model, num_partitions=3, compression_rate=4.0, averaging="block_input")
         a = _out(model, input_ids=ids)
-        phf.enable_prism(model, num_partitions=3, compression_rate=4.0)
+        phf.enable_prism(model, num_partitions=3, compression_rate=4.0, anchors="special")
         b = _out(model, input_ids=ids)
         ref = _out(phf.disable_prism(model), input_ids=ids)
     assert torch.allclose(a, b, atol=1e-5 * b.abs().max())

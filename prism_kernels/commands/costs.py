@@ -51,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="what the means are taken of; sets the wire format (rotary models send K/V means "
                         "under attention_input)")
     p.add_argument("--anchors", choices=ANCHORS, default=DEFAULT_ANCHORS,
-                   help="tokens sent alone (as `prism run`): special (default), first, none or special+topk")
+                   help="tokens sent alone (as `prism run`): auto (default; special+topk under attention_input), special, first, none or special+topk")
     p.add_argument("--segments", choices=SEGMENTS, default=DEFAULT_SEGMENTS,
                    help="segment shapes (as `prism run`); content / content_sse / kmeans (and anchors "
                         "special+topk) send each row's count too (4 bytes)")

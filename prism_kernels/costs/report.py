@@ -14,7 +14,7 @@ import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Union
 
-from ..anchors import DEFAULT_ANCHOR_BUDGET, DEFAULT_ANCHORS, DEFAULT_SEGMENTS, check_policy, is_dynamic, resolve
+from ..anchors import DEFAULT_ANCHOR_BUDGET, DEFAULT_ANCHORS, DEFAULT_SEGMENTS, check_policy, is_dynamic, resolve, resolve_anchors
 from ..models.table import token_roles
 from ..plan import make_plan
 from .comm import COUNT_BYTES, INPUT_DTYPE_BYTES, bytes_for, floats_per_row, startup_bytes, received_tokens, voltage_received_tokens, wire_format
@@ -151,6 +151,7 @@ def estimate(model, seq_len: Optional[int] = None, num_partitions: Optional[int]
         # one m for every partition, checked against each partition (1 <= m <= n_j)
         num_means = [num_means] * (num_partitions or len(sizes if sizes is not None else weights))
     check_policy(anchors, segments, anchor_budget)
+    anchors = resolve_anchors(anchors, averaging)
     counts = is_dynamic(anchors, segments)
     roles = token_roles(spec.config)
     anchor_idx, _ = resolve(n, roles, anchors, "runs")

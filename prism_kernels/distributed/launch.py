@@ -23,29 +23,30 @@ import sys
 import time
 from datetime import timedelta
 
-from ..anchors import (ANCHOR_BUDGETS, ANCHOR_SCORES, ANCHORS, DEFAULT_ANCHOR_BUDGET, DEFAULT_ANCHORS,
-                       DEFAULT_SEGMENTS, SEGMENTS)
+from ..anchors import (ANCHOR_BUDGETS, ANCHOR_SCORES, ANCHORS, DEFAULT_ANCHOR_BUDGET, DEFAULT_ANCHOR_SCORE,
+                       DEFAULT_ANCHORS, DEFAULT_SEGMENTS, SEGMENTS)
 
 
 def add_policy_arguments(p: argparse.ArgumentParser):
     """Which tokens are sent alone and how the others are grouped (PrismConfig's anchors,
     segments, anchor_budget, anchor_topk, anchor_score): `prism run` and `prism generate`."""
     p.add_argument("--anchors", default=DEFAULT_ANCHORS, choices=ANCHORS,
-                   help="tokens sent alone instead of averaged: the model's special tokens ([CLS], "
-                        "[SEP], a decoder's first token; default), the first token, none (the "
-                        "paper's plain means), or special+topk (also the --anchor-topk tokens of each "
-                        "partition with the largest --anchor-score, chosen per layer); docs/method.md, "
-                        "\"Anchors and 2-D segments\"")
+                   help="tokens sent alone instead of averaged: auto (default) = special+topk, or "
+                        "special with --averaging block_input; special = the model's special tokens "
+                        "([CLS], [SEP], a decoder's first token); first; none (the paper's plain means); "
+                        "special+topk = also the --anchor-topk tokens of each partition with the largest "
+                        "--anchor-score, chosen per layer; docs/method.md, \"Anchors and 2-D segments\"")
     p.add_argument("--segments", default=DEFAULT_SEGMENTS, choices=SEGMENTS,
-                   help="segment shapes: auto = 2-D blocks of the patch grid for vision models, runs "
-                        "for text (default); runs = contiguous runs everywhere (the paper's); content, "
-                        "content_sse, kmeans = chosen per layer from each partition's keys "
-                        "(the counts then travel with the means)")
+                   help="segment shapes: auto (default) = 2-D blocks of the patch grid for vision models; "
+                        "for text, runs cut where the keys change when the anchors are chosen per layer, "
+                        "else equal runs; runs = equal runs everywhere (the paper's); content, "
+                        "content_sse, kmeans = chosen per layer from each partition's keys. Segments "
+                        "chosen per layer send their counts with the means (4 bytes a row)")
     p.add_argument("--anchor-budget", default=DEFAULT_ANCHOR_BUDGET, choices=ANCHOR_BUDGETS,
                    help="anchors out of the partition's m means (shared, default) or on top (extra)")
     p.add_argument("--anchor-topk", type=int, default=1,
                    help="with --anchors special+topk: tokens per partition sent alone besides the special ones")
-    p.add_argument("--anchor-score", default="key_norm", choices=ANCHOR_SCORES,
+    p.add_argument("--anchor-score", default=DEFAULT_ANCHOR_SCORE, choices=ANCHOR_SCORES,
                    help="with --anchors special+topk: key_norm = ||k||, key_dev = ||k - the partition's mean key||")
 
 

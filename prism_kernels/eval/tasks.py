@@ -201,7 +201,7 @@ def effective_cr(n_tokens: int, p: int, cr: float, causal: bool = False) -> floa
     the means of partitions j < i."""
     from ..config import PrismConfig
 
-    plan = PrismConfig(num_partitions=p, compression_rate=cr).plan(n_tokens, causal)
+    plan = PrismConfig(num_partitions=p, compression_rate=cr).plan(n_tokens, causal, static=True)
     ratios = [sum(plan.sizes[j] for j in d.sources) / d.tokens_received for d in plan.devices if d.sources]
     return float(np.mean(ratios))
 

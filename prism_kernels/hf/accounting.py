@@ -13,7 +13,9 @@ the same code as `prism costs` (docs/method.md, "Costs"):
 
 * tokens received per device per layer: Prism = the plan's `tokens_received` (causal
   models: earlier partitions only); Voltage = N - n_i. Bytes = tokens x hidden size x
-  bytes per element of the model's dtype (counts are not sent: they follow from the plan).
+  bytes per element of the model's dtype, plus each row's count (costs.comm.COUNT_BYTES)
+  when the segments are chosen per layer (data-dependent policies; with a static plan
+  the counts follow from the plan and are not sent).
 * FLOPs per device (whole forward): device_flops(config, q_rows=n_i, kv_rows=n_i +
   received); Voltage kv_rows = N; single device q = kv = N. The classification head
   counts on device 0 only (it holds [CLS]); the master's embedding work
@@ -60,6 +62,8 @@ class Account:
         one device running it; all averaged over sequences. *_total_gflops: whole batch."""
         from prism_kernels.costs import bytes_for, device_flops, embedding_flops
         from prism_kernels.costs import dtype_bytes as _dtype_bytes
+        from prism_kernels.costs.comm import COUNT_BYTES
+        from .attention import get_prism_config
 
         cfg = self.model.config
         if dtype_bytes is None:
@@ -83,10 +87,11 @@ class Account:
         mean = lambda xs: sum(xs) / len(xs)
         pt, vt = mean([r.received_tokens for r in layer0]), mean([r.voltage_tokens for r in layer0])
         row = bytes_for(1, cfg.hidden_size, dtype_bytes)
+        prism_row = row + (COUNT_BYTES if get_prism_config(self.model).dynamic else 0)
         out = {"sequences": len(seqs), "layers": self.num_layers, "hidden_size": cfg.hidden_size,
                "dtype_bytes": dtype_bytes,
                "prism_tokens_per_device_layer": pt, "voltage_tokens_per_device_layer": vt,
-               "prism_bytes_per_device_layer": row * pt, "voltage_bytes_per_device_layer": row * vt,
+               "prism_bytes_per_device_layer": prism_row * pt, "voltage_bytes_per_device_layer": row * vt,
                "compression_rate": (vt / pt) if pt else None,
                "single_gflops": mean(single), "single_total_gflops": sum(single)}
         for who, seq in per.items():

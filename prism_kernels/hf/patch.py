@@ -30,7 +30,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..anchors import DEFAULT_ANCHOR_BUDGET, DEFAULT_ANCHORS, DEFAULT_SEGMENTS
+from ..anchors import DEFAULT_ANCHOR_BUDGET, DEFAULT_ANCHOR_SCORE, DEFAULT_ANCHORS, DEFAULT_SEGMENTS
 from ..config import PrismConfig
 from .attention import prism_attention_forward
 from .averaging import make_averaging
@@ -135,17 +135,17 @@ def enable_prism(model, num_partitions: int = 2, *, compression_rate: Optional[f
                  backend: str = "auto", partition_weights: Optional[Sequence[float]] = None,
                  anchors: str = DEFAULT_ANCHORS, segments: str = DEFAULT_SEGMENTS,
                  anchor_budget: str = DEFAULT_ANCHOR_BUDGET, count_bias: str = "log",
-                 anchor_topk: int = 1, anchor_score: str = "key_norm", wire_dtype: str = "fp32",
+                 anchor_topk: int = 1, anchor_score: str = DEFAULT_ANCHOR_SCORE, wire_dtype: str = "fp32",
                  config: Optional[PrismConfig] = None, allow_untested: bool = False, decode: str = "prism"):
     """Run `model` as P simulated Prism devices. Returns the model (modified in place).
 
     Give compression_rate (CR >= 1, Eq. 16) or num_means (m per partition), or a
     ready PrismConfig (or its dict) as `config`. Calling it again replaces the
-    settings. anchors / segments / anchor_budget choose which tokens are sent alone
-    and how the others are grouped (prism_kernels/anchors.py; anchors="none",
-    segments="runs" is the paper's plain means); count_bias="spread" is an experiment
-    (hf/spread_bias.py), as are anchors="special+topk" (anchor_topk, anchor_score) and
-    segments="content" (hf/dynamic.py). wire_dtype (fp32 | fp16 | bf16) rounds every row a device
+    settings. anchors / segments / anchor_budget / anchor_topk / anchor_score choose
+    which tokens are sent alone and how the others are grouped (prism_kernels/anchors.py;
+    the defaults are the best measured policy, with segments chosen per layer from the
+    keys, prism_kernels/dynamic.py; anchors="none", segments="runs" is the paper's plain
+    means); count_bias="spread" is an experiment (hf/spread_bias.py). wire_dtype (fp32 | fp16 | bf16) rounds every row a device
     receives (means and anchors) to that type, as `prism run --wire-dtype` sends them. Raises ValueError at once for invalid settings (backend included) and
     for a model whose config.model_type is not in prism_kernels.models.MODEL_TYPES
     (unless allow_untested=True).
