@@ -28,13 +28,16 @@ Policies (PrismConfig.anchors):
   * "none": no anchors, the paper's plain means;
   * "special+topk" (data-dependent, prism_kernels/dynamic.py): the special tokens
     and, chosen by each device on its own in every layer, the `anchor_topk` tokens
-    of its partition with the largest local score (`anchor_score`: "key_dev"
-    (default), the distance of its key from the partition's mean key; "key_norm",
-    the norm of the token's key), out of the same rows.
+    of its partition with the largest local score (`anchor_score`: "key_norm", the
+    norm of the token's key; "key_dev", the distance of its key from the partition's
+    mean key; "auto" (default), the better measured of the two: key_norm where the
+    tokens form 2-D blocks of a patch grid (images), key_dev otherwise (text)), out
+    of the same rows.
 Segment shapes (PrismConfig.segments):
   * "auto" (default): compact 2-D blocks of the patch grid for vision models; for
-    text, contiguous runs, cut where the keys change (as "content_sse") when the
-    segments are chosen per layer anyway (data-dependent anchors), else equal runs;
+    text, contiguous runs, cut where consecutive keys differ most (as "content")
+    when the segments are chosen per layer anyway (data-dependent anchors), else
+    equal runs;
   * "runs": equal contiguous runs everywhere (the paper's Alg. 2);
   * "content" (data-dependent): runs of the non-anchor tokens whose m - 1
     boundaries are where consecutive keys differ most (||k_t - k_t-1||), chosen by
@@ -59,13 +62,13 @@ from typing import Optional, Tuple
 
 ANCHORS = ("auto", "special", "first", "none", "special+topk")
 SEGMENTS = ("auto", "runs", "content", "content_sse", "kmeans")
-ANCHOR_SCORES = ("key_norm", "key_dev")
+ANCHOR_SCORES = ("auto", "key_norm", "key_dev")
 # data-dependent policies (prism_kernels/dynamic.py): counts travel with the means
 DYNAMIC_ANCHORS = ("special+topk",)
 DYNAMIC_SEGMENTS = ("content", "content_sse", "kmeans")
 ANCHOR_BUDGETS = ("shared", "extra")
 DEFAULT_ANCHORS = "auto"
-DEFAULT_ANCHOR_SCORE = "key_dev"
+DEFAULT_ANCHOR_SCORE = "auto"
 DEFAULT_SEGMENTS = "auto"
 DEFAULT_ANCHOR_BUDGET = "shared"
 

@@ -27,7 +27,8 @@
   `prism eval` measures what the rounding does to accuracy;
 * anchor_topk, anchor_score: for anchors="special+topk" (data-dependent segments,
   prism_kernels/dynamic.py), how many tokens each device sends alone besides the
-  special ones, and by which local score ("key_norm" | "key_dev");
+  special ones, and by which local score ("auto": key_norm on a patch grid, key_dev
+  for text | "key_norm" | "key_dev");
 * backend: the kernels' backend (auto | cpp | triton | torch).
 
 `plan(n_tokens, causal, roles=...)` is the one way to get a PrismPlan from these

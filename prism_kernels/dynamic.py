@@ -35,6 +35,7 @@ tuples (for tests).
 """
 from __future__ import annotations
 
+import functools
 from typing import List, Sequence, Tuple
 
 import torch
@@ -99,6 +100,19 @@ def kmeans_groups(x: torch.Tensor, m: int, iters: int = 10) -> torch.Tensor:
     return g
 
 
+@functools.lru_cache(maxsize=8192)
+def _block_table(toks: Tuple[int, ...], m: int, grid: Tuple[int, int, int]) -> Tuple[int, ...]:
+    """The 2-D block (plan._blocks, m blocks) of each of the ascending tokens `toks`.
+    Cached: a partition's averaged patches differ from layer to layer only by the few
+    tokens sent alone, so the same sets recur (the bisection is Python: ~1 ms a call)."""
+    pos = {t: r for r, t in enumerate(toks)}
+    out = [0] * len(toks)
+    for s_, blk in enumerate(_blocks(toks, m, grid)):
+        for t in blk:
+            out[pos[t]] = s_
+    return tuple(out)
+
+
 def assign(k: torch.Tensor, m: int, fixed: Sequence[int] = (), topk: int = 0, score: str = "key_norm",
            content=False, grid=None, offset: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
     """Segments of one partition for a batch of sequences.
@@ -144,14 +158,9 @@ def assign(k: torch.Tensor, m: int, fixed: Sequence[int] = (), topk: int = 0, sc
     patches = grid is not None and all(
         grid[2] <= offset + t < grid[2] + grid[0] * grid[1] for t in range(n) if t not in fixed)
     if patches and m_rest > 1 and not content:
-        seg_rest = torch.empty(Bg, R, dtype=torch.int64)
-        for b, row in enumerate(rest.cpu().tolist()):
-            toks = tuple(offset + t for t in row)              # ascending (stable sort)
-            pos = {t: r for r, t in enumerate(toks)}
-            for s_, blk in enumerate(_blocks(toks, m_rest, grid)):
-                for t in blk:
-                    seg_rest[b, pos[t]] = s_
-        seg_rest = seg_rest.to(dev)
+        grid = tuple(grid)
+        seg_rest = torch.tensor([_block_table(tuple(offset + t for t in row), m_rest, grid)   # ascending
+                                 for row in rest.cpu().tolist()], dtype=torch.int64, device=dev)
     elif content and m_rest > 1:
         kr = kf.gather(1, rest[..., None].expand(Bg, R, kf.shape[-1]))
         if content == "kmeans":
@@ -212,8 +221,12 @@ def partition_segments(config, k: torch.Tensor, part: Partition, fixed: Sequence
     """`assign` under a PrismConfig's data-dependent policy: k [Bg, n_j, F] the
     partition's keys (rotated for rotary models), part its static plan (rows m_j)."""
     topk = config.anchor_topk if config.anchors == "special+topk" else 0
+    score = config.anchor_score
+    if score == "auto":       # measured best: the key norm on images, the key deviation on text
+        score = "key_norm" if grid is not None else "key_dev"
     content = CONTENT.get(config.segments, False)
-    if config.segments == "auto" and grid is None:       # text: runs cut where the keys change
-        content = "sse"
-    return assign(k, part.num_segments, fixed, topk, config.anchor_score, content, grid=grid,
-                  offset=part.offset)
+    if config.segments == "auto" and grid is None:
+        # text: runs cut at the largest jumps between consecutive keys, O(R F); content_sse
+        # (optimal runs) measured a little better but costs O(m R^2) per layer (docs/accuracy.md)
+        content = True
+    return assign(k, part.num_segments, fixed, topk, score, content, grid=grid, offset=part.offset)

@@ -274,7 +274,7 @@ def test_auto_anchors_are_the_measured_best_that_the_settings_allow():
     alone where the keys are not there to choose from (block_input averaging) or the
     bias is the spread experiment."""
     cfg = PrismConfig(2, compression_rate=4)
-    assert (cfg.anchors, cfg.anchor_score, cfg.anchor_topk, cfg.segments) == ("special+topk", "key_dev", 1, "auto")
+    assert (cfg.anchors, cfg.anchor_score, cfg.anchor_topk, cfg.segments) == ("special+topk", "auto", 1, "auto")
     assert cfg.dynamic
     for kw in (dict(averaging="block_input"), dict(count_bias="spread")):
         c = PrismConfig(2, compression_rate=4, **kw)
@@ -328,3 +328,21 @@ def test_kmeans_never_worse_than_runs(R, mfrac, seed):
     for b in range(2):
         assert sorted(set(g[b].tolist())) == list(range(m))                  # no group empty
         assert sse(x[b], g[b]) <= sse(x[b], runs) + 1e-9
+
+
+def test_auto_score_is_the_key_norm_on_a_patch_grid_and_the_key_deviation_on_text():
+    """anchor_score="auto": token 2 has the largest key, token 5 the key farthest from the
+    partition's mean key; the top-1 anchor (the last segment, count 1) is token 2 when
+    the tokens are patches of a grid and token 5 for text."""
+    F = 4
+    k = torch.full((1, 8, F), 10.0, dtype=torch.float64)
+    k[0, 2] = 12.0
+    k[0, 5] = torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=torch.float64)
+    cfg = PrismConfig(1, num_means=3)
+    part = cfg.plan(8, False, roles=TokenRoles(leading=0), static=True).partitions[0]
+    for grid, want in (((2, 4, 0), 2), (None, 5)):
+        seg_of, counts = dyn.partition_segments(cfg, k, part, (), grid)
+        assert counts[0, -1] == 1 and int((seg_of[0] == 2).nonzero()) == want, (grid, seg_of)
+    explicit = PrismConfig(1, num_means=3, anchor_score="key_dev")
+    seg_of, _ = dyn.partition_segments(explicit, k, part, (), (2, 4, 0))
+    assert int((seg_of[0] == 2).nonzero()) == 5             # a given score is used as given

@@ -47,7 +47,8 @@ def add_policy_arguments(p: argparse.ArgumentParser):
     p.add_argument("--anchor-topk", type=int, default=1,
                    help="with --anchors special+topk: tokens per partition sent alone besides the special ones")
     p.add_argument("--anchor-score", default=DEFAULT_ANCHOR_SCORE, choices=ANCHOR_SCORES,
-                   help="with --anchors special+topk: key_norm = ||k||, key_dev = ||k - the partition's mean key||")
+                   help="with --anchors special+topk: key_norm = ||k||, key_dev = ||k - the partition's mean "
+                        "key||, auto (default) = key_norm on a patch grid (images), key_dev for text")
 
 
 def add_arguments(p: argparse.ArgumentParser):
