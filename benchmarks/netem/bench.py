@@ -31,7 +31,8 @@ MODELS = {
 
 # mode suffixes: prism-local-fp16 = prism with --input local --wire-dtype fp16
 MODE_OPTIONS = {"nooverlap": ["--no-overlap"], "local": ["--input", "local"], "hidden": ["--input", "hidden"],
-                "fp16": ["--wire-dtype", "fp16"], "bf16": ["--wire-dtype", "bf16"], "uint8": ["--pixels", "uint8"]}
+                "fp16": ["--wire-dtype", "fp16"], "bf16": ["--wire-dtype", "bf16"], "uint8": ["--pixels", "uint8"],
+                "special": ["--anchors", "special"]}      # the static special-token policy (the earlier default)
 
 
 def sh(cmd, check=True):
@@ -115,7 +116,8 @@ def main():
     ap.add_argument("--tag", default="fig5")
     ap.add_argument("--modes", default="voltage,prism",
                     help="P = 2 modes per bandwidth; suffixes add options: -nooverlap (--no-overlap), "
-                         "-local / -hidden (--input), -fp16 / -bf16 (--wire-dtype), -uint8 (--pixels), e.g. prism-local-fp16")
+                         "-local / -hidden (--input), -fp16 / -bf16 (--wire-dtype), -uint8 (--pixels), -special "
+                         "(--anchors special), e.g. prism-local-fp16")
     ap.add_argument("--no-single", action="store_true", help="skip the standalone single-device launch")
     args = ap.parse_args()
 

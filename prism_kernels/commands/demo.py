@@ -85,8 +85,10 @@ TERMS = (
     ("averaging", "attention_input = means of the layer's keys/values (default); block_input = means of the "
                   "block input, normalised (the paper's); the same for post-LN BERT"),
     ("cosine", "cosine similarity of each sentence embedding to the exact (1-device) model's; 1 = identical"),
-    ("anchors", "the default sends [CLS] and [SEP] alone (count 1) out of the same m rows; 'plain' is the "
-                "mean cosine with the paper's plain means (no anchors) on the same setting"),
+    ("anchors", "the default sends [CLS], [SEP] and, chosen per layer by each device, the token its "
+                "partition's mean key represents worst alone (count 1) out of the same m rows, and cuts "
+                "the other runs where the keys change; 'plain' is the mean cosine with the paper's plain "
+                "means (no anchors, equal runs) on the same setting"),
 )
 
 
