@@ -145,7 +145,7 @@ def resolve(n: int, roles: Optional[TokenRoles], anchors: str = DEFAULT_ANCHORS,
     """(anchor token indices, grid or None) of a sequence of n tokens under a policy.
     roles=None: a text model whose first token is its only special token.
     The data-dependent policies give their static part: "special+topk" the special
-    tokens, "content" runs (hf/dynamic.py chooses the rest in every layer)."""
+    tokens, "content" runs (prism_kernels/dynamic.py chooses the rest in every layer)."""
     roles = roles or TEXT
     if anchors == "auto":
         raise ValueError("anchors='auto' must be resolved first (resolve_anchors)")

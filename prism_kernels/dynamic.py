@@ -224,9 +224,38 @@ def partition_segments(config, k: torch.Tensor, part: Partition, fixed: Sequence
     score = config.anchor_score
     if score == "auto":       # measured best: the key norm on images, the key deviation on text
         score = "key_norm" if grid is not None else "key_dev"
+    content = _content_mode(config, grid)
+    return assign(k, part.num_segments, fixed, topk, score, content, grid=grid, offset=part.offset)
+
+
+def _content_mode(config, grid):
+    """assign's `content` argument for a config. segments "auto" on text (no grid): runs
+    cut at the largest jumps between consecutive keys, O(R F); content_sse (optimal runs)
+    measured a little better but costs O(m R^2) per layer (docs/accuracy.md)."""
     content = CONTENT.get(config.segments, False)
     if config.segments == "auto" and grid is None:
-        # text: runs cut at the largest jumps between consecutive keys, O(R F); content_sse
-        # (optimal runs) measured a little better but costs O(m R^2) per layer (docs/accuracy.md)
         content = True
-    return assign(k, part.num_segments, fixed, topk, score, content, grid=grid, offset=part.offset)
+    return content
+
+
+def chooses(config, part: Partition, fixed: Sequence[int], grid=None) -> bool:
+    """Whether a partition's segments depend on its keys under the config's policy. Not
+    when its rows leave no choice: no top-k anchor fits (one row stays for the mean of
+    the rest) and the rest is one mean, or equal 2-D blocks / runs that do not depend on
+    the data, or every token is sent alone (CR = 1). Its segments are then the static plan's, and its counts need not travel
+    (the receiver knows them from the plan): the runtime sends it like a static plan."""
+    if not config.dynamic:
+        return False
+    m = part.num_segments
+    if m == 1 or m >= part.size:         # one mean, or every token alone (counts all 1)
+        return False
+    free = m - len(fixed)
+    top = max(0, min(int(config.anchor_topk), free - 1)) if config.anchors == "special+topk" else 0
+    return top > 0 or (free - top > 1 and bool(_content_mode(config, grid)))
+
+
+def counted_rows(config, plan, anchors: Sequence[int], grid=None) -> List[int]:
+    """Per device: the received rows whose counts travel with them (the rows of source
+    partitions that `chooses`), for the cost model (costs.comm.COUNT_BYTES each)."""
+    send = [chooses(config, p, fixed_anchors(p, anchors), grid) for p in plan.partitions]
+    return [sum(plan.partitions[j].num_segments for j in d.sources if send[j]) for d in plan.devices]

@@ -346,3 +346,28 @@ def test_auto_score_is_the_key_norm_on_a_patch_grid_and_the_key_deviation_on_tex
     explicit = PrismConfig(1, num_means=3, anchor_score="key_dev")
     seg_of, _ = dyn.partition_segments(explicit, k, part, (), (2, 4, 0))
     assert int((seg_of[0] == 2).nonzero()) == 5             # a given score is used as given
+
+
+def test_a_partition_without_a_choice_sends_the_static_segments():
+    """dynamic.chooses: rows for a top-k anchor or a content cut beside the special tokens
+    (m_j >= specials + 2) leave a choice; m_j = 1, or one mean beside the anchors, do
+    not (the runtime then sends the plan's segments, without counts)."""
+    bert = TokenRoles(leading=1, trailing=1)
+    # partition 0 (tokens 0-5) holds [CLS], partition 1 (6-11) [SEP]
+    for m, first, last in ((1, False, False), (2, False, False), (3, True, True)):
+        cfg = PrismConfig(2, num_means=m)
+        plan = cfg.plan(12, False, roles=bert, static=True)
+        anchors, grid = resolve(12, bert, cfg.anchors, cfg.segments)
+        got = [dyn.chooses(cfg, p, dyn.fixed_anchors(p, anchors), grid) for p in plan.partitions]
+        assert got == [first, last], (m, got)
+        assert dyn.counted_rows(cfg, plan, anchors, grid) == [m if last else 0, m if first else 0]
+    text = TokenRoles(leading=1)                    # a decoder: token 0 only; partition 1 has no anchor
+    cfg = PrismConfig(2, num_means=2)
+    plan = cfg.plan(12, True, roles=text, static=True)
+    anchors, grid = resolve(12, text, cfg.anchors, cfg.segments)
+    assert [dyn.chooses(cfg, p, dyn.fixed_anchors(p, anchors), grid) for p in plan.partitions] == [False, True]
+    full = PrismConfig(2, num_means=6)                # every token alone: counts all 1, nothing to send
+    assert not any(dyn.chooses(full, p, (), None) for p in full.plan(12, False, roles=bert, static=True).partitions)
+    static = PrismConfig(2, num_means=4, anchors="special")
+    plan = static.plan(12, False, roles=bert)
+    assert not any(dyn.chooses(static, p, (), None) for p in plan.partitions)

@@ -92,14 +92,15 @@ def test_costs_dtype_changes_bytes(capsys):
     rc, out, _ = run_cli(capsys, "costs", "--model", "bert-base", "--partitions", "2", "--means", "1",
                          "--dtype", "fp16", "--json")
     d = json.loads(out)
-    assert d["prism_bytes_devices"] == [768 * 2 + 4, 768 * 2 + 4]       # + the mean's int32 count
+    # one mean a partition leaves no choice of segments: no count on the wire
+    assert d["prism_bytes_devices"] == [768 * 2, 768 * 2]
     assert d["voltage_bytes_devices"] == [128 * 768 * 2] * 2
     # --wire-dtype, the name shared with `prism run`: bf16 halves fp32's bytes too
     for dtype, size in (("fp32", 4), ("bf16", 2)):
         rc, out, _ = run_cli(capsys, "costs", "--model", "bert-base", "--partitions", "2", "--means", "1",
                              "--wire-dtype", dtype, "--json")
         d = json.loads(out)
-        assert rc == 0 and d["wire_dtype"] == dtype and d["prism_bytes_devices"] == [768 * size + 4] * 2
+        assert rc == 0 and d["wire_dtype"] == dtype and d["prism_bytes_devices"] == [768 * size] * 2
 
 
 def test_costs_human_table(capsys):

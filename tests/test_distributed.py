@@ -407,17 +407,29 @@ def test_bytes_per_layer_equal_cost_model(run_scenarios):
             assert rep["wire_dtype"] == s.get("wire_dtype", "fp32"), (s["name"], rep)
             dynamic = s["mode"] == "prism" and prism_config(
                 P, num_means=1, averaging=rep["averaging"], **{k: s[k] for k in POLICY if k in s}).dynamic
-            # a data-dependent segment's count travels with its row, as an int32
-            want = tokens * (width * ELEMENT_BYTES[rep["wire_dtype"]] + (4 if dynamic else 0))
+            # a data-dependent segment's count travels with its row, as an int32, from every source
+            # partition with a choice: rows for one more top-k anchor or content-chosen mean beside
+            # its special tokens (m_j >= specials + 2; every policy of these scenarios chooses one
+            # token or one cut); the other partitions' segments are the plan's, their counts too
+            counted = 0
+            if dynamic:
+                special = set(entry.roles(cfg).special(sum(sizes)))
+                offs = [sum(sizes[:j]) for j in range(P)]
+                for j in range(P):
+                    if j != i and (not causal or j < i):
+                        a = len(special & set(range(offs[j], offs[j] + sizes[j])))
+                        counted += ms[j] if ms[j] >= a + 2 else 0
+            want = tokens * width * ELEMENT_BYTES[rep["wire_dtype"]] + 4 * counted
             # the project's cost model (`prism costs`)
             if s["mode"] == "prism":
                 plan = make_plan(sum(sizes), sizes=sizes, num_means=rep["means"], causal=causal)
                 assert costs.received_tokens(plan)[i] == tokens, (s["name"], i)
             elif not causal:
                 assert costs.voltage_received_tokens(sizes)[i] == tokens, (s["name"], i)
-            if not dynamic:
-                assert costs.bytes_for(tokens, width, costs.dtype_bytes(rep["wire_dtype"])) == want
-            assert tokens * costs.row_bytes(cfg, rep["wire"], rep["wire_dtype"], counts=dynamic) == want
+            assert costs.bytes_for(tokens, width, costs.dtype_bytes(rep["wire_dtype"])) + 4 * counted == want
+            assert tokens * costs.row_bytes(cfg, rep["wire"], rep["wire_dtype"]) + counted * costs.COUNT_BYTES == want
+            if dynamic and s["name"].endswith("_default") and tokens > 0:
+                assert counted > 0, s["name"]            # the default's counts do travel here
             assert rep["expected"] == want, (s["name"], i)
             if tokens == 0:
                 assert all(v == 0 for v in rep["layer_bytes"].values()), (s["name"], i)
@@ -629,10 +641,10 @@ def test_cli_torchrun_and_json(tmp_path):
     line = [l for l in p.stdout.splitlines() if l.startswith("{")][-1]
     d = json.loads(line)
     assert d["bytes_match_cost_model"] and d["world"] == 2 and d["means"] == [2, 2]
-    # causal: rank 0 receives nothing, rank 1 receives partition 0's 2 means of D=32 floats per layer,
-    # each with its int32 count (the default segments are chosen per layer from the keys)
+    # causal: rank 0 receives nothing, rank 1 receives partition 0's 2 means of D=32 floats per layer
+    # (token 0 alone and one mean: no choice of segments, so no counts travel)
     assert d["layer_bytes_per_rank"][0] == {} or set(d["layer_bytes_per_rank"][0].values()) == {0}
-    assert set(d["layer_bytes_per_rank"][1].values()) == {2 * (32 * 4 + 4)}
+    assert set(d["layer_bytes_per_rank"][1].values()) == {2 * 32 * 4}
     assert len(d["times_s"]) == 2 and d["wire_dtype"] == "fp32"
     # fp16 on the wire: half the bytes, named in the human-readable report
     p = subprocess.run([sys.executable, "-m", "prism_kernels.cli", "run", "--nproc", "2", "--family", "gpt2",
@@ -640,8 +652,8 @@ def test_cli_torchrun_and_json(tmp_path):
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "wire=hidden (32 floats per row, fp16)" in p.stdout, p.stdout
-    assert ("rank 1: start-up bytes 40 (raw; cost model 40), bytes received per layer [136] "
-            "(cost model 136, match=True)") in p.stdout, p.stdout                # 2 x (32 x 2 + 4)
+    assert ("rank 1: start-up bytes 40 (raw; cost model 40), bytes received per layer [128] "
+            "(cost model 128, match=True)") in p.stdout, p.stdout
     # raw start-up: rank 1 receives its 5 int64 token ids, not 5 rows of 32 floats
     assert d["input"] == "raw" and d["startup_bytes_per_rank"] == [0, 5 * 8], d
     assert d["speeds"] is None and d["calibrated"] is False

@@ -118,7 +118,7 @@ def test_pad_token_ids_do_not_matter_and_mask_is_registered():
 @pytest.mark.parametrize("policy", [dict(anchors="special+topk", anchor_topk=2), dict(segments="content"),
                                     dict(anchors="special+topk", anchor_score="key_dev", segments="content_sse")])
 def test_padded_batch_with_data_dependent_segments(make, policy):
-    """The data-dependent policies (hf/dynamic.py) keep the padding rule: each sequence
+    """The data-dependent policies (prism_kernels/dynamic.py) keep the padding rule: each sequence
     gets what it gets alone (its segments come from its own keys)."""
     model = make()
     ids = _ids()

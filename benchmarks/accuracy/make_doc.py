@@ -26,7 +26,7 @@ exact (single-device) model's score is in every table.
 ```bash
 pip install onnx onnxruntime gguf accelerate    # conversion of the ONNX / GGUF models (no torch change)
 # as run for the tables below (each adds its cells to DIR/accuracy_<task>.json):
-V="--variant default --variant anchors=none,segments=runs"
+V="--variant default --variant anchors=special --variant anchors=none,segments=runs"
 prism eval --task dinov2-fashion --partitions 2 --cr 9.9 $V --variant anchors=special,segments=runs \\
     --variant anchors=none,segments=auto --variant count_bias=spread --out benchmarks/results
 prism eval --task dinov2-fashion --partitions 3 --cr 6.55 $V --variant anchors=special,segments=runs \\
@@ -48,16 +48,17 @@ prism eval --task dinov2-fashion --image-size 224 --n-train 500 --partitions 2 -
     --out benchmarks/results/accuracy_224px                  # and --partitions 3 --cr 6.55
 prism eval --task dinov2-digits --image-size 224 --n-train 500 --partitions 2 --cr 9.9 $V \\
     --out benchmarks/results/accuracy_224px                  # and --partitions 3 --cr 6.55
-# data-dependent segments (simulation only), each with the default rerun for paired comparisons:
+# data-dependent segments, each with the static special-token policy rerun for paired comparisons:
 D=benchmarks/results/accuracy_dynamic
-W="--variant default --variant anchors=special+topk --variant anchors=special+topk,anchor_score=key_dev"
+W="--variant anchors=special --variant anchors=special+topk,anchor_score=key_norm --variant anchors=special+topk,anchor_score=key_dev"
 prism eval --task smollm2-austen --partitions 2 --cr 10 $W --variant segments=content \\
     --variant segments=content_sse --out $D
 prism eval --task minilm-austen --partitions 2 3 --cr 8 --n-train 600 --limit 600 $W \\
     --variant segments=content --variant segments=content_sse --out $D
-prism eval --task dinov2-fashion --partitions 2 --cr 9.9 $W --out $D      # and --partitions 3 --cr 6.55
-prism eval --task dinov2-digits --partitions 2 --cr 9.9 $W --out $D
-python benchmarks/accuracy/paired.py $D/accuracy_minilm-austen.json   # variant - default, paired
+prism eval --task dinov2-fashion --partitions 2 3 --cr 9.9 $W --out $D   # (P = 3 at CR 6.55), and the same for
+prism eval --task dinov2-digits --partitions 2 3 --cr 9.9 $W --out $D    # --variant ...,anchor_topk=2 / 3, segments=content_sse
+python benchmarks/accuracy/paired.py $D/accuracy_minilm-austen.json --base anchors=special   # paired differences
+python benchmarks/accuracy/migrate_default_keys.py FILE.json   # once, for cells stored under the earlier defaults
 prism eval --task finetune-dinov2-fashion --out benchmarks/results   # fine-tuning with Prism in the loop
 python benchmarks/accuracy/make_doc.py           # rebuilds this page
 ```
@@ -95,9 +96,14 @@ the same attention: CR = 1); **prism** = segment means at nominal compression
 rate CR, m_j = ceil(n_j / CR) (Eq. 16), with either averaging variant
 (`block_input`: the paper's, means of the block input, K/V = proj(LN(mean X));
 `attention_input`: means of the keys/values, i.e. of LN(X)), and a *variant*:
-`default` = the package's defaults (the model's special tokens sent alone out of the
-same budget, 2-D blocks of the patch grid for vision models; docs/method.md, "Anchors
-and 2-D segments"), `anchors=none,segments=runs` = the paper's plain means, other
+`default` = the package's defaults (the model's special tokens and, chosen per layer
+by each device, the top-1 token by key norm (images) or key deviation (text) sent alone
+out of the same budget; 2-D blocks of the patch grid for vision models, runs cut where
+the keys change for text; docs/method.md, "Anchors and 2-D segments"),
+`anchors=special` = the special tokens alone with static blocks / equal runs (the
+package's default until the data-dependent policies ran in the runtime; tables stored
+before then were renamed to it by benchmarks/accuracy/migrate_default_keys.py),
+`anchors=none,segments=runs` = the paper's plain means, other
 variants as named (`count_bias=spread`: the experimental spread-corrected bias;
 `anchor_budget=extra`: anchors on top of the m_j means). **eff. CR** is
 Voltage's tokens received per device per layer over Prism's, averaged over
@@ -131,6 +137,7 @@ without them.
 
 
 PLAIN = "anchors=none,segments=runs"
+SPECIAL = "anchors=special"         # the static special-token policy (the earlier default)
 
 
 def _pick(cells, p, cr, avg, opt=""):
@@ -144,8 +151,9 @@ def summary(results: Path) -> str:
     """One line per task: exact, then Prism near the paper's settings with the package's
     defaults (anchors, 2-D blocks) and with the paper's plain means, each with its
     difference to exact and that difference's paired 95 % interval."""
-    lines = ["| task | metric | exact | P=2 default | P=2 plain means | P=3 default | P=3 plain means |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| task | metric | exact | P=2 default | P=2 special tokens | P=2 plain means | P=3 default | "
+             "P=3 special tokens | P=3 plain means |",
+             "|---|---|---|---|---|---|---|---|---|"]
     rows = [(name, results / f"accuracy_{name}.json") for name in SWEEPS]
     rows.insert(3, ("dinov2-fashion, 224 px", results / "accuracy_224px" / "accuracy_dinov2-fashion.json"))
     rows.insert(5, ("dinov2-digits, 224 px", results / "accuracy_224px" / "accuracy_dinov2-digits.json"))
@@ -174,9 +182,9 @@ def summary(results: Path) -> str:
 
         label = "BPC (lower is better)" if m == "bpc" else "probe accuracy %"
         n = ex.get("n_test") or meta.get("n_test") or meta.get("windows")
-        lines.append(f"| {name} | {label} | {fmt(ex[m])} (n = {n}) | {cell(2, (9.9, 10.0, 8.0), '')} | "
-                     f"{cell(2, (9.9, 10.0, 8.0), PLAIN)} | {cell(3, (6.55, 8.0, 10.0), '')} | "
-                     f"{cell(3, (6.55, 8.0, 10.0), PLAIN)} |")
+        c2, c3 = (9.9, 10.0, 8.0), (6.55, 8.0, 10.0)
+        lines.append(f"| {name} | {label} | {fmt(ex[m])} (n = {n}) | {cell(2, c2, '')} | {cell(2, c2, SPECIAL)} | "
+                     f"{cell(2, c2, PLAIN)} | {cell(3, c3, '')} | {cell(3, c3, SPECIAL)} | {cell(3, c3, PLAIN)} |")
     return "\n".join(lines)
 
 
@@ -189,17 +197,18 @@ def dynamic_section(d: Path, rel: Path) -> str:
     import sys
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from paired import compare
-    out = ["## Data-dependent segments: tables (experiments of the simulation)\n",
+    out = ["## Data-dependent segments: tables\n",
            "Each device chooses its segments from its own keys in every layer "
            "(`anchors=special+topk`: the special tokens and the `anchor_topk` tokens with the largest "
            "`anchor_score`, `key_norm` = ||k|| or `key_dev` = ||k - partition mean||, alone out of the "
            "same rows; `segments=content`: runs split at the largest jumps between consecutive keys; "
            "`segments=content_sse`: the runs with the least within-run squared deviation of the keys; "
            "`segments=kmeans`: groups of similar keys, not contiguous; "
-           "prism_kernels/hf/dynamic.py). Same tasks, items and seed as above; the default is rerun "
-           "here so that every variant can be paired with it item by item. "
-           "\"minus default\": variant - default on the same items (or text windows) with the paired "
-           "bootstrap 95 % interval (benchmarks/accuracy/paired.py).\n"]
+           "prism_kernels/dynamic.py). Same tasks, items and seed as above; the static special-token "
+           "policy (`anchors=special`, the earlier default) is rerun here so that every variant can be "
+           "paired with it item by item (`default` = the package's defaults, where run). "
+           "\"minus special\": variant - anchors=special on the same items (or text windows) with the "
+           "paired bootstrap 95 % interval (benchmarks/accuracy/paired.py --base anchors=special).\n"]
     for name in DYN_TASKS:
         f = d / f"accuracy_{name}.json"
         md = d / f"accuracy_{name}.md"
@@ -208,9 +217,9 @@ def dynamic_section(d: Path, rel: Path) -> str:
         text = md.read_text()
         body = [t for t in text.split("\n\n") if t.startswith("| method")]
         out.append(f"**{name}**\n\n" + (body[0] if body else "") + "\n")
-        rows = compare(json.loads(f.read_text())["cells"])
+        rows = compare(json.loads(f.read_text())["cells"], SPECIAL)
         if rows:
-            lines = ["| P | CR | variant minus default | n | Δ probe accuracy (points) | Δ cosine to exact | "
+            lines = ["| P | CR | variant minus special | n | Δ probe accuracy (points) | Δ cosine to exact | "
                      "Δ bits per character |", "|---|---|---|---|---|---|---|"]
             for r in rows:
                 g = lambda k, fmt: "" if k not in r else fmt.format(*r[k][:3])
@@ -230,8 +239,10 @@ def main():
     args = ap.parse_args()
     rel = Path(os.path.relpath(args.results, args.out.parent))
     parts = [INTRO, "## Summary\n",
-             "Prism with the package's defaults (the model's special tokens sent alone, 2-D blocks of the "
-             "patch grid for vision models, attention_input averaging) next to the paper's plain means "
+             "Prism with the package's defaults (the model's special tokens and the top-1 token chosen per "
+             "layer sent alone; 2-D blocks of the patch grid for vision models, runs cut where the keys "
+             "change for text; attention_input averaging), next to the static special-token policy "
+             "(`anchors=special`, the earlier default) and the paper's plain means "
              "(`anchors=none,segments=runs`), at the paper's settings. Δ = Prism - exact on the same test "
              "items with its paired 95 % interval. Test-set sizes and seeds are in the per-task settings "
              "below; what each variant contributes is in \"Findings\" at the end.\n",

@@ -134,7 +134,8 @@ def estimate(model, seq_len: Optional[int] = None, num_partitions: Optional[int]
         "extra" adds them. (Segment shapes do not change the counts either.)
     segments: shapes only, except the data-dependent policies (anchors "special+topk",
         segments "content" / "content_sse" / "kmeans"), whose rows each carry their
-        count on the wire (COUNT_BYTES more per row, as the runtime sends them).
+        count on the wire (COUNT_BYTES more per row, as the runtime sends them), for
+        every partition whose rows leave a choice (dynamic.chooses).
     Raises ValueError naming the argument and the rule on bad input.
     """
     spec = resolve_model(model)
@@ -152,12 +153,19 @@ def estimate(model, seq_len: Optional[int] = None, num_partitions: Optional[int]
         num_means = [num_means] * (num_partitions or len(sizes if sizes is not None else weights))
     check_policy(anchors, segments, anchor_budget)
     anchors = resolve_anchors(anchors, averaging)
-    counts = is_dynamic(anchors, segments)
     roles = token_roles(spec.config)
     anchor_idx, _ = resolve(n, roles, anchors, "runs")
     kw = dict(num_means=num_means, compression_rate=compression_rate, sizes=sizes, weights=weights,
               anchors=anchor_idx, anchor_budget=anchor_budget)
     plan = make_plan(n, num_partitions, **kw)
+    # data-dependent segments: the received rows whose counts travel with them (4 bytes each)
+    counted = [0] * plan.num_partitions
+    if is_dynamic(anchors, segments):
+        from ..config import PrismConfig
+        from ..dynamic import counted_rows
+        cfg = PrismConfig(num_partitions=plan.num_partitions, num_means=1, averaging=averaging, anchors=anchors,
+                          segments=segments, anchor_budget=anchor_budget)
+        counted = counted_rows(cfg, plan, anchor_idx, resolve(n, roles, anchors, segments)[1])
     sizes, p = list(plan.sizes), plan.num_partitions
     hidden = spec.hidden_size
     wire = wire_format(spec.config, "prism", averaging)
@@ -202,10 +210,9 @@ def estimate(model, seq_len: Optional[int] = None, num_partitions: Optional[int]
         voltage_tokens_per_layer=vt, prism_tokens_per_layer=pt,
         prism_causal_tokens_per_layer=None if causal_tokens is None else mean(causal_tokens),
         voltage_bytes_devices=[bytes_for(t, hidden, dtype_bytes) for t in v_tokens],
-        prism_bytes_devices=[bytes_for(t, width, dtype_bytes) + (t * COUNT_BYTES if counts else 0)
-                             for t in p_tokens],
+        prism_bytes_devices=[bytes_for(t, width, dtype_bytes) + c * COUNT_BYTES for t, c in zip(p_tokens, counted)],
         voltage_bytes_per_layer=vt * hidden * dtype_bytes,
-        prism_bytes_per_layer=pt * (width * dtype_bytes + (COUNT_BYTES if counts else 0)),
+        prism_bytes_per_layer=pt * width * dtype_bytes + mean(counted) * COUNT_BYTES,
         averaging=averaging, prism_wire=wire, prism_floats_per_row=width,
         compression_rate=cr,
         comm_speedup_pct=100.0 * (1.0 - 1.0 / cr) if cr else 0.0,

@@ -35,6 +35,9 @@ as bytes). The means then leave from inside the attention, once the keys exist
 (also on the "hidden" wire, whose rows are the attention input averaged by the
 same segments). Receivers take the counts into the log-count bias; positions are
 the plan's (only earlier partitions are received in causal models, never masked).
+A partition whose rows leave no choice (dynamic.chooses: e.g. m_j = 1, or one row
+beside its special anchors) has the static plan's segments: it is sent as a static
+plan, without counts and from the pre-hook.
 
 Start-up (RunConfig.input, `--input`):
   raw      (default) rank 0 sends rank i only the part of the input it needs to embed
@@ -135,12 +138,13 @@ class RunConfig:
 
 
 def expected_recv_bytes(plan, model_config, wire: str, rank: int, batch: int = 1,
-                        wire_dtype: str = "fp32", counts: bool = False) -> int:
+                        wire_dtype: str = "fp32", counted_rows: int = 0) -> int:
     """Cost model of one layer for one device: rows received (the segment means of its
     source partitions; their full rows in Voltage) x bytes per row (floats per row x
-    bytes per element of the wire dtype, plus the row's count with data-dependent
-    segments)."""
-    return bytes_for(plan.devices[rank].tokens_received * batch, row_bytes(model_config, wire, wire_dtype, counts), 1)
+    bytes per element of the wire dtype), plus COUNT_BYTES for each of the
+    `counted_rows` whose segments were chosen from the keys (dynamic.counted_rows)."""
+    rows = bytes_for(plan.devices[rank].tokens_received * batch, row_bytes(model_config, wire, wire_dtype), 1)
+    return rows + counted_rows * batch * COUNT_BYTES
 
 
 def to_wire(payload: torch.Tensor, dtype: torch.dtype, what: str = "a payload") -> torch.Tensor:
@@ -199,7 +203,7 @@ class LayerCtx:
         (wire "hidden", from the pre-hook before the projections; with data-dependent
         segments from inside the attention, by the segments chosen from the keys)."""
         rt = self.rt
-        if rt.cfg.dynamic:
+        if rt.send_counts:
             self._start_dynamic(k, v)
         elif rt.wire == "kv":
             self._start(torch.stack([rt.means(k), rt.means(v)], dim=1))  # [B, 2, Hkv, m, d]
@@ -250,9 +254,11 @@ class LayerCtx:
         ks, vs, cs = [], [], []
         for j in rt.sources:
             t = got[j]
-            if rt.cfg.dynamic:                         # counts [B, m_j], then the rows
+            if rt.src_counts[j]:                       # counts [B, m_j], then the rows
                 c, t = rt.unpack(j, t)
                 cs.append(c)
+            else:                                      # the plan's
+                cs.append(rt.plan_counts[j].expand(self.rt.batch, -1))
             t = t.to(rt.compute_dtype)                 # back from the wire dtype
             if rt.wire == "kv":
                 k, v = t[:, 0], t[:, 1]
@@ -264,7 +270,8 @@ class LayerCtx:
                     k = apply_rotary(k, *rt.rotation(j, t))
             ks.append(k)
             vs.append(v)
-        counts = torch.cat(cs, 1) if cs else rt.remote_counts       # [B, R] per sequence, or the plan's [R]
+        # [B, R] per sequence when some source chose its segments, else the plan's [R]
+        counts = torch.cat(cs, 1) if any(rt.src_counts[j] for j in rt.sources) else rt.remote_counts
         return (torch.cat(ks, 2).to(dtype), torch.cat(vs, 2).to(dtype), counts, rt.remote_pos)
 
 
@@ -297,12 +304,18 @@ class Runtime:
             self.q_pos = torch.tensor(dev.query_positions, dtype=torch.int64)
             self.remote_counts = torch.tensor(dev.counts[dev.size:], dtype=torch.int64)
             self.remote_pos = torch.tensor(dev.key_positions[dev.size:], dtype=torch.int64)
-            # data-dependent segments: the static anchors this rank keeps alone, the patch grid
-            self.fixed, self.grid = (), None
+            # data-dependent segments: the static anchors this rank keeps alone, the patch grid, and
+            # which partitions choose their segments from their keys (their counts travel too)
+            self.fixed, self.grid, self.anchors = (), None, ()
+            self.src_counts = {j: False for j in range(len(self.plan.partitions))}
             if cfg.dynamic:
-                anchors, self.grid = resolve(n_tokens, self.entry.roles(model.config), cfg.prism.anchors,
-                                             cfg.prism.segments)
-                self.fixed = dynamic.fixed_anchors(self.part, anchors)
+                self.anchors, self.grid = resolve(n_tokens, self.entry.roles(model.config), cfg.prism.anchors,
+                                                  cfg.prism.segments)
+                self.fixed = dynamic.fixed_anchors(self.part, self.anchors)
+                self.src_counts = {j: dynamic.chooses(cfg.prism, p, dynamic.fixed_anchors(p, self.anchors), self.grid)
+                                   for j, p in enumerate(self.plan.partitions)}
+            self.send_counts = self.src_counts[self.rank]
+            self.plan_counts = {j: torch.tensor(p.counts, dtype=torch.int64) for j, p in enumerate(self.plan.partitions)}
             if cfg.input in ("raw", "local") and self.rank != 0 and (self.input_shape is None or self.input_dtype is None):
                 raise ValueError(f"input {cfg.input!r}: ranks other than 0 need the input's shape and dtype")
         self._capture_hooks = []
@@ -318,9 +331,9 @@ class Runtime:
             # send the means now, before the Q/K/V projections: the transfer then overlaps
             # them as well as the local attention (once: another Runtime of the same model
             # may have left its hook too)
-            # (data-dependent segments need the keys: they start inside the attention)
+            # (segments chosen from the keys start inside the attention, once the keys exist)
             if isinstance(ctx, LayerCtx) and ctx.exchange_in_attention and ctx.rt.wire == "hidden" \
-                    and not ctx.rt.cfg.dynamic and ctx.pending is None:   # not while decoding (DecodeCtx)
+                    and not ctx.rt.send_counts and ctx.pending is None:   # not while decoding (DecodeCtx)
                 ctx.start_attention_exchange()
 
     def means(self, x: torch.Tensor) -> torch.Tensor:
@@ -347,7 +360,7 @@ class Runtime:
 
     def recv_buffer(self, j: int) -> torch.Tensor:
         shape = self._rows_shape(j)
-        if not self.cfg.dynamic:
+        if not self.src_counts[j]:
             return torch.empty(shape, dtype=self.wire_dtype)
         numel = 1
         for x in shape:
@@ -415,8 +428,9 @@ class Runtime:
         return e.embed_slice(m, buf, *self.token_range(rank), shape).contiguous()
 
     def expected_layer_bytes(self) -> int:
+        counted = sum(self.plan.means[j] for j in self.sources if self.src_counts[j])
         return expected_recv_bytes(self.plan, self.model.config, self.wire, self.rank, self.batch,
-                                   self.cfg.wire_dtype, counts=self.cfg.dynamic)
+                                   self.cfg.wire_dtype, counted_rows=counted)
 
     # ------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -14,8 +14,8 @@ the same code as `prism costs` (docs/method.md, "Costs"):
 * tokens received per device per layer: Prism = the plan's `tokens_received` (causal
   models: earlier partitions only); Voltage = N - n_i. Bytes = tokens x hidden size x
   bytes per element of the model's dtype, plus each row's count (costs.comm.COUNT_BYTES)
-  when the segments are chosen per layer (data-dependent policies; with a static plan
-  the counts follow from the plan and are not sent).
+  for the source partitions that choose their segments from their keys (dynamic.chooses;
+  with a static plan the counts follow from the plan and are not sent).
 * FLOPs per device (whole forward): device_flops(config, q_rows=n_i, kv_rows=n_i +
   received); Voltage kv_rows = N; single device q = kv = N. The classification head
   counts on device 0 only (it holds [CLS]); the master's embedding work
@@ -38,6 +38,7 @@ class DeviceRecord:
     own_tokens: int        # n_i (queries)
     received_tokens: int   # means received this layer
     voltage_tokens: int    # N - n_i
+    counted_rows: int = 0  # received rows whose counts travel too (segments chosen from the keys)
 
 
 class Account:
@@ -47,13 +48,22 @@ class Account:
         self.num_layers = 0
 
     def _collect(self, per_layer):
+        from prism_kernels import dynamic
+        from prism_kernels.anchors import resolve
+        from .attention import get_prism_config, get_token_roles
+        cfg, roles = get_prism_config(self.model), get_token_roles(self.model)
         self.num_layers = len(per_layer)
         for layer, entries in enumerate(per_layer):
             for rows, plan in entries:
+                counted = [0] * plan.num_partitions
+                if cfg.dynamic:
+                    anchors, grid = resolve(plan.n_tokens, roles, cfg.anchors, cfg.segments)
+                    counted = dynamic.counted_rows(cfg, plan, anchors, grid)
                 for b in rows.tolist():
                     for d in plan.devices:
                         self.devices.append(DeviceRecord(layer, b, d.index, plan.n_tokens, d.size,
-                                                         d.tokens_received, plan.n_tokens - d.size))
+                                                         d.tokens_received, plan.n_tokens - d.size,
+                                                         counted[d.index]))
 
     def summary(self, dtype_bytes: int = None) -> dict:
         """Per device per layer tokens and bytes received (mean over sequences and devices);
@@ -63,7 +73,6 @@ class Account:
         from prism_kernels.costs import bytes_for, device_flops, embedding_flops
         from prism_kernels.costs import dtype_bytes as _dtype_bytes
         from prism_kernels.costs.comm import COUNT_BYTES
-        from .attention import get_prism_config
 
         cfg = self.model.config
         if dtype_bytes is None:
@@ -87,11 +96,12 @@ class Account:
         mean = lambda xs: sum(xs) / len(xs)
         pt, vt = mean([r.received_tokens for r in layer0]), mean([r.voltage_tokens for r in layer0])
         row = bytes_for(1, cfg.hidden_size, dtype_bytes)
-        prism_row = row + (COUNT_BYTES if get_prism_config(self.model).dynamic else 0)
+        counted = mean([r.counted_rows for r in layer0])
         out = {"sequences": len(seqs), "layers": self.num_layers, "hidden_size": cfg.hidden_size,
                "dtype_bytes": dtype_bytes,
                "prism_tokens_per_device_layer": pt, "voltage_tokens_per_device_layer": vt,
-               "prism_bytes_per_device_layer": prism_row * pt, "voltage_bytes_per_device_layer": row * vt,
+               "prism_bytes_per_device_layer": row * pt + COUNT_BYTES * counted,
+               "voltage_bytes_per_device_layer": row * vt,
                "compression_rate": (vt / pt) if pt else None,
                "single_gflops": mean(single), "single_total_gflops": sum(single)}
         for who, seq in per.items():
