@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_model  # noqa: E402
 
 from prism_kernels import dynamic
 from prism_kernels.anchors import TokenRoles, resolve
@@ -50,16 +53,6 @@ def median_ms(cfg, n, roles, F, reps=15):
         dynamic.partition_segments(cfg, k, part, fixed, grid)
         times.append(time.perf_counter() - t0)
     return 1e3 * statistics.median(times), dynamic.chooses(cfg, part, fixed, grid)
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main():
