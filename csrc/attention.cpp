@@ -61,19 +61,8 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   const int64_t qB = blk.q_block, kB = blk.k_block;
   const int64_t nQB = (Nq + qB - 1) / qB, nKB = (Nk + kB - 1) / kB;
 
-  const scalar_t* qd = q.const_data_ptr<scalar_t>();
-  const scalar_t* kd = k.const_data_ptr<scalar_t>();
-  const scalar_t* vd = v.const_data_ptr<scalar_t>();
-  const int64_t qsB = q.stride(0), qsH = q.stride(1), qsN = row_ld(q);
-  const int64_t ksB = k.stride(0), ksH = k.stride(1), ksN = row_ld(k);
-  const int64_t vsB = v.stride(0), vsH = v.stride(1), vsN = row_ld(v);
-
-  const acc_t* bd = bias ? bias->const_data_ptr<acc_t>() : nullptr;
-  const int64_t bsB = bias ? bias->stride(0) : 0;
-  const bool causal = q_pos != nullptr;
-  const int64_t* qpd = causal ? q_pos->const_data_ptr<int64_t>() : nullptr;
-  const int64_t* kpd = causal ? k_pos->const_data_ptr<int64_t>() : nullptr;
-  const int64_t qpsB = causal ? q_pos->stride(0) : 0, kpsB = causal ? k_pos->stride(0) : 0;
+  const Operands<scalar_t, acc_t> op(q, k, v, bias, q_pos, k_pos);
+  const bool causal = op.causal;
 
   // Per (batch, key block): min and max key position.
   std::vector<int64_t> kmin, kmax;
@@ -82,7 +71,7 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
     kmax.resize(B * nKB);
     for (int64_t b = 0; b < B; ++b)
       for (int64_t kb = 0; kb < nKB; ++kb) {
-        const int64_t* p = kpd + b * kpsB + kb * kB;
+        const int64_t* p = op.k_pos(b, kb * kB);
         const int64_t n = std::min(kB, Nk - kb * kB);
         int64_t lo = p[0], hi = p[0];
         for (int64_t j = 1; j < n; ++j) {
@@ -115,19 +104,19 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
       const int64_t i0 = qb * qB;
       const int64_t rows = std::min(qB, Nq - i0);
 
-      const scalar_t* qsrc = qd + b * qsB + h * qsH + i0 * qsN;
+      const scalar_t* qsrc = op.q_row(b, h, i0);
       const acc_t* Q;
       int64_t ldq;
       if constexpr (kReduced) {
-        convert_rows(qsrc, qsN, qc_buf.get(), rows, d);
+        convert_rows(qsrc, op.qsN, qc_buf.get(), rows, d);
         Q = qc_buf.get();
         ldq = d;
       } else {
         Q = qsrc;
-        ldq = qsN;
+        ldq = op.qsN;
       }
 
-      const int64_t* qp = causal ? qpd + b * qpsB + i0 : nullptr;
+      const int64_t* qp = op.q_pos(b, i0);
       int64_t qmax = 0, qmin = 0;
       if (causal) {
         qmax = qmin = qp[0];
@@ -149,13 +138,11 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
         }
         const int64_t j0 = kb * kB;
         const int64_t cols = std::min(kB, Nk - j0);
-        const KVRows<acc_t> kv = kv_rows<acc_t>(kd + b * ksB + hk * ksH + j0 * ksN, ksN,
-                                                 vd + b * vsB + hk * vsH + j0 * vsN, vsN, cols, d,
-                                                 kc_buf.get(), vc_buf.get());
+        const KVRows<acc_t> kv = op.kv(b, hk, j0, cols, d, kc_buf.get(), vc_buf.get());
 
         // One block of the online softmax (attention_helpers.h: the invariant and its steps).
-        const acc_t* bias_row = bd ? bd + b * bsB + j0 : nullptr;
-        const int64_t* kp = causal ? kpd + b * kpsB + j0 : nullptr;
+        const acc_t* bias_row = op.bias_row(b, j0);
+        const int64_t* kp = op.k_pos(b, j0);
         online_softmax_block<acc_t>(rows, cols, d, scale, Q, ldq, kv.K, kv.ldk, kv.V, kv.ldv, bias_row, need_mask, qp, kp,
                                     S, mrow, lrow, acc);
       }

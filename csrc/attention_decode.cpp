@@ -53,19 +53,8 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   const int64_t nC = (Nk + chunk - 1) / chunk;
   const int64_t kB = std::min(kDecodeBlock, chunk);
 
-  const scalar_t* qd = q.const_data_ptr<scalar_t>();
-  const scalar_t* kd = k.const_data_ptr<scalar_t>();
-  const scalar_t* vd = v.const_data_ptr<scalar_t>();
-  const int64_t qsB = q.stride(0), qsH = q.stride(1), qsN = row_ld(q);
-  const int64_t ksB = k.stride(0), ksH = k.stride(1), ksN = row_ld(k);
-  const int64_t vsB = v.stride(0), vsH = v.stride(1), vsN = row_ld(v);
-
-  const acc_t* bd = bias ? bias->const_data_ptr<acc_t>() : nullptr;
-  const int64_t bsB = bias ? bias->stride(0) : 0;
-  const bool causal = q_pos != nullptr;
-  const int64_t* qpd = causal ? q_pos->const_data_ptr<int64_t>() : nullptr;
-  const int64_t* kpd = causal ? k_pos->const_data_ptr<int64_t>() : nullptr;
-  const int64_t qpsB = causal ? q_pos->stride(0) : 0, kpsB = causal ? k_pos->stride(0) : 0;
+  const Operands<scalar_t, acc_t> op(q, k, v, bias, q_pos, k_pos);
+  const bool causal = op.causal;
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
 
   // Partials, per (b, kv head, chunk, row): m, l and acc (d values). With one
@@ -93,9 +82,8 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
       // to acc_t): R is tiny (<= group * 16), and one Q lets a single GEMM
       // score all of them against each K row.
       for (int64_t g = 0; g < group; ++g) {
-        const scalar_t* src = qd + b * qsB + (hk * group + g) * qsH;
         for (int64_t i = 0; i < Nq; ++i) {
-          const scalar_t* row = src + i * qsN;
+          const scalar_t* row = op.q_row(b, hk * group + g, i);
           acc_t* dst = Q + (g * Nq + i) * d;
           if constexpr (kReduced) widen(row, dst, d);
           else std::copy(row, row + d, dst);
@@ -103,7 +91,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
       }
       int64_t qmin = 0, qmax = 0;
       if (causal) {
-        const int64_t* p = qpd + b * qpsB;
+        const int64_t* p = op.q_pos(b, 0);
         qmin = qmax = p[0];
         for (int64_t i = 0; i < Nq; ++i) {
           qmin = std::min(qmin, p[i]);
@@ -124,7 +112,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
       const int64_t c0 = c * chunk, c1 = std::min(Nk, c0 + chunk);
       for (int64_t j0 = c0; j0 < c1; j0 += kB) {
         const int64_t cols = std::min(kB, c1 - j0);
-        const int64_t* kp = causal ? kpd + b * kpsB + j0 : nullptr;
+        const int64_t* kp = op.k_pos(b, j0);
         bool need_mask = false;
         if (causal) {
           // Positions are unsorted (own rows, then means): skip a block that is
@@ -137,11 +125,9 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
           if (lo > qmax) continue;
           need_mask = hi > qmin;
         }
-        const KVRows<acc_t> kv = kv_rows<acc_t>(kd + b * ksB + hk * ksH + j0 * ksN, ksN,
-                                                 vd + b * vsB + hk * vsH + j0 * vsN, vsN, cols, d,
-                                                 kc_buf.get(), vc_buf.get());
+        const KVRows<acc_t> kv = op.kv(b, hk, j0, cols, d, kc_buf.get(), vc_buf.get());
         // One block of the online softmax (attention_helpers.h), on this chunk's rows.
-        const acc_t* bias_row = bd ? bd + b * bsB + j0 : nullptr;
+        const acc_t* bias_row = op.bias_row(b, j0);
         online_softmax_block<acc_t>(R, cols, d, scale, Q, d, kv.K, kv.ldk, kv.V, kv.ldv, bias_row, need_mask, qp, kp, S,
                                     mrow, lrow, acc);
       }

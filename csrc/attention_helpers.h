@@ -138,6 +138,46 @@ inline KVRows<acc_t> kv_rows(const scalar_t* ksrc, int64_t ksN, const scalar_t* 
   }
 }
 
+// The operands of one attention call as the kernels read them: q [B, H, Nq, d],
+// k / v [B, Hkv, Nk, d] (rows of leading dimension row_ld), the log-count bias
+// [B, Nk] in acc_t and, when causal, the query / key positions [B, N] (int64).
+// Shared by attention.cpp and attention_decode.cpp.
+template <typename scalar_t, typename acc_t>
+struct Operands {
+  const scalar_t *qd, *kd, *vd;
+  int64_t qsB, qsH, qsN, ksB, ksH, ksN, vsB, vsH, vsN;
+  const acc_t* bd;
+  int64_t bsB;
+  bool causal;
+  const int64_t *qpd, *kpd;
+  int64_t qpsB, kpsB;
+
+  Operands(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor* bias,
+           const at::Tensor* q_pos, const at::Tensor* k_pos)
+      : qd(q.const_data_ptr<scalar_t>()), kd(k.const_data_ptr<scalar_t>()), vd(v.const_data_ptr<scalar_t>()),
+        qsB(q.stride(0)), qsH(q.stride(1)), qsN(row_ld(q)),
+        ksB(k.stride(0)), ksH(k.stride(1)), ksN(row_ld(k)),
+        vsB(v.stride(0)), vsH(v.stride(1)), vsN(row_ld(v)),
+        bd(bias ? bias->const_data_ptr<acc_t>() : nullptr), bsB(bias ? bias->stride(0) : 0),
+        causal(q_pos != nullptr),
+        qpd(causal ? q_pos->const_data_ptr<int64_t>() : nullptr),
+        kpd(causal ? k_pos->const_data_ptr<int64_t>() : nullptr),
+        qpsB(causal ? q_pos->stride(0) : 0), kpsB(causal ? k_pos->stride(0) : 0) {}
+
+  // Query row i of head h (leading dimension qsN between rows).
+  const scalar_t* q_row(int64_t b, int64_t h, int64_t i) const { return qd + b * qsB + h * qsH + i * qsN; }
+  // Key / value rows j0 .. j0 + cols - 1 of K/V head hk, as acc_t rows (kv_rows).
+  KVRows<acc_t> kv(int64_t b, int64_t hk, int64_t j0, int64_t cols, int64_t d, acc_t* kbuf, acc_t* vbuf) const {
+    return kv_rows<acc_t>(kd + b * ksB + hk * ksH + j0 * ksN, ksN, vd + b * vsB + hk * vsH + j0 * vsN, vsN,
+                          cols, d, kbuf, vbuf);
+  }
+  // log c of keys j0..; nullptr without a bias.
+  const acc_t* bias_row(int64_t b, int64_t j0) const { return bd ? bd + b * bsB + j0 : nullptr; }
+  // Positions of queries i0.. / keys j0..; nullptr when not causal.
+  const int64_t* q_pos(int64_t b, int64_t i0) const { return causal ? qpd + b * qpsB + i0 : nullptr; }
+  const int64_t* k_pos(int64_t b, int64_t j0) const { return causal ? kpd + b * kpsB + j0 : nullptr; }
+};
+
 // One key block of the online softmax, for `rows` query rows (Q, ld ldq) against
 // `cols` keys (K, ld ldk) and values (Vp, ld ldv): updates the running max mrow,
 // sum lrow and accumulator acc (ld d) of every row. S is rows x cols scratch.
