@@ -865,7 +865,7 @@ def test_finetune_whole_vit_with_prism_never_reads_test_split():
     from prism_kernels.eval.finetune import FINETUNE_TASKS, RECIPES, _train_last_layers
     from prism_kernels.hf import prism_config_of
 
-    assert FINETUNE_TASKS["finetune-dinov2-fashion"][3:] == ("attention_input", "all", 1, "full")
+    assert FINETUNE_TASKS["finetune-dinov2-fashion"][3:] == ("attention_input", "all", 8, "full")
 
     class TrainOnlySplit:
         def __init__(self, x, y):
@@ -894,10 +894,27 @@ def test_finetune_whole_vit_with_prism_never_reads_test_split():
                            split=TrainOnlySplit(x, y))
     before = {n: p.clone() for n, p in model.named_parameters()}
     r = RECIPES["full"]
-    tuned, head, losses = _train_last_layers(task, Cell("prism", 2, 4.0, "attention_input"), "all", epochs=2,
-                                             seed=0, lr=1e-3, head_lr=r["head_lr"], schedule=r["schedule"],
-                                             augment=r["augment"], progress=False)
+    lrs = []
+    step = torch.optim.AdamW.step
+
+    def recording_step(opt, *a, **k):
+        lrs.append(opt.param_groups[0]["lr"])
+        return step(opt, *a, **k)
+
+    torch.optim.AdamW.step = recording_step
+    try:
+        tuned, head, losses = _train_last_layers(task, Cell("prism", 2, 4.0, "attention_input"), "all",
+                                                 epochs=2, seed=0, lr=1e-3, head_lr=r["head_lr"],
+                                                 schedule=r["schedule"], augment=r["augment"],
+                                                 warmup_epochs=r["warmup_epochs"], progress=False)
+    finally:
+        torch.optim.AdamW.step = step
     assert len(losses) == 8 and all(np.isfinite(losses))
+    # one epoch (4 steps) of linear warm-up to the full lr, then cosine decay over the rest
+    assert r["warmup_epochs"] == 1 and r["schedule"] == "cosine"
+    expected = [1e-3 * f for f in (0.2, 0.4, 0.6, 0.8, 1.0, (1 + np.cos(np.pi / 4)) / 2, 0.5,
+                                   (1 + np.cos(3 * np.pi / 4)) / 2)]
+    np.testing.assert_allclose(lrs, expected, rtol=1e-12)
     assert seen and all(on and grad for on, grad in seen)      # Prism on, with gradients, every step
     assert prism_config_of(tuned) is None                      # switched off again afterwards
     for n, p in tuned.named_parameters():
