@@ -28,6 +28,7 @@ Policies (PrismConfig.anchors):
   * "none": no anchors, the paper's plain means;
   * "special+topk" (data-dependent, prism_kernels/dynamic.py): the special tokens
     and, chosen by each device on its own in every layer, the `anchor_topk` tokens
+    ("auto" (default): IMAGE_TOPK on a patch grid, TEXT_TOPK for text)
     of its partition with the largest local score (`anchor_score`: "key_norm", the
     norm of the token's key; "key_dev", the distance of its key from the partition's
     mean key; "auto" (default), the better measured of the two: key_norm where the
@@ -69,6 +70,29 @@ DYNAMIC_SEGMENTS = ("content", "content_sse", "kmeans")
 ANCHOR_BUDGETS = ("shared", "extra")
 DEFAULT_ANCHORS = "auto"
 DEFAULT_ANCHOR_SCORE = "auto"
+# anchor_topk "auto": top-k tokens sent alone per partition, by the measured best
+# (docs/accuracy.md): one on a patch grid (a second costs digits 6-9 points); six on
+# text (SmolLM2 bits per character and MiniLM cosines improve up to six, eight is no better)
+DEFAULT_ANCHOR_TOPK = "auto"
+IMAGE_TOPK = 1
+TEXT_TOPK = 6
+
+
+def check_anchor_topk(k, name: str = "anchor_topk"):
+    """k if it is "auto" or an integer >= 0, else ValueError naming `name`."""
+    import numbers
+    if k == "auto":
+        return k
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
+        raise ValueError(f"{name} must be 'auto' or an integer >= 0, got {k!r}")
+    return int(k)
+
+
+def resolve_topk(k, grid) -> int:
+    """anchor_topk as a number: "auto" -> IMAGE_TOPK with a patch grid, else TEXT_TOPK."""
+    if k == "auto":
+        return IMAGE_TOPK if grid is not None else TEXT_TOPK
+    return int(k)
 DEFAULT_SEGMENTS = "auto"
 DEFAULT_ANCHOR_BUDGET = "shared"
 

@@ -27,8 +27,9 @@
   `prism eval` measures what the rounding does to accuracy;
 * anchor_topk, anchor_score: for anchors="special+topk" (data-dependent segments,
   prism_kernels/dynamic.py), how many tokens each device sends alone besides the
-  special ones, and by which local score ("auto": key_norm on a patch grid, key_dev
-  for text | "key_norm" | "key_dev");
+  special ones ("auto": 1 on a patch grid, 6 for text | an integer) and by which
+  local score ("auto": key_norm on a patch grid, key_dev for text | "key_norm" |
+  "key_dev");
 * backend: the kernels' backend (auto | cpp | triton | torch).
 
 `plan(n_tokens, causal, roles=...)` is the one way to get a PrismPlan from these
@@ -39,9 +40,10 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import asdict, dataclass
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
-from .anchors import (ANCHOR_SCORES, DEFAULT_ANCHOR_BUDGET, DEFAULT_ANCHOR_SCORE, DEFAULT_ANCHORS, DEFAULT_SEGMENTS,
+from .anchors import (ANCHOR_SCORES, DEFAULT_ANCHOR_BUDGET, DEFAULT_ANCHOR_SCORE, DEFAULT_ANCHOR_TOPK, DEFAULT_ANCHORS,
+                      DEFAULT_SEGMENTS, check_anchor_topk,
                       TokenRoles, check_policy, is_dynamic, resolve, resolve_anchors)
 from .costs.comm import check_wire_dtype
 from .plan import PrismPlan, check_compression_rate, make_plan
@@ -65,7 +67,7 @@ class PrismConfig:
     anchor_budget: str = DEFAULT_ANCHOR_BUDGET
     count_bias: str = "log"
     wire_dtype: str = "fp32"
-    anchor_topk: int = 1
+    anchor_topk: Union[int, str] = DEFAULT_ANCHOR_TOPK
     anchor_score: str = DEFAULT_ANCHOR_SCORE
 
     def __post_init__(self):
@@ -87,9 +89,7 @@ class PrismConfig:
             raise ValueError(f"count_bias must be one of {COUNT_BIASES}, got {self.count_bias!r}")
         # "auto": the best measured policy that this averaging and bias allow (anchors.resolve_anchors)
         object.__setattr__(self, "anchors", resolve_anchors(self.anchors, self.averaging, self.count_bias))
-        k = self.anchor_topk
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
-            raise ValueError(f"anchor_topk must be an integer >= 0, got {k!r}")
+        object.__setattr__(self, "anchor_topk", check_anchor_topk(self.anchor_topk))
         if self.anchor_score not in ANCHOR_SCORES:
             raise ValueError(f"anchor_score must be one of {ANCHOR_SCORES}, got {self.anchor_score!r}")
         if self.dynamic and (self.averaging != "attention_input" or self.count_bias != "log"):

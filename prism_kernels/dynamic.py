@@ -40,6 +40,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 
+from .anchors import resolve_topk
 from .plan import Partition, _blocks, split_sizes
 
 
@@ -220,7 +221,7 @@ def partition_segments(config, k: torch.Tensor, part: Partition, fixed: Sequence
                        grid=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """`assign` under a PrismConfig's data-dependent policy: k [Bg, n_j, F] the
     partition's keys (rotated for rotary models), part its static plan (rows m_j)."""
-    topk = config.anchor_topk if config.anchors == "special+topk" else 0
+    topk = resolve_topk(config.anchor_topk, grid) if config.anchors == "special+topk" else 0
     score = config.anchor_score
     if score == "auto":       # measured best: the key norm on images, the key deviation on text
         score = "key_norm" if grid is not None else "key_dev"
@@ -250,7 +251,7 @@ def chooses(config, part: Partition, fixed: Sequence[int], grid=None) -> bool:
     if m == 1 or m >= part.size:         # one mean, or every token alone (counts all 1)
         return False
     free = m - len(fixed)
-    top = max(0, min(int(config.anchor_topk), free - 1)) if config.anchors == "special+topk" else 0
+    top = max(0, min(resolve_topk(config.anchor_topk, grid), free - 1)) if config.anchors == "special+topk" else 0
     return top > 0 or (free - top > 1 and bool(_content_mode(config, grid)))
 
 

@@ -274,7 +274,7 @@ def test_auto_anchors_are_the_measured_best_that_the_settings_allow():
     alone where the keys are not there to choose from (block_input averaging) or the
     bias is the spread experiment."""
     cfg = PrismConfig(2, compression_rate=4)
-    assert (cfg.anchors, cfg.anchor_score, cfg.anchor_topk, cfg.segments) == ("special+topk", "auto", 1, "auto")
+    assert (cfg.anchors, cfg.anchor_score, cfg.anchor_topk, cfg.segments) == ("special+topk", "auto", "auto", "auto")
     assert cfg.dynamic
     for kw in (dict(averaging="block_input"), dict(count_bias="spread")):
         c = PrismConfig(2, compression_rate=4, **kw)
@@ -284,6 +284,32 @@ def test_auto_anchors_are_the_measured_best_that_the_settings_allow():
     assert PrismConfig.from_any(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="resolve"):
         resolve(10, BERT, "auto")
+
+
+def test_auto_topk_is_one_on_a_patch_grid_and_six_for_text():
+    """anchor_topk="auto": one top-k anchor where the tokens form a patch grid (images),
+    six for text."""
+    from prism_kernels.anchors import resolve_topk
+    from prism_kernels.dynamic import assign, partition_segments
+    from prism_kernels.plan import Partition, Segment
+
+    assert resolve_topk("auto", (4, 4, 1)) == 1 and resolve_topk("auto", None) == 6
+    assert resolve_topk(2, None) == 2 and resolve_topk(0, (4, 4, 1)) == 0
+    cfg = PrismConfig(2, compression_rate=4)
+    k = torch.randn(3, 20, 8, generator=torch.Generator().manual_seed(1))
+    part = Partition(0, 0, 20, tuple(Segment(tuple(range(2 * i, 2 * i + 2))) for i in range(10)))
+    seg_of, counts = partition_segments(cfg, k, part, fixed=(), grid=None)
+    # text: the six tokens with the largest key deviation go alone (count 1), 4 runs for the rest
+    dev = (k - k.mean(1, keepdim=True)).norm(dim=-1)
+    for b in range(3):
+        alone = sorted(int(t) for t in range(20) if seg_of[b, t] >= 4)     # anchors follow the runs
+        assert all(counts[b, s] == 1 for s in range(4, 10))
+        assert alone == sorted(dev[b].topk(6).indices.tolist()), b
+    want, _ = assign(k, 10, (), 6, "key_dev", True)
+    assert torch.equal(seg_of, want)
+    for bad in (-1, 1.5, True, "four"):
+        with pytest.raises(ValueError, match="anchor_topk must be 'auto' or an integer >= 0"):
+            PrismConfig(2, compression_rate=4, anchor_topk=bad)
 
 
 def test_topk_anchor_with_2d_blocks_against_python_ref():

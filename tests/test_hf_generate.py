@@ -97,7 +97,7 @@ class _ExtendLast(PrismConfig):
 
 # data-dependent segments (chosen per layer from each partition's keys): at CR 2 a 7-token
 # partition sends 4 rows, token 0 and the top-1 key alone and 2 content runs
-DYN = dict(anchors="special+topk", anchor_score="key_dev", segments="content_sse")
+DYN = dict(anchors="special+topk", anchor_topk=1, anchor_score="key_dev", segments="content_sse")
 
 
 @pytest.mark.parametrize("model_type,P,averaging,CR,policy", [

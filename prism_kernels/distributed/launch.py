@@ -24,7 +24,15 @@ import time
 from datetime import timedelta
 
 from ..anchors import (ANCHOR_BUDGETS, ANCHOR_SCORES, ANCHORS, DEFAULT_ANCHOR_BUDGET, DEFAULT_ANCHOR_SCORE,
-                       DEFAULT_ANCHORS, DEFAULT_SEGMENTS, SEGMENTS)
+                       DEFAULT_ANCHOR_TOPK, DEFAULT_ANCHORS, DEFAULT_SEGMENTS, SEGMENTS, check_anchor_topk)
+
+
+def _topk_arg(text: str):
+    """An integer where the text is one; anything else stays text for validate() to refuse."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
 
 
 def add_policy_arguments(p: argparse.ArgumentParser):
@@ -44,8 +52,9 @@ def add_policy_arguments(p: argparse.ArgumentParser):
                         "chosen per layer send their counts with the means (4 bytes a row)")
     p.add_argument("--anchor-budget", default=DEFAULT_ANCHOR_BUDGET, choices=ANCHOR_BUDGETS,
                    help="anchors out of the partition's m means (shared, default) or on top (extra)")
-    p.add_argument("--anchor-topk", type=int, default=1,
-                   help="with --anchors special+topk: tokens per partition sent alone besides the special ones")
+    p.add_argument("--anchor-topk", type=_topk_arg, default=DEFAULT_ANCHOR_TOPK,
+                   help="with --anchors special+topk: tokens per partition sent alone besides the special ones "
+                        "(auto, default: 1 for vision models, 6 for text; or an integer >= 0)")
     p.add_argument("--anchor-score", default=DEFAULT_ANCHOR_SCORE, choices=ANCHOR_SCORES,
                    help="with --anchors special+topk: key_norm = ||k||, key_dev = ||k - the partition's mean "
                         "key||, auto (default) = key_norm on a patch grid (images), key_dev for text")
@@ -185,6 +194,7 @@ def validate(args, world=None, model=True):
         raise Refused(f"-m/--num-means and --cr apply to --mode prism only, not --mode {args.mode}")
     try:
         check_wire_dtype(getattr(args, "wire_dtype", "fp32"), "--wire-dtype")
+        check_anchor_topk(getattr(args, "anchor_topk", "auto"), "--anchor-topk")
     except ValueError as e:
         raise Refused(str(e)) from None
     speeds_flag, _ = _speeds_arg(args)
@@ -468,7 +478,6 @@ def compare_with_single(entry, model, inputs, result, args, single_times=()):
     """Rank 0, after the distributed run: the stock model on this process alone, on the same
     input. {max_abs_diff of the head outputs, single_median_s, single_times_s}; the timings
     are the --interleave-single ones when taken, else --warmup + --repeat fresh runs."""
-    import torch
     from . import overlap
     model.set_attn_implementation("sdpa")
     try:

@@ -52,7 +52,7 @@ FINETUNE_TASKS = {
     # the paper's ViT fine-tuning setting: P = 3, CR = 6.55, the package's default
     # anchors / segments; 8 epochs of 40 batches (a step takes about 1.2 s on 2 idle cores)
     "finetune-dinov2-fashion": ("dinov2-fashion", 3, 6.55, "attention_input", "all", 8, "full"),
-    "finetune-dinov2-digits": ("dinov2-digits", 3, 6.55, "block_input", 2, 2, "last"),
+    "finetune-dinov2-digits": ("dinov2-digits", 3, 6.55, "attention_input", "all", 8, "full"),
 }
 
 

@@ -30,7 +30,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..anchors import DEFAULT_ANCHOR_BUDGET, DEFAULT_ANCHOR_SCORE, DEFAULT_ANCHORS, DEFAULT_SEGMENTS
+from ..anchors import DEFAULT_ANCHOR_BUDGET, DEFAULT_ANCHOR_SCORE, DEFAULT_ANCHOR_TOPK, DEFAULT_ANCHORS, DEFAULT_SEGMENTS
 from ..config import PrismConfig
 from .attention import prism_attention_forward
 from .averaging import make_averaging
@@ -135,7 +135,7 @@ def enable_prism(model, num_partitions: int = 2, *, compression_rate: Optional[f
                  backend: str = "auto", partition_weights: Optional[Sequence[float]] = None,
                  anchors: str = DEFAULT_ANCHORS, segments: str = DEFAULT_SEGMENTS,
                  anchor_budget: str = DEFAULT_ANCHOR_BUDGET, count_bias: str = "log",
-                 anchor_topk: int = 1, anchor_score: str = DEFAULT_ANCHOR_SCORE, wire_dtype: str = "fp32",
+                 anchor_topk=DEFAULT_ANCHOR_TOPK, anchor_score: str = DEFAULT_ANCHOR_SCORE, wire_dtype: str = "fp32",
                  config: Optional[PrismConfig] = None, allow_untested: bool = False, decode: str = "prism"):
     """Run `model` as P simulated Prism devices. Returns the model (modified in place).
 
