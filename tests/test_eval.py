@@ -924,3 +924,18 @@ def test_finetune_whole_vit_with_prism_never_reads_test_split():
         assert changed == ("patch_embeddings" not in n), n     # all but the patch embedding trained
     for n, p in model.named_parameters():                      # the task's model untouched
         torch.testing.assert_close(p, before[n])
+
+
+def test_finetune_scores_keep_per_item_hits_for_pairing():
+    """A fine-tuned row stores which test items it got right, so that two fine-tuned
+    models (Prism and the exact reference) can be paired on the same items."""
+    from types import SimpleNamespace
+
+    from prism_kernels.eval.finetune import _scores
+
+    y = np.array([0, 1, 2, 1, 0])
+    task = SimpleNamespace(split=SimpleNamespace(y_test=y), exact_hits={"accuracy": np.array([1, 1, 0, 0, 1])},
+                           seed=0)
+    r = _scores(task, np.array([0, 2, 2, 1, 1]))
+    assert r["item_hits"] == "10110"
+    assert r["accuracy"] == pytest.approx(0.6) and r["accuracy_diff"] == pytest.approx(0.0)

@@ -185,6 +185,8 @@ def _scores(task, pred) -> dict:
     y = task.split.y_test
     out = Mx.accuracy_with_ci(pred == y, task.exact_hits["accuracy"], seed=task.seed)
     out["macro_f1"] = Mx.macro_f1(y, pred)
+    # per-item hits, so that two fine-tuned rows can be compared on the same items
+    out["item_hits"] = "".join("1" if h else "0" for h in (pred == y))
     return out
 
 
@@ -310,6 +312,12 @@ def run_finetune(name: str, args) -> None:
         if r:
             lines.append(f"| {label} | {_pct_ci(r)} | {_diff_ci(r)} | {100 * r['macro_f1']:.1f} | "
                          f"{_pct_ci(r, 'exact_mode_accuracy')} | {_diff_ci(r, 'exact_mode_accuracy')} |")
+    tuned, ref = cells.get("prism_finetuned_refit"), cells.get("exact_finetuned")
+    if tuned and ref and "item_hits" in tuned and "item_hits" in ref:
+        hits = [np.array([c == "1" for c in r["item_hits"]], dtype=float) for r in (tuned, ref)]
+        d, lo, hi = Mx.paired_bootstrap_diff(hits[0], hits[1], seed=args.seed)
+        lines += ["", f"Prism fine-tuned minus the exact model fine-tuned by the same recipe, on the same "
+                      f"test items: {100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] points (paired bootstrap)."]
     for key, label in rows:
         r = cells.get(key)
         if r and "epoch_losses" in r:
