@@ -58,8 +58,14 @@ prism eval --task minilm-austen --partitions 2 3 --cr 8 --n-train 600 --limit 60
 prism eval --task dinov2-fashion --partitions 2 3 --cr 9.9 $W --out $D   # (P = 3 at CR 6.55), and the same for
 prism eval --task dinov2-digits --partitions 2 3 --cr 9.9 $W --out $D    # --variant ...,anchor_topk=2 / 3, segments=content_sse
 python benchmarks/accuracy/paired.py $D/accuracy_minilm-austen.json --base anchors=special   # paired differences
-python benchmarks/accuracy/migrate_default_keys.py FILE.json   # once, for cells stored under the earlier defaults
+# how many top-k anchors (SmolLM2 on 48 windows into accuracy_text_topk/; MiniLM and DINOv2 as above):
+prism eval --task smollm2-austen --partitions 2 --cr 10 --limit 48 --variant anchor_topk=1 --variant anchor_topk=2 \\
+    --variant anchor_topk=3 --variant anchor_topk=4 --variant anchor_topk=6 --variant anchor_topk=8 \\
+    --variant default --out benchmarks/results/accuracy_text_topk
+python benchmarks/accuracy/migrate_default_keys.py special FILE.json     # once each, for cells stored
+python benchmarks/accuracy/migrate_default_keys.py text-topk FILE.json   # under an earlier default
 prism eval --task finetune-dinov2-fashion --out benchmarks/results   # fine-tuning with Prism in the loop
+prism eval --task finetune-dinov2-digits --out benchmarks/results
 python benchmarks/accuracy/make_doc.py           # rebuilds this page
 ```
 (all with `--averaging attention_input --threads 2`, except smollm2-austen which runs both averagings.)
@@ -97,12 +103,13 @@ rate CR, m_j = ceil(n_j / CR) (Eq. 16), with either averaging variant
 (`block_input`: the paper's, means of the block input, K/V = proj(LN(mean X));
 `attention_input`: means of the keys/values, i.e. of LN(X)), and a *variant*:
 `default` = the package's defaults (the model's special tokens and, chosen per layer
-by each device, the top-1 token by key norm (images) or key deviation (text) sent alone
-out of the same budget; 2-D blocks of the patch grid for vision models, runs cut where
+by each device, the top-1 token by key norm (images) or the top-6 tokens by key
+deviation (text) sent alone out of the same budget; 2-D blocks of the patch grid for vision models, runs cut where
 the keys change for text; docs/method.md, "Anchors and 2-D segments"),
 `anchors=special` = the special tokens alone with static blocks / equal runs (the
 package's default until the data-dependent policies ran in the runtime; tables stored
 before then were renamed to it by benchmarks/accuracy/migrate_default_keys.py),
+`anchor_topk=1` on the text tasks = the default before text got six top-k anchors,
 `anchors=none,segments=runs` = the paper's plain means, other
 variants as named (`count_bias=spread`: the experimental spread-corrected bias;
 `anchor_budget=extra`: anchors on top of the m_j means). **eff. CR** is
