@@ -40,6 +40,11 @@ RECIPES = {
              "heads": ("exact", "refit")},
     "full": {"lr": 1e-5, "head_lr": 1e-4, "schedule": "cosine", "warmup_epochs": 1, "augment": True,
              "heads": ("refit",), "exact_reference": True},
+    # the same without augmentation, for 8 x 8 digits: a 2-px shift moves a quarter of the
+    # image and a mirrored digit is another symbol (a first run with both started at a
+    # training loss of 3.1 under a probe that scores 96.5 % on the test items)
+    "full_no_augment": {"lr": 1e-5, "head_lr": 1e-4, "schedule": "cosine", "warmup_epochs": 1, "augment": False,
+                        "heads": ("refit",), "exact_reference": True},
 }
 
 FINETUNE_TASKS = {
@@ -52,7 +57,7 @@ FINETUNE_TASKS = {
     # the paper's ViT fine-tuning setting: P = 3, CR = 6.55, the package's default
     # anchors / segments; 8 epochs of 40 batches (a step takes about 1.2 s on 2 idle cores)
     "finetune-dinov2-fashion": ("dinov2-fashion", 3, 6.55, "attention_input", "all", 8, "full"),
-    "finetune-dinov2-digits": ("dinov2-digits", 3, 6.55, "attention_input", "all", 8, "full"),
+    "finetune-dinov2-digits": ("dinov2-digits", 3, 6.55, "attention_input", "all", 8, "full_no_augment"),
 }
 
 
@@ -287,7 +292,9 @@ def run_finetune(name: str, args) -> None:
                + (f" after {recipe['warmup_epochs']:g} epoch of linear warm-up" if recipe.get("warmup_epochs") else "")
                + f", {epochs} epoch{'s' if epochs != 1 else ''}, "
                "gradient clipping 1.0, dropout off, batches of the task's batch size"
-               + (", random horizontal flips and shifts of up to 2 px" if recipe["augment"] else "")
+               + (", random horizontal flips and shifts of up to 2 px" if recipe["augment"]
+                  else ", no augmentation (8 x 8 images: a 2-px shift moves a quarter of the image, a mirrored "
+                       "digit is another symbol)")
                + "; the head initialised from the probe refitted on Prism features; Prism active in every "
                  "training forward (gradients through prism_kernels' ops); training split only"
                + ("; the exact reference trains the same way without Prism, its head from the exact probe."
