@@ -88,6 +88,19 @@ def test_costs_json_matches_api(capsys):
     assert d["dtype"] == "fp32" and d["prism_bytes_devices"] == [13 * (768 * 4 + 4)] * 2
 
 
+def test_costs_anchor_topk_decides_whether_counts_travel(capsys):
+    """`prism costs` takes the policy flags of `prism run`: with no top-k anchor and equal
+    runs the rows leave no choice, so no count travels (13 means of 768 floats, as above
+    but without their 4-byte counts)."""
+    def bytes_(*extra):
+        rc, out, err = run_cli(capsys, "costs", "--model", "gpt2", "--seq-len", "256", "--partitions", "2",
+                               "--cr", "10", "--json", *extra)
+        assert rc == 0, err
+        return json.loads(out)["prism_bytes_devices"]
+    assert bytes_("--anchor-topk", "3") == [13 * (768 * 4 + 4)] * 2
+    assert bytes_("--anchor-topk", "0", "--segments", "runs") == [13 * 768 * 4] * 2
+
+
 def test_costs_dtype_changes_bytes(capsys):
     rc, out, _ = run_cli(capsys, "costs", "--model", "bert-base", "--partitions", "2", "--means", "1",
                          "--dtype", "fp16", "--json")
@@ -185,6 +198,8 @@ BAD = [
     (["--model", "gpt2", "--partitions", "2", "--means", "x"], "--means", "invalid int"),
     (["--model", "gpt2", "--partitions", "2", "--means", "1", "--wire-dtype", "fp4"], "--wire-dtype",
      "invalid choice: 'fp4'"),
+    (["--model", "gpt2", "--partitions", "2", "--cr", "10", "--anchor-topk", "-2"], "--anchor-topk",
+     "'auto' or an integer >= 0, got -2"),
 ]
 
 

@@ -21,7 +21,8 @@ import json
 import math
 import sys
 
-from prism_kernels.anchors import ANCHOR_BUDGETS, ANCHORS, DEFAULT_ANCHOR_BUDGET, DEFAULT_ANCHORS, DEFAULT_SEGMENTS, SEGMENTS
+from prism_kernels.anchors import check_anchor_topk
+from prism_kernels.policy_args import add_policy_arguments
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -50,13 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--averaging", choices=("attention_input", "block_input"), default="attention_input",
                    help="what the means are taken of; sets the wire format (rotary models send K/V means "
                         "under attention_input)")
-    p.add_argument("--anchors", choices=ANCHORS, default=DEFAULT_ANCHORS,
-                   help="tokens sent alone (as `prism run`): auto (default; special+topk under attention_input), special, first, none or special+topk")
-    p.add_argument("--segments", choices=SEGMENTS, default=DEFAULT_SEGMENTS,
-                   help="segment shapes (as `prism run`); content / content_sse / kmeans (and anchors "
-                        "special+topk) send each row's count too (4 bytes)")
-    p.add_argument("--anchor-budget", choices=ANCHOR_BUDGETS, default=DEFAULT_ANCHOR_BUDGET,
-                   help="anchors out of the m means (shared, default: rows unchanged) or on top (extra)")
+    # the segment policy as `prism run` takes it; data-dependent choices send each row's count too (4 bytes)
+    add_policy_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--paper", action="store_true",
                    help="the paper's settings next to the paper's figures (Tables IV-VI)")
@@ -149,9 +145,14 @@ def run(args, p: argparse.ArgumentParser) -> int:
 
     spec, n, split = _validate(args, p)
     try:
+        check_anchor_topk(args.anchor_topk, "--anchor-topk")
+    except ValueError as e:
+        p.error(str(e))
+    try:
         report = estimate(spec, n, args.partitions, num_means=args.means, compression_rate=args.cr,
                           dtype_bytes=DTYPE_BYTES[args.dtype], averaging=args.averaging,
                           anchors=args.anchors, anchor_budget=args.anchor_budget, segments=args.segments,
+                          anchor_topk=args.anchor_topk, anchor_score=args.anchor_score,
                           input_dtype=args.input_dtype, **split)
     except ValueError as e:           # rules checked in the library (none expected after _validate)
         p.error(str(e))

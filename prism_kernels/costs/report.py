@@ -14,7 +14,8 @@ import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Union
 
-from ..anchors import DEFAULT_ANCHOR_BUDGET, DEFAULT_ANCHORS, DEFAULT_SEGMENTS, check_policy, is_dynamic, resolve, resolve_anchors
+from ..anchors import (DEFAULT_ANCHOR_BUDGET, DEFAULT_ANCHOR_SCORE, DEFAULT_ANCHOR_TOPK, DEFAULT_ANCHORS, DEFAULT_SEGMENTS,
+                       check_policy, is_dynamic, resolve, resolve_anchors)
 from ..models.table import token_roles
 from ..plan import make_plan
 from .comm import COUNT_BYTES, INPUT_DTYPE_BYTES, bytes_for, floats_per_row, startup_bytes, received_tokens, voltage_received_tokens, wire_format
@@ -114,7 +115,8 @@ def estimate(model, seq_len: Optional[int] = None, num_partitions: Optional[int]
              sizes: Optional[Sequence[int]] = None, weights: Optional[Sequence[float]] = None,
              averaging: str = "attention_input", anchors: str = DEFAULT_ANCHORS,
              anchor_budget: str = DEFAULT_ANCHOR_BUDGET, input_dtype: Optional[str] = None,
-             segments: str = DEFAULT_SEGMENTS) -> CostReport:
+             segments: str = DEFAULT_SEGMENTS, anchor_topk=DEFAULT_ANCHOR_TOPK,
+             anchor_score: str = DEFAULT_ANCHOR_SCORE) -> CostReport:
     """Cost of single-device, Voltage and Prism inference of one sequence.
 
     model: preset (see model_configs.PRESETS), transformers model type,
@@ -136,6 +138,8 @@ def estimate(model, seq_len: Optional[int] = None, num_partitions: Optional[int]
         segments "content" / "content_sse" / "kmeans"), whose rows each carry their
         count on the wire (COUNT_BYTES more per row, as the runtime sends them), for
         every partition whose rows leave a choice (dynamic.chooses).
+    anchor_topk, anchor_score: as PrismConfig's; k decides only whether a partition has
+        a choice (k = 0 with equal runs has none), not its rows.
     Raises ValueError naming the argument and the rule on bad input.
     """
     spec = resolve_model(model)
@@ -164,7 +168,8 @@ def estimate(model, seq_len: Optional[int] = None, num_partitions: Optional[int]
         from ..config import PrismConfig
         from ..dynamic import counted_rows
         cfg = PrismConfig(num_partitions=plan.num_partitions, num_means=1, averaging=averaging, anchors=anchors,
-                          segments=segments, anchor_budget=anchor_budget)
+                          segments=segments, anchor_budget=anchor_budget, anchor_topk=anchor_topk,
+                          anchor_score=anchor_score)
         counted = counted_rows(cfg, plan, anchor_idx, resolve(n, roles, anchors, segments)[1])
     sizes, p = list(plan.sizes), plan.num_partitions
     hidden = spec.hidden_size

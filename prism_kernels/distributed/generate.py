@@ -42,7 +42,7 @@ IDLE_WAIT_S = 30 * 24 * 3600.0     # "no deadline" for a rank waiting while the 
 # command line
 
 def add_arguments(p: argparse.ArgumentParser):
-    from .launch import add_policy_arguments
+    from ..policy_args import add_policy_arguments
     from prism_kernels.models import MODEL_TYPES, SIZES
     p.add_argument("--nproc", type=int, default=None,
                    help="spawn torchrun with this many processes on this machine (loopback)")
