@@ -757,3 +757,71 @@ def test_cli_refuses_repeat_zero_and_a_wrong_family(tmp_path):
     p = subprocess.run([sys.executable, "-m", "prism_kernels.cli", "run", "--family", "llama", "--seq-len", "8",
                         "--cr", "2", "-m", "2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "exactly one of num_means" in p.stderr, p.stderr[-2000:]
+
+
+@pytest.mark.parametrize("family,value_path", [("vit", "v_proj"), ("bert", "value")])
+def test_data_dependent_exchange_starts_at_the_key_projection(family, value_path):
+    """With segments chosen from the keys (attention-input means, non-rotary), each
+    layer's exchange is posted from the key projection's output: before the value
+    projection runs, so the transfer overlaps it. The payload equals the one posted
+    from inside the attention (the keys are the same rows)."""
+    from prism_kernels.config import PrismConfig
+    from prism_kernels.distributed import overlap
+    from prism_kernels.distributed.runtime import RunConfig, Runtime
+    from prism_kernels.models import lookup
+
+    events = []
+
+    class Done:
+        def __init__(self, send, recv):
+            self.send, self.recv = send, recv
+
+        def wait(self, timeout_s=None):
+            mine = next(iter(self.send.values()))
+            return {j: mine.clone().view_as(b) for j, b in self.recv.items()}
+
+    class RecordingComm:
+        rank, world, timeout_s, wait_s, post_s = 0, 2, 60.0, 0.0, 0.0
+
+        def start(self, what, phase, layer, send, recv):
+            if phase == "layer":
+                events.append(("exchange", layer, next(iter(send.values())).clone()))
+            return Done(send, recv)
+
+    entry = lookup(family)
+    model = entry.build_model("tiny")
+    inputs = entry.make_input(model.config, seq_len=16)
+    n = entry.n_tokens(model, inputs)
+    overlap.register()
+    model.set_attn_implementation(overlap.ATTN_NAME)
+    rt = Runtime(model, RecordingComm(), RunConfig(mode="prism", input="local",
+                                                   prism=PrismConfig(num_partitions=2, num_means=4)),
+                 n, input_shape=tuple(inputs.shape), input_dtype=inputs.dtype)
+    assert rt.send_counts, "the policy must choose segments from the keys here"
+    for layer in rt.layers:
+        getattr(layer.attention, value_path).register_forward_hook(
+            lambda *a, i=layer.index: events.append(("value", i, None)))
+    with torch.no_grad():
+        rt.run_blocks(inputs)
+    order = [(kind, i) for kind, i, _ in events]
+    for layer in rt.layers:
+        assert order.index(("exchange", layer.index)) < order.index(("value", layer.index)), order
+    posted = [p for kind, _, p in events if kind == "exchange"]
+    # the same payloads when the exchange starts inside the attention (hooks removed)
+    for h in rt._capture_hooks:
+        h.remove()
+    rt2 = Runtime(model, RecordingComm(), RunConfig(mode="prism", input="local",
+                                                    prism=PrismConfig(num_partitions=2, num_means=4)),
+                  n, input_shape=tuple(inputs.shape), input_dtype=inputs.dtype)
+    for h in rt2._capture_hooks[1::2]:        # keep the attention pre-hooks, drop the key hooks
+        h.remove()
+    events.clear()
+    with torch.no_grad():
+        rt2.run_blocks(inputs)
+    order = [(kind, i) for kind, i, _ in events]
+    for layer in rt2.layers:       # posted from inside the attention: after the value projection
+        assert order.index(("exchange", layer.index)) > order.index(("value", layer.index)), order
+    again = [p for kind, _, p in events if kind == "exchange"]
+    assert len(again) == len(posted) == len(rt.layers)
+    for a, b in zip(posted, again):
+        assert torch.equal(a, b)

@@ -87,6 +87,14 @@ def test_kv_projection_equals_the_models_own(family):
             torch.testing.assert_close(v2, v_ref, atol=1e-5, rtol=1e-5)
             if not layer.rotary:
                 torch.testing.assert_close(k2, k_ref, atol=1e-5, rtol=1e-5)
+            # the key projection module: the unrotated keys as rows [B, N, Hkv*d]
+            if family == "gpt2":
+                assert layer.key_proj is None          # fused into c_attn
+            else:
+                rows = layer.key_proj(x)
+                assert rows.shape == (1, N, entry.num_kv_heads(cfg) * entry.head_dim(cfg))
+                torch.testing.assert_close(rows.view(1, N, -1, entry.head_dim(cfg)).transpose(1, 2), k2,
+                                           atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

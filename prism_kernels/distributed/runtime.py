@@ -213,19 +213,30 @@ class LayerCtx:
     def _start_dynamic(self, k, v):
         """This layer's segments from the rank's own keys k [B, Hkv, n, d] (rotated for
         rotary models), their means and counts."""
+        B, Hkv, n, d = k.shape
+        rows = lambda t: t.transpose(1, 2).reshape(B, n, -1)
+        self._start_dynamic_rows(rows(k), None if v is None else rows(v), Hkv)
+
+    def start_from_keys(self, k3: torch.Tensor):
+        """Start this layer's data-dependent exchange from the key projection's output
+        k3 [B, n, Hkv*d] (attention-input means, non-rotary models): the transfer then
+        overlaps the value projection and the local attention, not only the latter."""
+        if self.pending is None and self.exchange_in_attention and self.rt.send_counts \
+                and self.rt.wire == "hidden" and self.attn_input is not None:
+            self._start_dynamic_rows(k3, None, None)
+
+    def _start_dynamic_rows(self, k3, v3, Hkv):
         rt = self.rt
         if not rt.receivers:
             self._start(None)
             return
-        B, Hkv, n, d = k.shape
-        rows = lambda t: t.transpose(1, 2).reshape(B, n, -1)
-        k3 = rows(k)
+        B, n, F = k3.shape
         seg_of, counts = dynamic.partition_segments(rt.cfg.prism, k3, rt.part, rt.fixed, rt.grid)
         m = counts.shape[1]
         if rt.wire == "kv":
-            heads = lambda t: t.view(B, m, Hkv, d).transpose(1, 2)
+            heads = lambda t: t.view(B, m, Hkv, F // Hkv).transpose(1, 2)
             payload = torch.stack([heads(dynamic.means(k3, seg_of, counts)),
-                                   heads(dynamic.means(rows(v), seg_of, counts))], dim=1)
+                                   heads(dynamic.means(v3, seg_of, counts))], dim=1)
         else:
             payload = dynamic.means(self.attn_input, seg_of, counts)
         self._start(payload, counts)
@@ -322,6 +333,9 @@ class Runtime:
         if cfg.mode == "prism" and self.averaging == "attention_input" and self.wire == "hidden":
             for layer in self.layers:
                 self._capture_hooks.append(layer.attention.register_forward_pre_hook(self._capture, with_kwargs=True))
+                # segments chosen from the keys: start as soon as the keys exist
+                if self.plan is not None and self.send_counts and layer.key_proj is not None and not layer.rotary:
+                    self._capture_hooks.append(layer.key_proj.register_forward_hook(self._keys_ready))
 
     @staticmethod
     def _capture(module, args, kwargs):
@@ -335,6 +349,14 @@ class Runtime:
             if isinstance(ctx, LayerCtx) and ctx.exchange_in_attention and ctx.rt.wire == "hidden" \
                     and not ctx.rt.send_counts and ctx.pending is None:   # not while decoding (DecodeCtx)
                 ctx.start_attention_exchange()
+
+    @staticmethod
+    def _keys_ready(module, args, out):
+        ctx = overlap.current()
+        # this layer's own key projection (not the received means' projection in receive_kv,
+        # which runs once the exchange is pending, nor a DecodeCtx's)
+        if isinstance(ctx, LayerCtx) and ctx.layer.key_proj is module:
+            ctx.start_from_keys(out)
 
     def means(self, x: torch.Tensor) -> torch.Tensor:
         """Segment means of this rank's rows of x (along dim -2), as the plan says."""

@@ -223,6 +223,9 @@ class Layer(NamedTuple):
     pre_norm: Optional[torch.nn.Module]              # None: post-LN, the block input is the attention input
     kv: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]   # attention-input rows -> K, V (unrotated)
     rotary: bool
+    # the module whose output is the unrotated keys as rows [B, r, Hkv*d] (None: fused with
+    # Q/V, as GPT-2's c_attn); the runtime starts a data-dependent exchange from its output
+    key_proj: Optional[torch.nn.Module] = None
 
 
 @dataclass(frozen=True)
@@ -242,6 +245,9 @@ class ModelType:
     embed_rows_fn: Optional[Callable] = None  # vision: (model, pixel strip, start, stop, image shape) -> rows
     # vision: the image processor's normalisation of 8-bit pixels, ((mean per channel), (std per channel))
     pixel_norm: Optional[Tuple[Tuple[float, ...], Tuple[float, ...]]] = None
+    # attention module -> its key projection (rows [B, r, Hkv*d], bias included); None when
+    # the keys come out of a fused projection
+    key_proj_path: Optional[str] = None
 
     # ---- building --------------------------------------------------------------------
     @property
@@ -325,7 +331,8 @@ class ModelType:
         out = []
         for i, b in enumerate(self.blocks(model)):
             attn = self.attention(b)
-            out.append(Layer(i, b, attn, self.pre_norm(b), lambda x, a=attn: self.kv_fn(a, x), self.rotary))
+            out.append(Layer(i, b, attn, self.pre_norm(b), lambda x, a=attn: self.kv_fn(a, x), self.rotary,
+                             _get(attn, self.key_proj_path)))
         return out
 
     def cos_sin(self, model, positions: torch.Tensor, like: torch.Tensor):
@@ -437,9 +444,9 @@ PIXELS = ("float", "uint8")     # make_input: normalised float pixel_values, or 
 
 
 def _entry(model_type, kind, model_class, make_config, blocks, attention, pre_norm, kv, embed, run, final,
-           rotary=None, embed_rows=None, pixel_norm=None):
+           rotary=None, embed_rows=None, pixel_norm=None, key_proj=None):
     return ModelType(model_type, kind, model_class, make_config, blocks, attention, pre_norm, kv, embed, run,
-                     final, rotary, embed_rows, pixel_norm)
+                     final, rotary, embed_rows, pixel_norm, key_proj)
 
 
 # The image processors' normalisation (rescale by 1/255, then (x - mean) / std): ViTImageProcessor's
@@ -450,21 +457,23 @@ _IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 TABLE: Dict[str, ModelType] = {e.model_type: e for e in (
     _entry("bert", "encoder", "BertModel", _cfg_bert, "encoder.layer", "attention.self", None,
-           _kv_bert, _embed_bert, _run_plain, None),
+           _kv_bert, _embed_bert, _run_plain, None, key_proj="key"),
     _entry("roberta", "encoder", "RobertaModel", _cfg_roberta, "encoder.layer", "attention.self", None,
-           _kv_bert, _embed_roberta, _run_plain, None),
+           _kv_bert, _embed_roberta, _run_plain, None, key_proj="key"),
     _entry("vit", "vision", "ViTModel", _cfg_vit, "layers", "attention", "layernorm_before",
            _kv_proj, _embed_image, _run_plain, "layernorm", embed_rows=_image_rows(_positions_vit),
-           pixel_norm=_VIT_NORM),
+           pixel_norm=_VIT_NORM, key_proj="k_proj"),
     _entry("dinov2", "vision", "Dinov2Model", _cfg_dinov2, "encoder.layer", "attention", "norm1",
            _kv_proj, _embed_image, _run_plain, "layernorm", embed_rows=_image_rows(_positions_dinov2),
-           pixel_norm=_IMAGENET_NORM),
+           pixel_norm=_IMAGENET_NORM, key_proj="k_proj"),
     _entry("gpt2", "causal", "GPT2LMHeadModel", _cfg_gpt2, "transformer.h", "attn", "ln_1",
            _kv_gpt2, _embed_gpt2, _run_gpt2, "transformer.ln_f"),
     _entry("llama", "causal", "LlamaForCausalLM", _cfg_llama, "model.layers", "self_attn", "input_layernorm",
-           _kv_proj, _embed_decoder, _run_rotary, "model.norm", rotary="model.rotary_emb"),
+           _kv_proj, _embed_decoder, _run_rotary, "model.norm", rotary="model.rotary_emb",
+           key_proj="k_proj"),
     _entry("qwen2", "causal", "Qwen2ForCausalLM", _cfg_qwen2, "model.layers", "self_attn", "input_layernorm",
-           _kv_proj, _embed_decoder, _run_rotary, "model.norm", rotary="model.rotary_emb"),
+           _kv_proj, _embed_decoder, _run_rotary, "model.norm", rotary="model.rotary_emb",
+           key_proj="k_proj"),
 )}
 MODEL_TYPES = tuple(TABLE)
 
