@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from test_distributed import launch
 
 TIMEOUT = 5          # --timeout given to the ranks (seconds)
@@ -83,3 +85,36 @@ def test_wrong_world_size_refused():
     res, _ = launch(2, BASE + ["--partitions", "3"], timeout=60)
     for rc, out, err in res:
         assert rc == 2 and "--partitions 3 but the world size is 2" in err, err[-2000:]
+
+
+def test_send_posted_in_the_background_names_the_peer():
+    """Sends are posted by a background thread; a post that gloo refuses (the peer's
+    connection closed) or one still blocked at the deadline is reported by the wait
+    as a failure naming the peer, not as a traceback or a hang."""
+    import time
+    from concurrent.futures import Future
+    from prism_kernels.distributed.comm import Pending, PeerFailure, _Sender
+
+    class FakeComm:
+        rank, timeout_s, wait_s = 0, 0.2, 0.0
+
+    def raises():
+        raise RuntimeError("[gloo] Connection closed by peer [10.0.0.2]:1234")
+
+    sender = _Sender()
+    dead = Pending(FakeComm(), "layer 3 exchange", [(1, sender.submit(raises))], [])
+    with pytest.raises(PeerFailure, match=r"rank 1 died before layer 3 exchange on rank 0") as e:
+        dead.wait()
+    assert e.value.ranks == [1]
+    stuck = Pending(FakeComm(), "layer 4 exchange", [(2, Future())], [])     # never completes
+    t = time.monotonic()
+    with pytest.raises(PeerFailure, match=r"rank 2 did not take data sent during layer 4 exchange"):
+        stuck.wait(timeout_s=0.2)
+    assert time.monotonic() - t < 5
+
+    class Work:
+        def wait(self, timeout=None):
+            return True
+
+    ok = Pending(FakeComm(), "layer 5 exchange", [(1, sender.submit(Work))], [])
+    assert ok.wait() == {}
