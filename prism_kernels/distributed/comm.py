@@ -5,9 +5,11 @@ the bytes of the tensors that cross between ranks, nothing padded (gloo's
 all_gather needs equal sizes, which uneven partitions or means would pad).
 An exchange is started (`start`) and finished later (`Pending.wait`), so a device
 can compute while it is in flight (overlap.py). Sends are posted by one background
-thread (`_Sender`): over a slow link gloo's isend can block its caller until the
-peer has taken the data (measured: 2.3 ms median per layer on the rank that is
-behind, 200 Mbit/s), which would stall the compute it is meant to overlap.
+thread (`_Sender`): over a slow link gloo's isend can block its caller (an
+instrumented run at 200 Mbit/s: 2.3 ms median per layer on the rank that is behind,
+sleeping, not computing), which would stall the compute it is meant to overlap.
+End-to-end latency medians did not show a difference beyond their launch-to-launch
+noise (docs/distributed.md).
 
 Failures: every wait has a deadline (`timeout_s`). A peer that does not deliver in
 time is reported as stalled, a peer whose connection breaks as dead; either way
