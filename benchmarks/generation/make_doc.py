@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -147,6 +148,15 @@ def speed_table(speed) -> str:
                        f"{s['median_tokens_per_cpu_s']:.1f} | {', '.join(f'{x:.1f}' for x in s['runs_tokens_per_cpu_s'])} | "
                        f"{'yes' if s['tokens_equal_stock_eager'] else 'no'} |")
         out.append("")
+        prism = next((k for k in run["summary"] if k.startswith("prism")), None)
+        sdpa = run["summary"].get("stock (sdpa)")
+        if prism and sdpa:
+            # rounds are interleaved: round r of each variant ran back to back
+            r = [a / b for a, b in zip(run["summary"][prism]["runs_tokens_per_s"], sdpa["runs_tokens_per_s"])]
+            faster = sum(x > 1 for x in r)
+            out.append(f"{prism} against stock (sdpa), round by round (wall): median ratio "
+                       f"{statistics.median(r):.3f} [{min(r):.3f}, {max(r):.3f}]; faster in {faster} of {len(r)} rounds.")
+            out.append("")
     return "\n".join(out)
 
 
@@ -205,7 +215,8 @@ def main(argv=None):
           "Made by `benchmarks/generation/make_doc.py` from `generation_records.json` "
           "(`benchmarks/generation/bench_generation.py`) and `generation_speed.json` "
           "(`benchmarks/generation/bench_decode_speed.py`); the method is in [docs/generation.md](../../docs/generation.md).", ""]
-    md.append(MACHINE.format(**machine(chunks)))
+    note = db.get("note")
+    md.append(MACHINE.format(**machine(chunks), note=" " + note if note else ""))
     for n in sorted({r["n_tokens"] for r in rows}):
         md += [f"## Prompts of {n} tokens", "", table(rows, n), ""]
     md += ["## Decode speed", "", speed_table(speed), ""]
@@ -232,9 +243,7 @@ between {start} and {end} UTC; load average (1 min) at the start of the chunks {
 Model: SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32, `prism_kernels.eval.models.load_smollm2`),
 eager attention for stock. Prompts: seed 0, passages of the six Jane Austen novels (janeaustenr) drawn as
 in `bench_generation.py`; every prompt is followed by its true 64-token continuation. Intervals are 95 %
-(bootstrap over prompts, 2000 resamples); n = prompts. The first chunk (05:41 UTC, main cell prompts 0-6)
-ran before chunks were logged; its records were made before the two decode-path optimisations of
-hf/generation.py, which give the same tokens and bits (re-run for prompts 0-1 of prism and exact: equal).
+(bootstrap over prompts, 2000 resamples); n = prompts.{note}
 """
 
 
