@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 
 from test_distributed import launch
 
@@ -88,12 +89,12 @@ def test_wrong_world_size_refused():
 
 
 def test_send_posted_in_the_background_names_the_peer():
-    """Sends are posted by a background thread; a post that gloo refuses (the peer's
+    """Transfers are posted by a background thread; a post that gloo refuses (the peer's
     connection closed) or one still blocked at the deadline is reported by the wait
     as a failure naming the peer, not as a traceback or a hang."""
     import time
     from concurrent.futures import Future
-    from prism_kernels.distributed.comm import Pending, PeerFailure, _Sender
+    from prism_kernels.distributed.comm import Pending, PeerFailure, _Poster
 
     class FakeComm:
         rank, timeout_s, wait_s = 0, 0.2, 0.0
@@ -101,8 +102,8 @@ def test_send_posted_in_the_background_names_the_peer():
     def raises():
         raise RuntimeError("[gloo] Connection closed by peer [10.0.0.2]:1234")
 
-    sender = _Sender()
-    dead = Pending(FakeComm(), "layer 3 exchange", [(1, sender.submit(raises))], [])
+    poster = _Poster()
+    dead = Pending(FakeComm(), "layer 3 exchange", [(1, poster.submit(raises))], [])
     with pytest.raises(PeerFailure, match=r"rank 1 died before layer 3 exchange on rank 0") as e:
         dead.wait()
     assert e.value.ranks == [1]
@@ -116,5 +117,26 @@ def test_send_posted_in_the_background_names_the_peer():
         def wait(self, timeout=None):
             return True
 
-    ok = Pending(FakeComm(), "layer 5 exchange", [(1, sender.submit(Work))], [])
+    ok = Pending(FakeComm(), "layer 5 exchange", [(1, poster.submit(Work))], [])
     assert ok.wait() == {}
+
+
+def test_receive_posted_in_the_background_names_the_peer():
+    """A receive whose post is refused (dead peer) or never returns (stalled) is
+    reported by the wait naming the peer."""
+    from concurrent.futures import Future
+    from prism_kernels.distributed.comm import Pending, PeerFailure, _Poster
+
+    class FakeComm:
+        rank, timeout_s, wait_s = 1, 0.2, 0.0
+
+    def raises():
+        raise RuntimeError("[gloo] Connection reset by peer")
+
+    buf = torch.zeros(3)
+    dead = Pending(FakeComm(), "layer 2 exchange", [], [(0, _Poster().submit(raises), buf)])
+    with pytest.raises(PeerFailure, match=r"rank 0 died during layer 2 exchange on rank 1"):
+        dead.wait()
+    stuck = Pending(FakeComm(), "layer 2 exchange", [], [(2, Future(), buf)])
+    with pytest.raises(PeerFailure, match=r"rank 2 stalled"):
+        stuck.wait(timeout_s=0.2)

@@ -4,12 +4,12 @@ Every transfer is an exact-size gloo (or NCCL) isend/irecv: the bytes counted ar
 the bytes of the tensors that cross between ranks, nothing padded (gloo's
 all_gather needs equal sizes, which uneven partitions or means would pad).
 An exchange is started (`start`) and finished later (`Pending.wait`), so a device
-can compute while it is in flight (overlap.py). Sends are posted by one background
-thread (`_Sender`): over a slow link gloo's isend can block its caller (an
-instrumented run at 200 Mbit/s: 2.3 ms median per layer on the rank that is behind,
-sleeping, not computing), which would stall the compute it is meant to overlap.
-End-to-end latency medians did not show a difference beyond their launch-to-launch
-noise (docs/distributed.md).
+can compute while it is in flight (overlap.py). Receives and sends are posted by one
+background thread (`_Poster`, in the order given): over a slow link gloo's isend and
+irecv can block their caller (instrumented runs at 200 Mbit/s: isend 2.3 ms median per
+layer on the ViT rank that is behind; irecv 17 ms per BERT inference in a few calls of
+several ms; sleeping, not computing), which would stall the compute they are meant to
+overlap.
 
 Failures: every wait has a deadline (`timeout_s`). A peer that does not deliver in
 time is reported as stalled, a peer whose connection breaks as dead; either way
@@ -62,10 +62,10 @@ class ByteCounter:
                 "sent": {f"{k[0]}:{k[1]}": v for k, v in self.sent.items()}}
 
 
-class _Sender:
-    """One daemon thread that posts isends in the order given, so that a send that
-    blocks does not block the compute thread (gloo releases the GIL while it
-    blocks). A daemon: a send stuck on a dead peer never holds up the exit."""
+class _Poster:
+    """One daemon thread that posts irecvs and isends in the order given, so that a
+    post that blocks does not block the compute thread (gloo releases the GIL while
+    it blocks). A daemon: a post stuck on a dead peer never holds up the exit."""
 
     def __init__(self):
         self._q: "queue.Queue" = queue.Queue()
@@ -90,8 +90,8 @@ class Pending:
 
     def __init__(self, comm: "Comm", what: str, sends, recvs):
         self.comm, self.what = comm, what
-        self.sends = sends      # [(peer, work or Future of the work)]
-        self.recvs = recvs      # [(peer, work, tensor)]
+        self.sends = sends      # [(peer, Future of the work)]
+        self.recvs = recvs      # [(peer, Future of the work, tensor)]
 
     def wait(self, timeout_s: Optional[float] = None) -> Dict[int, torch.Tensor]:
         """timeout_s: this wait's deadline instead of the Comm's (a rank idle while another
@@ -110,6 +110,9 @@ class Pending:
         for peer, work, buf in self.recvs:
             left = max(0.05, deadline - time.monotonic())
             try:
+                if isinstance(work, Future):
+                    work = work.result(timeout=left)
+                    left = max(0.05, deadline - time.monotonic())
                 ok = work.wait(timeout=timedelta(seconds=left))
                 if ok is False:
                     stalled.append(peer)
@@ -117,7 +120,7 @@ class Pending:
                 out[peer] = buf
             except Exception as e:  # timeout, or the connection to the peer broke
                 (dead if _looks_dead(e) and "timeout" not in str(e).lower() else stalled).append(peer)
-                errors[peer] = str(e).splitlines()[0][:200]
+                errors[peer] = (str(e).splitlines() or [type(e).__name__])[0][:200]
         if dead:
             raise PeerFailure(dead, f"died during {self.what} on rank {self.comm.rank}",
                               "; ".join(errors.get(p, "") for p in dead))
@@ -154,9 +157,9 @@ class Comm:
         self.group = group
         self.bytes = ByteCounter()
         self.wait_s = 0.0          # time spent blocked in Pending.wait (reset by the caller)
-        self.post_s = 0.0          # time spent posting transfers (copies, casts, irecv, handing sends over; reset by the caller)
+        self.post_s = 0.0          # time spent posting transfers (copies, casts, handing the posts to the posting thread; reset by the caller)
         self._tag = 0
-        self._sender: Optional[_Sender] = None     # started at the first send
+        self._poster: Optional[_Poster] = None     # started at the first exchange
 
     @staticmethod
     def _nbytes(t: torch.Tensor) -> int:
@@ -181,15 +184,16 @@ class Comm:
         recvs, sends = [], []
         peer = None
         try:
+            if self._poster is None and (recv or send):
+                self._poster = _Poster()
             for peer in sorted(recv):
                 buf = recv[peer]
-                recvs.append((peer, dist.irecv(buf, src=peer, group=self.group, tag=tag), buf))
+                recvs.append((peer, self._poster.submit(
+                    lambda buf=buf, peer=peer: dist.irecv(buf, src=peer, group=self.group, tag=tag)), buf))
                 self.bytes.recv[(phase, layer)] += self._nbytes(buf)
             for peer in sorted(send):
                 t = send[peer].contiguous()
-                if self._sender is None:
-                    self._sender = _Sender()
-                sends.append((peer, self._sender.submit(
+                sends.append((peer, self._poster.submit(
                     lambda t=t, peer=peer: dist.isend(t, dst=peer, group=self.group, tag=tag))))
                 self.bytes.sent[(phase, layer)] += self._nbytes(t)
         except RuntimeError as e:
