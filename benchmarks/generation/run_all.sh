@@ -24,5 +24,7 @@ run --tokens 512 --partitions 3 --cr 1 --modes prism exact --prompts 0 4
 run --tokens 512 --partitions 3 --cr 10 --modes prism exact --prompts 0 12
 run --tokens 512 --partitions 2 3 --cr 4 32 --modes prism --prompts 0 12
 run --tokens 512 --partitions 2 3 --cr 4 32 --modes exact --prompts 0 12
-# 4. 1024 tokens at P = 3
+# 4. 1024 tokens: P = 3, and CR 4 and 32
 run --tokens 1024 --partitions 3 --cr 10 --modes prism exact --prompts 0 12
+run --tokens 1024 --partitions 2 3 --cr 4 32 --modes prism --prompts 0 12
+run --tokens 1024 --partitions 2 3 --cr 4 32 --modes exact --prompts 0 12
