@@ -24,7 +24,7 @@ from collections import defaultdict
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -69,7 +69,7 @@ class _Poster:
 
     def __init__(self):
         self._q: "queue.Queue" = queue.Queue()
-        threading.Thread(target=self._run, name="prism-send", daemon=True).start()
+        threading.Thread(target=self._run, name="prism-post", daemon=True).start()
 
     def _run(self):
         while True:
@@ -110,9 +110,8 @@ class Pending:
         for peer, work, buf in self.recvs:
             left = max(0.05, deadline - time.monotonic())
             try:
-                if isinstance(work, Future):
-                    work = work.result(timeout=left)
-                    left = max(0.05, deadline - time.monotonic())
+                work = work.result(timeout=left)          # the post (refused: the peer is dead)
+                left = max(0.05, deadline - time.monotonic())
                 ok = work.wait(timeout=timedelta(seconds=left))
                 if ok is False:
                     stalled.append(peer)
@@ -129,18 +128,17 @@ class Pending:
                               f"during {self.what} on rank {self.comm.rank}")
         for peer, work in self.sends:
             left = max(0.05, deadline - time.monotonic())
-            if isinstance(work, Future):
-                try:
-                    work = work.result(timeout=left)
-                except RuntimeError as e:       # gloo refused to post: the peer's connection closed
-                    if not _looks_dead(e):
-                        raise
-                    raise PeerFailure([peer], f"died before {self.what} on rank {self.comm.rank}",
-                                      str(e).splitlines()[0][:200]) from None
-                except Exception as e:          # the post itself did not return in time
-                    raise PeerFailure([peer], f"did not take data sent during {self.what} on rank "
-                                      f"{self.comm.rank}", (str(e).splitlines() or ["timeout"])[0][:200]) from None
-                left = max(0.05, deadline - time.monotonic())
+            try:
+                work = work.result(timeout=left)
+            except RuntimeError as e:       # gloo refused to post: the peer's connection closed
+                if not _looks_dead(e):
+                    raise
+                raise PeerFailure([peer], f"died before {self.what} on rank {self.comm.rank}",
+                                  str(e).splitlines()[0][:200]) from None
+            except Exception as e:          # the post itself did not return in time
+                raise PeerFailure([peer], f"did not take data sent during {self.what} on rank "
+                                  f"{self.comm.rank}", (str(e).splitlines() or ["timeout"])[0][:200]) from None
+            left = max(0.05, deadline - time.monotonic())
             try:
                 work.wait(timeout=timedelta(seconds=left))
             except Exception as e:
@@ -182,27 +180,20 @@ class Comm:
         self._tag += 1
         tag = self._tag
         recvs, sends = [], []
-        peer = None
-        try:
-            if self._poster is None and (recv or send):
-                self._poster = _Poster()
-            for peer in sorted(recv):
-                buf = recv[peer]
-                recvs.append((peer, self._poster.submit(
-                    lambda buf=buf, peer=peer: dist.irecv(buf, src=peer, group=self.group, tag=tag)), buf))
-                self.bytes.recv[(phase, layer)] += self._nbytes(buf)
-            for peer in sorted(send):
-                t = send[peer].contiguous()
-                sends.append((peer, self._poster.submit(
-                    lambda t=t, peer=peer: dist.isend(t, dst=peer, group=self.group, tag=tag))))
-                self.bytes.sent[(phase, layer)] += self._nbytes(t)
-        except RuntimeError as e:
-            # gloo refuses to even post a transfer to a peer whose connection has closed
-            # (it died before this exchange started): the same named failure as in wait()
-            if not _looks_dead(e):
-                raise
-            raise PeerFailure([peer], f"died before {what} on rank {self.rank}",
-                              str(e).splitlines()[0][:200]) from None
+        if self._poster is None and (recv or send):
+            self._poster = _Poster()
+        # a post gloo refuses (a peer whose connection has closed) fails its Future: the wait
+        # reports it naming the peer
+        for peer in sorted(recv):
+            buf = recv[peer]
+            recvs.append((peer, self._poster.submit(
+                lambda buf=buf, peer=peer: dist.irecv(buf, src=peer, group=self.group, tag=tag)), buf))
+            self.bytes.recv[(phase, layer)] += self._nbytes(buf)
+        for peer in sorted(send):
+            t = send[peer].contiguous()
+            sends.append((peer, self._poster.submit(
+                lambda t=t, peer=peer: dist.isend(t, dst=peer, group=self.group, tag=tag))))
+            self.bytes.sent[(phase, layer)] += self._nbytes(t)
         return Pending(self, what, sends, recvs)
 
     def barrier(self, what: str):
