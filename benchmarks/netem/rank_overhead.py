@@ -4,7 +4,7 @@ K/V projections, both attention calls and their merge) with an exchange that com
 at once (zeros received), against the stock blocks (sdpa) on the same number of rows.
 Interleaved in one process, one thread; medians and their ratio.
 
-    python benchmarks/netem/rank_overhead.py [--family vit|bert] [--repeat 9] [--out FILE]
+    python benchmarks/netem/rank_overhead.py [--family vit|bert] [--repeat 9] [--out FILE] [--profile]
 """
 from __future__ import annotations
 
@@ -54,6 +54,8 @@ def main():
     ap.add_argument("--means", type=int, default=None, help="means per partition (default: 10 ViT, 1 BERT)")
     ap.add_argument("--repeat", type=int, default=9)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", action="store_true",
+                    help="print torch.profiler tables (by op and input shape) of 3 runs of each instead of timing")
     args = ap.parse_args()
     torch.set_num_threads(1)
     entry = lookup(args.family)
@@ -87,6 +89,15 @@ def main():
     times = {"stock": [], "prism": []}
     for f in (stock, prism, stock, prism):
         f()
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+        for name, f in (("stock", stock), ("prism", prism)):
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as pr:
+                for _ in range(3):
+                    f()
+            print(f"===== {name} ({args.family}, 3 runs)")
+            print(pr.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=12))
+        return
     la0 = os.getloadavg()[0]
     for _ in range(args.repeat):
         for name, f in (("stock", stock), ("prism", prism)):
