@@ -6,10 +6,9 @@ all_gather needs equal sizes, which uneven partitions or means would pad).
 An exchange is started (`start`) and finished later (`Pending.wait`), so a device
 can compute while it is in flight (overlap.py). Receives and sends are posted by one
 background thread (`_Poster`, in the order given): over a slow link gloo's isend and
-irecv can block their caller (instrumented runs at 200 Mbit/s: isend 2.3 ms median per
-layer on the ViT rank that is behind; irecv 17 ms per BERT inference in a few calls of
-several ms; sleeping, not computing), which would stall the compute they are meant to
-overlap.
+irecv can block their caller asleep (at 200 Mbit/s: 4-5 ms median per isend on the ViT
+rank that is behind, up to 6-7 ms a call for BERT; benchmarks/netem/post_timing.py),
+which would stall the compute they are meant to overlap.
 
 Failures: every wait has a deadline (`timeout_s`). A peer that does not deliver in
 time is reported as stalled, a peer whose connection breaks as dead; either way
