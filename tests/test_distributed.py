@@ -808,12 +808,13 @@ def test_data_dependent_exchange_starts_at_the_key_projection(family, value_path
         assert order.index(("exchange", layer.index)) < order.index(("value", layer.index)), order
     posted = [p for kind, _, p in events if kind == "exchange"]
     # the same payloads when the exchange starts inside the attention (hooks removed)
-    for h in rt._capture_hooks:
+    for h in rt._capture_hooks + rt._key_hooks:
         h.remove()
     rt2 = Runtime(model, RecordingComm(), RunConfig(mode="prism", input="local",
                                                     prism=PrismConfig(num_partitions=2, num_means=4)),
                   n, input_shape=tuple(inputs.shape), input_dtype=inputs.dtype)
-    for h in rt2._capture_hooks[1::2]:        # keep the attention pre-hooks, drop the key hooks
+    assert len(rt2._key_hooks) == len(rt2.layers)
+    for h in rt2._key_hooks:                  # keep the attention pre-hooks, drop the key hooks
         h.remove()
     events.clear()
     with torch.no_grad():

@@ -329,13 +329,13 @@ class Runtime:
             self.plan_counts = {j: torch.tensor(p.counts, dtype=torch.int64) for j, p in enumerate(self.plan.partitions)}
             if cfg.input in ("raw", "local") and self.rank != 0 and (self.input_shape is None or self.input_dtype is None):
                 raise ValueError(f"input {cfg.input!r}: ranks other than 0 need the input's shape and dtype")
-        self._capture_hooks = []
+        self._capture_hooks, self._key_hooks = [], []
         if cfg.mode == "prism" and self.averaging == "attention_input" and self.wire == "hidden":
             for layer in self.layers:
                 self._capture_hooks.append(layer.attention.register_forward_pre_hook(self._capture, with_kwargs=True))
                 # segments chosen from the keys: start as soon as the keys exist
                 if self.plan is not None and self.send_counts and layer.key_proj is not None and not layer.rotary:
-                    self._capture_hooks.append(layer.key_proj.register_forward_hook(self._keys_ready))
+                    self._key_hooks.append(layer.key_proj.register_forward_hook(self._keys_ready))
 
     @staticmethod
     def _capture(module, args, kwargs):
