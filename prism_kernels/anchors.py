@@ -152,11 +152,11 @@ def check_policy(anchors: str, segments: str, anchor_budget: str) -> None:
 
 def resolve_anchors(anchors: str, averaging: str = "attention_input", count_bias: str = "log") -> str:
     """The policy "auto" stands for: "special+topk" where the segments can be chosen
-    from the layer's keys (means of the attention input, log-count bias), else
+    from the layer's keys (means of the attention input, any bias but "spread"), else
     "special". Other policies are returned as given."""
     if anchors != "auto":
         return anchors
-    return "special+topk" if averaging == "attention_input" and count_bias == "log" else "special"
+    return "special+topk" if averaging == "attention_input" and count_bias != "spread" else "special"
 
 
 def is_dynamic(anchors: str, segments: str) -> bool:

@@ -19,8 +19,10 @@
   of the same budget. With block_input averaging or the spread bias "auto" anchors
   are the special tokens only. anchors="none", segments="runs" is the paper's
   plain means. The config holds the resolved policy (anchors is never "auto");
-* count_bias: "log" (the paper's log-count bias) or "spread" (an experiment of the
-  simulation: the bias corrected for the spread of a segment's keys, hf/spread_bias.py);
+* count_bias: "log" (the paper's log-count bias), or an experiment of the simulation:
+  "spread" (the bias corrected for the spread of a segment's keys, hf/spread_bias.py),
+  "matched" / "matched_half" (attention-weighted rows and their bias matched at the
+  sending partition's mean query, scaled by 1 / 0.5; hf/matched_summary.py);
 * wire_dtype: element type of what crosses the network (fp32 | fp16 | bf16). The
   runtime casts every per-layer payload to it (`prism run --wire-dtype`); the
   simulation rounds every sent row (means and anchors, as K/V) to it and back, so
@@ -49,8 +51,11 @@ from .costs.comm import check_wire_dtype
 from .plan import PrismPlan, check_compression_rate, make_plan
 
 AVERAGING = ("attention_input", "block_input")
-# "log": the paper's log-count bias; "spread": an experiment (simulation only, hf/spread_bias.py)
-COUNT_BIASES = ("log", "spread")
+# "log": the paper's log-count bias; experiments of the simulation: "spread" (hf/spread_bias.py),
+# "matched" / "matched_half" (rows matched at the mean query, data-dependent segments only,
+# hf/matched_summary.py)
+COUNT_BIASES = ("log", "spread", "matched", "matched_half")
+MATCHED_BIASES = ("matched", "matched_half")
 DEFAULT_AVERAGING = "attention_input"
 
 
@@ -92,10 +97,14 @@ class PrismConfig:
         object.__setattr__(self, "anchor_topk", check_anchor_topk(self.anchor_topk))
         if self.anchor_score not in ANCHOR_SCORES:
             raise ValueError(f"anchor_score must be one of {ANCHOR_SCORES}, got {self.anchor_score!r}")
-        if self.dynamic and (self.averaging != "attention_input" or self.count_bias != "log"):
+        if self.dynamic and (self.averaging != "attention_input" or self.count_bias == "spread"):
             raise ValueError(f"anchors={self.anchors!r}, segments={self.segments!r} (data-dependent segments, "
                              "chosen from each layer's keys) need averaging='attention_input' and "
-                             "count_bias='log'")
+                             f"count_bias one of 'log', {', '.join(map(repr, MATCHED_BIASES))}")
+        if self.count_bias in MATCHED_BIASES and not self.dynamic:
+            raise ValueError(f"count_bias={self.count_bias!r} needs data-dependent segments (anchors="
+                             f"'special+topk' or segments 'content' / 'content_sse' / 'kmeans'), got "
+                             f"anchors={self.anchors!r}, segments={self.segments!r}")
         check_wire_dtype(self.wire_dtype)
         from .api import BACKENDS
         if self.backend not in BACKENDS:

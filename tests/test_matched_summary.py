@@ -1,0 +1,111 @@
+"""count_bias="matched" / "matched_half" (an experiment of the simulation): each segment
+sent as its attention-weighted key and value with a bias, matched at the sending
+partition's mean query. Checked against plain softmax over every token (fp64)."""
+import math
+
+import pytest
+import torch
+
+from prism_kernels import dynamic as dyn
+from prism_kernels.api import prism_attention
+from prism_kernels.config import PrismConfig
+from prism_kernels.distributed.runtime import RunConfig
+from prism_kernels.hf.attention import simulate_prism
+from prism_kernels.hf.matched_summary import augment_bias, matched_summary
+
+TOL = {torch.float32: 2e-5, torch.float64: 1e-10}
+
+
+def _segments(Bg, n, m, gen):
+    seg_of = torch.stack([torch.randperm(n, generator=gen) % m for _ in range(Bg)])
+    counts = torch.zeros(Bg, m, dtype=torch.int64).scatter_add_(1, seg_of, torch.ones_like(seg_of))
+    return seg_of, counts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2)])
+def test_rows_reproduce_every_token_at_the_matched_query(dtype, heads, kv_heads):
+    """A receiver whose query is the one matched at sees, through the summary rows (one
+    extra score dimension carrying the bias, counts 1), exactly the output it would
+    get from all of the sender's tokens, for any gamma."""
+    gen = torch.Generator().manual_seed(0)
+    Bg, n, m, d, s = 2, 23, 5, 8, 8 ** -0.5
+    q = torch.randn(Bg, n, heads * d, generator=gen, dtype=dtype) + 1.5   # queries off-centre
+    k = torch.randn(Bg, n, kv_heads * d, generator=gen, dtype=dtype)
+    v = torch.randn(Bg, n, kv_heads * d, generator=gen, dtype=dtype)
+    seg_of, counts = _segments(Bg, n, m, gen)
+    for gamma in (1.0, 0.5, 2.0):
+        km, vm, b = matched_summary(q, k, v, seg_of, counts, heads, s, gamma)
+        assert km.dtype == dtype and b.shape == (Bg, m, kv_heads)
+        g = heads // kv_heads
+        q0 = q.double().view(Bg, n, heads, d).mean(1).view(Bg, kv_heads, g, d).mean(2) * gamma   # [Bg, Hkv, d]
+        # the oracle: softmax of the matched query over all n tokens, per KV head
+        kd, vd = k.double().view(Bg, n, kv_heads, d), v.double().view(Bg, n, kv_heads, d)
+        p = torch.softmax(s * torch.einsum("bnhd,bhd->bhn", kd, q0), -1)
+        want = torch.einsum("bhn,bnhd->bhd", p, vd)
+        # through the rows: scores s q0.k~ + b, counts 1
+        q4 = q0[:, :, None, :]                                     # [Bg, Hkv, 1, d]
+        k4 = km.double().view(Bg, m, kv_heads, d).transpose(1, 2)
+        v4 = vm.double().view(Bg, m, kv_heads, d).transpose(1, 2)
+        q2, k2, v2 = augment_bias(q4, k4, v4, b.double().transpose(1, 2) / s)
+        got = torch.softmax(s * q2 @ k2.transpose(-1, -2), -1) @ v2
+        assert torch.allclose(got[:, :, 0, :d], want, atol=TOL[dtype] * 10, rtol=0)
+        assert torch.all(got[..., d] == 0)
+
+
+def test_gamma_zero_is_the_paper_row():
+    """Matched at q = 0 the rows are the plain means and the bias is log c."""
+    gen = torch.Generator().manual_seed(1)
+    Bg, n, m, H, d = 3, 17, 4, 2, 8
+    q, k, v = (torch.randn(Bg, n, H * d, generator=gen) for _ in range(3))
+    seg_of, counts = _segments(Bg, n, m, gen)
+    km, vm, b = matched_summary(q, k, v, seg_of, counts, H, d ** -0.5, 0.0)
+    assert torch.allclose(km, dyn.means(k, seg_of, counts), atol=1e-6)
+    assert torch.allclose(vm, dyn.means(v, seg_of, counts), atol=1e-6)
+    assert torch.allclose(b, counts.double().log()[..., None].expand(Bg, m, H).float(), atol=1e-6)
+
+
+def test_a_token_alone_keeps_its_row_and_no_bias():
+    gen = torch.Generator().manual_seed(2)
+    n, H, d = 6, 2, 4
+    q, k, v = (torch.randn(1, n, H * d, generator=gen) for _ in range(3))
+    seg_of = torch.arange(n)[None]
+    km, vm, b = matched_summary(q, k, v, seg_of, torch.ones(1, n, dtype=torch.int64), H, 0.5, 1.0)
+    assert torch.allclose(km, k) and torch.allclose(vm, v) and torch.allclose(b, torch.zeros_like(b), atol=1e-6)
+
+
+@pytest.mark.parametrize("bias", ["matched", "matched_half"])
+def test_simulation_with_every_token_alone_is_exact(bias):
+    """CR = 1: every row is one token, so the matched rows change nothing."""
+    gen = torch.Generator().manual_seed(3)
+    B, H, N, d = 2, 4, 20, 8
+    q, k, v = (torch.randn(B, H, N, d, generator=gen) for _ in range(3))
+    cfg = PrismConfig(3, compression_rate=1.0, count_bias=bias, anchors="special+topk")
+    out = simulate_prism(q, k, v, config=cfg, causal=False)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+    assert torch.allclose(out, ref, atol=2e-5)
+
+
+def test_simulation_differs_from_plain_rows_and_stays_finite():
+    """At CR 4 the matched rows change the output (the option is wired in) and the
+    output stays finite; the exactness checks above say by how much it may differ."""
+    gen = torch.Generator().manual_seed(4)
+    B, H, N, d = 2, 4, 40, 8
+    q = torch.randn(B, H, N, d, generator=gen) + 1.0
+    k, v = (torch.randn(B, H, N, d, generator=gen) for _ in range(2))
+    base = PrismConfig(2, compression_rate=4, anchors="special+topk", anchor_topk=1)
+    plain = simulate_prism(q, k, v, config=base, causal=False)
+    matched = simulate_prism(q, k, v, config=PrismConfig(2, compression_rate=4, anchors="special+topk",
+                                                         anchor_topk=1, count_bias="matched"), causal=False)
+    assert torch.isfinite(matched).all()
+    assert (matched - plain).abs().max() > 1e-3
+
+
+def test_matched_needs_data_dependent_segments_and_stays_out_of_the_runtime():
+    with pytest.raises(ValueError, match="count_bias='matched' needs data-dependent segments"):
+        PrismConfig(2, compression_rate=4, anchors="special", segments="runs", count_bias="matched")
+    cfg = PrismConfig(2, compression_rate=4, count_bias="matched")
+    assert cfg.dynamic                       # "auto" resolves to the data-dependent default
+    with pytest.raises(ValueError, match="count_bias"):
+        RunConfig(mode="prism", prism=cfg)
+    assert math.isfinite(TOL[torch.float32])
