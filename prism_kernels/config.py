@@ -21,8 +21,9 @@
   plain means. The config holds the resolved policy (anchors is never "auto");
 * count_bias: "log" (the paper's log-count bias), or an experiment of the simulation:
   "spread" (the bias corrected for the spread of a segment's keys, hf/spread_bias.py),
-  "matched" / "matched_half" (attention-weighted rows and their bias matched at the
-  sending partition's mean query, scaled by 1 / 0.5; hf/matched_summary.py);
+  "matched" / "matched_half" / "matched_shared" (attention-weighted rows and their
+  bias matched at the sending partition's mean query, scaled by 1 / 0.5, or with one
+  weight per token for all heads; hf/matched_summary.py);
 * wire_dtype: element type of what crosses the network (fp32 | fp16 | bf16). The
   runtime casts every per-layer payload to it (`prism run --wire-dtype`); the
   simulation rounds every sent row (means and anchors, as K/V) to it and back, so
@@ -52,10 +53,10 @@ from .plan import PrismPlan, check_compression_rate, make_plan
 
 AVERAGING = ("attention_input", "block_input")
 # "log": the paper's log-count bias; experiments of the simulation: "spread" (hf/spread_bias.py),
-# "matched" / "matched_half" (rows matched at the mean query, data-dependent segments only,
-# hf/matched_summary.py)
-COUNT_BIASES = ("log", "spread", "matched", "matched_half")
-MATCHED_BIASES = ("matched", "matched_half")
+# "matched" / "matched_half" / "matched_shared" (rows matched at the mean query,
+# data-dependent segments only, hf/matched_summary.py)
+MATCHED_BIASES = ("matched", "matched_half", "matched_shared")
+COUNT_BIASES = ("log", "spread") + MATCHED_BIASES
 DEFAULT_AVERAGING = "attention_input"
 
 

@@ -72,7 +72,34 @@ def test_a_token_alone_keeps_its_row_and_no_bias():
     assert torch.allclose(km, k) and torch.allclose(vm, v) and torch.allclose(b, torch.zeros_like(b), atol=1e-6)
 
 
-@pytest.mark.parametrize("bias", ["matched", "matched_half"])
+def test_shared_weights_are_one_per_token():
+    """matched_shared: every KV head pools its keys / values with the same token weights
+    (the mean over heads of the per-head weights), so the rows are one weighted average
+    of the attention input's projections; with a single KV head it equals matched."""
+    gen = torch.Generator().manual_seed(5)
+    Bg, n, m, H, d, s = 2, 15, 3, 4, 8, 8 ** -0.5
+    q = torch.randn(Bg, n, H * d, generator=gen, dtype=torch.float64) + 1.0
+    k, v = (torch.randn(Bg, n, H * d, generator=gen, dtype=torch.float64) for _ in range(2))
+    seg_of, counts = _segments(Bg, n, m, gen)
+    km, vm, b = matched_summary(q, k, v, seg_of, counts, H, s, 1.0, shared=True)
+    q0 = q.view(Bg, n, H, d).mean(1)                                       # [Bg, H, d]
+    z = s * torch.einsum("bnhd,bhd->bnh", k.view(Bg, n, H, d), q0)
+    w = torch.zeros(Bg, n, H, dtype=torch.float64)
+    for j in range(m):
+        sel = seg_of == j                                                  # [Bg, n]
+        zz = z.masked_fill(~sel[..., None], float("-inf"))
+        w += torch.softmax(zz, dim=1).nan_to_num(0.0)
+    w = w.mean(-1)                                                         # [Bg, n]: one weight per token
+    for j in range(m):
+        wj = w * (seg_of == j)
+        assert torch.allclose(km[:, j], (wj[..., None] * k).sum(1), atol=1e-12)
+        assert torch.allclose(vm[:, j], (wj[..., None] * v).sum(1), atol=1e-12)
+    one = matched_summary(q, k[..., :d], v[..., :d], seg_of, counts, H, s, 1.0, shared=True)
+    ref = matched_summary(q, k[..., :d], v[..., :d], seg_of, counts, H, s, 1.0)
+    assert all(torch.allclose(a, c) for a, c in zip(one, ref))
+
+
+@pytest.mark.parametrize("bias", ["matched", "matched_half", "matched_shared"])
 def test_simulation_with_every_token_alone_is_exact(bias):
     """CR = 1: every row is one token, so the matched rows change nothing."""
     gen = torch.Generator().manual_seed(3)

@@ -64,6 +64,7 @@ prism eval --task smollm2-austen --partitions 2 --cr 10 --limit 48 --variant anc
     --variant default --out benchmarks/results/accuracy_text_topk
 python benchmarks/accuracy/migrate_default_keys.py special FILE.json     # once each, for cells stored
 python benchmarks/accuracy/migrate_default_keys.py text-topk FILE.json   # under an earlier default
+bash benchmarks/accuracy/run_matched.sh   # count_bias=matched / matched_half against the default (accuracy_matched/)
 prism eval --task finetune-dinov2-fashion --out benchmarks/results   # fine-tuning with Prism in the loop
 prism eval --task finetune-dinov2-digits --out benchmarks/results
 python benchmarks/accuracy/make_doc.py           # rebuilds this page
@@ -200,33 +201,65 @@ DYN_TASKS = ["smollm2-austen", "minilm-austen", "dinov2-fashion", "dinov2-digits
 
 def dynamic_section(d: Path, rel: Path) -> str:
     """The data-dependent segment policies (simulation only): each task's table and the
-    paired difference of every variant to the default on the same items."""
+    paired difference of every variant to the special-token policy on the same items."""
+    intro = ("Each device chooses its segments from its own keys in every layer "
+             "(`anchors=special+topk`: the special tokens and the `anchor_topk` tokens with the largest "
+             "`anchor_score`, `key_norm` = ||k|| or `key_dev` = ||k - partition mean||, alone out of the "
+             "same rows; `segments=content`: runs split at the largest jumps between consecutive keys; "
+             "`segments=content_sse`: the runs with the least within-run squared deviation of the keys; "
+             "`segments=kmeans`: groups of similar keys, not contiguous; "
+             "prism_kernels/dynamic.py). Same tasks, items and seed as above; the static special-token "
+             "policy (`anchors=special`, the earlier default) is rerun here so that every variant can be "
+             "paired with it item by item (`default` = the package's defaults, where run). "
+             "\"minus special\": variant - anchors=special on the same items (or text windows) with the "
+             "paired bootstrap 95 % interval (benchmarks/accuracy/paired.py --base anchors=special).\n")
+    return paired_section(d, "## Data-dependent segments: tables\n", intro, SPECIAL, "special",
+                          [(f"accuracy_{n}", n) for n in DYN_TASKS])
+
+
+# benchmarks/results/accuracy_matched/: one folder per `prism eval` call (task and P)
+MATCHED_RUNS = [("minilm_p2", "minilm-austen", "MiniLM Austen passages, P = 2, CR 8"),
+                ("minilm_p3", "minilm-austen", "MiniLM Austen passages, P = 3, CR 8"),
+                ("minilm_cr16", "minilm-austen", "MiniLM Austen passages, CR 16"),
+                ("smollm2_p2", "smollm2-austen", "SmolLM2 Austen, 48 windows, P = 2, CR 10"),
+                ("fashion112_p2", "dinov2-fashion", "DINOv2 Fashion-MNIST 112 px, P = 2, CR 9.9"),
+                ("fashion112_p3", "dinov2-fashion", "DINOv2 Fashion-MNIST 112 px, P = 3, CR 6.55"),
+                ("fashion224_p2", "dinov2-fashion", "DINOv2 Fashion-MNIST 224 px, P = 2, CR 9.9"),
+                ("fashion224_p3", "dinov2-fashion", "DINOv2 Fashion-MNIST 224 px, P = 3, CR 6.55"),
+                ("digits112_p2", "dinov2-digits", "DINOv2 digits 112 px, P = 2, CR 9.9"),
+                ("digits112_p3", "dinov2-digits", "DINOv2 digits 112 px, P = 3, CR 6.55"),
+                ("digits224_p2", "dinov2-digits", "DINOv2 digits 224 px, P = 2, CR 9.9"),
+                ("digits224_p3", "dinov2-digits", "DINOv2 digits 224 px, P = 3, CR 6.55")]
+
+
+def matched_section(d: Path, rel: Path) -> str:
+    """count_bias=matched / matched_half (simulation only) against the default, paired."""
+    intro = ("`count_bias=matched` sends each averaged segment as its attention-weighted key and value "
+             "with a bias, matched at the sending partition's mean query (`matched_half`: at half of it; "
+             "prism_kernels/hf/matched_summary.py; findings under \"What did not help\"). Each folder of "
+             "benchmarks/results/accuracy_matched/ is one `prism eval` call with `--variant default "
+             "--variant count_bias=matched --variant count_bias=matched_half`, seed 0; \"minus default\": "
+             "variant - default on the same items (or text windows), paired bootstrap 95 % interval.\n")
+    runs = [(f"{tag}/accuracy_{task}", title) for tag, task, title in MATCHED_RUNS]
+    return paired_section(d, "## Segments matched at the mean query: tables\n", intro, "default", "default", runs)
+
+
+def paired_section(d: Path, heading: str, intro: str, base: str, base_name: str, runs) -> str:
+    """Each run's table (DIR/<stem>.md) and every variant minus `base` on the same items."""
     import sys
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from paired import compare
-    out = ["## Data-dependent segments: tables\n",
-           "Each device chooses its segments from its own keys in every layer "
-           "(`anchors=special+topk`: the special tokens and the `anchor_topk` tokens with the largest "
-           "`anchor_score`, `key_norm` = ||k|| or `key_dev` = ||k - partition mean||, alone out of the "
-           "same rows; `segments=content`: runs split at the largest jumps between consecutive keys; "
-           "`segments=content_sse`: the runs with the least within-run squared deviation of the keys; "
-           "`segments=kmeans`: groups of similar keys, not contiguous; "
-           "prism_kernels/dynamic.py). Same tasks, items and seed as above; the static special-token "
-           "policy (`anchors=special`, the earlier default) is rerun here so that every variant can be "
-           "paired with it item by item (`default` = the package's defaults, where run). "
-           "\"minus special\": variant - anchors=special on the same items (or text windows) with the "
-           "paired bootstrap 95 % interval (benchmarks/accuracy/paired.py --base anchors=special).\n"]
-    for name in DYN_TASKS:
-        f = d / f"accuracy_{name}.json"
-        md = d / f"accuracy_{name}.md"
+    out = [heading, intro]
+    for stem, title in runs:
+        f, md = d / f"{stem}.json", d / f"{stem}.md"
         if not f.exists() or not md.exists():
             continue
         text = md.read_text()
         body = [t for t in text.split("\n\n") if t.startswith("| method")]
-        out.append(f"**{name}**\n\n" + (body[0] if body else "") + "\n")
-        rows = compare(json.loads(f.read_text())["cells"], SPECIAL)
+        out.append(f"**{title}**\n\n" + (body[0] if body else "") + "\n")
+        rows = compare(json.loads(f.read_text())["cells"], base)
         if rows:
-            lines = ["| P | CR | variant minus special | n | Δ probe accuracy (points) | Δ cosine to exact | "
+            lines = [f"| P | CR | variant minus {base_name} | n | Δ probe accuracy (points) | Δ cosine to exact | "
                      "Δ bits per character |", "|---|---|---|---|---|---|---|"]
             for r in rows:
                 g = lambda k, fmt: "" if k not in r else fmt.format(*r[k][:3])
@@ -278,6 +311,9 @@ def main():
     dyn_dir = args.results / "accuracy_dynamic"
     if dyn_dir.exists():
         parts.append(dynamic_section(dyn_dir, Path(os.path.relpath(dyn_dir, args.out.parent))))
+    matched_dir = args.results / "accuracy_matched"
+    if matched_dir.exists():
+        parts.append(matched_section(matched_dir, Path(os.path.relpath(matched_dir, args.out.parent))))
     parts.append("# Fine-tuning with Prism in the loop\n")
     for name in FINETUNES:
         md = args.results / f"accuracy_{name}.md"

@@ -67,7 +67,7 @@ from ..costs.comm import wire_torch_dtype
 from ..plan import Partition, PrismPlan
 from .averaging import ATTENTION_INPUT
 from .masks import key_valid_from_mask
-from .matched_summary import GAMMAS, augment_bias, matched_summary
+from .matched_summary import MATCHED, augment_bias, matched_summary
 from .spread_bias import augment, segment_key_spread
 
 BIG = 1 << 40  # a position beyond any real token
@@ -280,9 +280,9 @@ def simulate_prism(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     ks, vs = [k3.reshape(B * N, -1)], [v3.reshape(B * N, -1)]
     spread = config.count_bias == "spread"
     s = scale if scale is not None else d ** -0.5
-    gamma = GAMMAS.get(config.count_bias)          # an experiment: hf/matched_summary.py
-    extra = [k3.new_zeros(B * N, Hkv, dtype=torch.float32)] if spread or gamma is not None else None
-    q3 = query.transpose(1, 2).reshape(B, N, H * d) if gamma is not None else None
+    matched = MATCHED.get(config.count_bias)       # an experiment: hf/matched_summary.py
+    extra = [k3.new_zeros(B * N, Hkv, dtype=torch.float32)] if spread or matched else None
+    q3 = query.transpose(1, 2).reshape(B, N, H * d) if matched else None
     wire = None if config.wire_dtype == "fp32" else wire_torch_dtype(config.wire_dtype)
     counts = lay.counts
     bank_counts = [torch.ones(B * N, dtype=torch.int64, device=query.device)] if config.dynamic else None
@@ -291,8 +291,9 @@ def simulate_prism(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
             if config.dynamic:      # segments chosen from this layer's keys (prism_kernels/dynamic.py)
                 kp = g.take(k3, part)
                 seg_of, cnt = dyn.partition_segments(config, kp, part, g.fixed(part), g.grid)
-                if gamma is not None:           # matched rows: their bias replaces log c
-                    km, vm, b = matched_summary(g.take(q3, part), kp, g.take(v3, part), seg_of, cnt, H, s, gamma)
+                if matched:                     # matched rows: their bias replaces log c
+                    km, vm, b = matched_summary(g.take(q3, part), kp, g.take(v3, part), seg_of, cnt, H, s,
+                                                *matched)
                     bank_counts.append(torch.ones_like(cnt).reshape(-1))
                     extra.append(b.reshape(-1, Hkv) / s)
                 else:
@@ -318,7 +319,7 @@ def simulate_prism(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     q4, k4, v4 = heads(q_all, nq, H), heads(k_all, nk, Hkv), heads(v_all, nk, Hkv)
     if spread:
         q4, k4, v4 = augment(q4, k4, v4, stack(extra).view(R, nk, Hkv).transpose(1, 2), s)
-    elif gamma is not None:
+    elif matched:
         q4, k4, v4 = augment_bias(q4, k4, v4, stack(extra).view(R, nk, Hkv).transpose(1, 2))
     out = prism_attention(q4, k4, v4, key_counts=counts, causal=lay.q_pos is not None, q_pos=lay.q_pos,
                           k_pos=lay.k_pos, scale=s, backend=config.backend)[..., :d]

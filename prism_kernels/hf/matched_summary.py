@@ -1,6 +1,6 @@
 """An experimental segment summary matched at the sender's mean query
-(PrismConfig.count_bias="matched" / "matched_half"; simulation only, data-dependent
-segments only).
+(PrismConfig.count_bias="matched" / "matched_half" / "matched_shared"; simulation
+only, data-dependent segments only).
 
 A segment S of c tokens stands in a receiver's softmax for its log-sum-exp
 L(q) = log sum_{t in S} exp(s q.k_t) and its output sum_t softmax_S(q)_t v_t. The
@@ -14,7 +14,8 @@ sending partition, per KV head) instead:
 
 so that s q.k~ + b equals L(q) and its gradient at q0, and v~ the output there.
 gamma = 0 gives back the paper's row; a token sent alone keeps its own key and value
-with bias 0. The bias folds into the scores as one extra head dimension: q' = [q, 1],
+with bias 0. "matched_shared" averages the weights w_t over the KV heads, so that one
+row of the attention input per segment would still do on the wire (plus the biases). The bias folds into the scores as one extra head dimension: q' = [q, 1],
 k' = [k~, b / s] (0 for the receiver's own tokens), v' = [v, 0], the rows' counts
 set to 1, so the kernels stay unchanged. What crosses the network would be one float
 per row and KV head in place of the count.
@@ -25,12 +26,13 @@ from __future__ import annotations
 
 import torch
 
-# count_bias -> gamma, the scale of the mean query the summary is matched at
-GAMMAS = {"matched": 1.0, "matched_half": 0.5}
+# count_bias -> (gamma: the scale of the mean query the rows are matched at,
+#                shared: one weight per token for all KV heads)
+MATCHED = {"matched": (1.0, False), "matched_half": (0.5, False), "matched_shared": (1.0, True)}
 
 
 def matched_summary(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg_of: torch.Tensor,
-                    counts: torch.Tensor, heads: int, scale: float, gamma: float):
+                    counts: torch.Tensor, heads: int, scale: float, gamma: float, shared: bool = False):
     """One partition's rows. q [Bg, n, heads * d] (its queries), k / v [Bg, n, Hkv * d],
     seg_of [Bg, n] in 0..m-1, counts [Bg, m]. Returns (k~, v~) [Bg, m, Hkv * d] in
     k's / v's dtype and the bias b [Bg, m, Hkv], computed in fp32 (fp64 for fp64 inputs)."""
@@ -47,6 +49,8 @@ def matched_summary(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg_of: t
     e = torch.exp(z - top.gather(1, idx))
     tot = z.new_zeros(Bg, m, Hkv).scatter_add(1, idx, e)
     w = (e / tot.gather(1, idx))[..., None]                            # softmax within each segment
+    if shared:
+        w = w.mean(2, keepdim=True).expand(Bg, n, Hkv, 1)
     i4 = seg_of[..., None, None].expand(Bg, n, Hkv, d)
     km = k4.new_zeros(Bg, m, Hkv, d).scatter_add(1, i4, k4 * w)
     vm = v4.new_zeros(Bg, m, Hkv, d).scatter_add(1, i4, v4 * w)

@@ -145,7 +145,7 @@ def enable_prism(model, num_partitions: int = 2, *, compression_rate: Optional[f
     which tokens are sent alone and how the others are grouped (prism_kernels/anchors.py;
     the defaults are the best measured policy, with segments chosen per layer from the
     keys, prism_kernels/dynamic.py; anchors="none", segments="runs" is the paper's plain
-    means); count_bias="spread" (hf/spread_bias.py) and "matched" / "matched_half"
+    means); count_bias="spread" (hf/spread_bias.py) and "matched" / "matched_half" / "matched_shared"
     (hf/matched_summary.py) are experiments. wire_dtype (fp32 | fp16 | bf16) rounds every row a device
     receives (means and anchors) to that type, as `prism run --wire-dtype` sends them. Raises ValueError at once for invalid settings (backend included) and
     for a model whose config.model_type is not in prism_kernels.models.MODEL_TYPES
