@@ -65,6 +65,8 @@ prism eval --task smollm2-austen --partitions 2 --cr 10 --limit 48 --variant anc
 python benchmarks/accuracy/migrate_default_keys.py special FILE.json     # once each, for cells stored
 python benchmarks/accuracy/migrate_default_keys.py text-topk FILE.json   # under an earlier default
 bash benchmarks/accuracy/run_matched.sh   # count_bias=matched / matched_half against the default (accuracy_matched/)
+python benchmarks/accuracy/layer_budget.py --task dinov2-fashion --partitions 2 --cr 9.9   # rows per layer
+    # (also --partitions 3 --cr 6.55, --task dinov2-digits, --image-size 224; into benchmarks/results/layer_budget/)
 prism eval --task finetune-dinov2-fashion --out benchmarks/results   # fine-tuning with Prism in the loop
 prism eval --task finetune-dinov2-digits --out benchmarks/results
 python benchmarks/accuracy/make_doc.py           # rebuilds this page
