@@ -88,7 +88,9 @@ def main():
            "half_two_processes_ms": [round(t * 1e3, 1) for t in both],
            "slowdown_when_both_cpus_busy": round(max(both) / alone, 2),
            "best_possible_p2_latency_cut_pct": round(100 * (1 - max(both) / full), 1),
-           "loadavg": os.getloadavg()[0]}
+           "loadavg": os.getloadavg()[0], "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+           "cpu": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), ""),
+           "cores": os.cpu_count()}
     print(json.dumps(res))
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1))
