@@ -28,22 +28,13 @@ import torch
 
 from prism_kernels import hf as phf
 from prism_kernels.config import PrismConfig
-from prism_kernels.eval import data as D
 from prism_kernels.eval import models as Mo
 from prism_kernels.eval.metrics import paired_bootstrap_diff, t_interval, wilson_interval
-from prism_kernels.eval.probe import LinearProbe
+from prism_kernels.eval.tasks import get_task
 from prism_kernels.models import token_roles
 
 ROOT = Path(__file__).resolve().parents[2]
 EARLY_FACTORS = (1.5, 2.0, 3.0)         # early layers' CR = CR * a
-
-
-def load(task: str, seed: int):
-    if task == "dinov2-fashion":
-        return D.load_fashion_mnist(1000, 1000, seed)
-    s = D.load_digits(1000, seed)
-    s.x_train, s.y_train = s.x_train[:797], s.y_train[:797]
-    return s
 
 
 def rows(cr: float, P: int, n: int, roles) -> int:
@@ -88,8 +79,10 @@ def main():
         return
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    split = load(args.task, args.seed)
-    model = Mo.load_dinov2()
+    # the eval task's split, model, exact features and probe (prism_kernels/eval/tasks.py)
+    task = get_task(args.task, seed=args.seed, image_size=args.image_size, progress=False)
+    task.setup()
+    model, split, probe = task.model, task.split, task.probe
     layers = len(model.encoder.layer)
     n = (args.image_size // 14) ** 2 + 1
     roles = token_roles(model)
@@ -105,9 +98,8 @@ def main():
     def cosine(x, ref):
         return (x * ref).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(ref, axis=1))
 
-    tr_exact, te_exact = feats(split.x_train), feats(split.x_test)
-    probe = LinearProbe(seed=args.seed).fit(tr_exact, split.y_train)
-    exact_hits = probe.predict(te_exact) == split.y_test
+    tr_exact, te_exact = task.train_feats.astype(np.float64), task.test_exact.astype(np.float64)
+    exact_hits = task.exact_hits["accuracy"]
 
     phf.enable_prism(model, num_partitions=args.partitions, compression_rate=args.cr)
     base = model._prism_config
