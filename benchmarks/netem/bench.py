@@ -14,13 +14,13 @@ import argparse
 import csv
 import json
 import os
-import platform
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import cpu_model  # noqa: E402
 
 MODELS = {
     # name: (family, size, extra args, prism args)
@@ -125,11 +125,7 @@ def main():
     out_dir = ROOT / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out_dir / f"latency_{args.tag}.csv"
-    cpu = platform.processor() or ""
-    try:
-        cpu = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")][0]
-    except Exception:
-        pass
+    cpu = cpu_model()
     cpu_probe = out_dir / f"latency_{args.tag}_cpu.json"
     cond = {"cpu_scaling": json.loads(cpu_probe.read_text()) if cpu_probe.exists() else None, "cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads_per_rank": 1,
             "batch": 1, "delay_ms": args.delay_ms, "repeat": args.repeat, "warmup": args.warmup}

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import cpu_model  # noqa: E402
 
 
 def child(args):
@@ -89,7 +91,7 @@ def main():
            "slowdown_when_both_cpus_busy": round(max(both) / alone, 2),
            "best_possible_p2_latency_cut_pct": round(100 * (1 - max(both) / full), 1),
            "loadavg": os.getloadavg()[0], "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-           "cpu": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), ""),
+           "cpu": cpu_model(),
            "cores": os.cpu_count()}
     print(json.dumps(res))
     if args.out:

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import cpu_model  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import shape  # noqa: E402
 
@@ -97,11 +99,7 @@ def main():
                      "prefill_layer_bytes_per_rank": p["prefill_layer_bytes_per_rank"], "sizes": p["sizes"],
                      "means": p["means"], "single_next_token": s["next_token"], "prism_next_token": p["tokens"][0]})
         print(json.dumps(rows[-1]), flush=True)
-    cpu = ""
-    try:
-        cpu = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")][0]
-    except Exception:
-        pass
+    cpu = cpu_model()
     import torch
     med_s = statistics.median(r["single_s"] for r in rows)
     med_p = statistics.median(r["prism_s"] for r in rows)

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import cpu_model  # noqa: E402
 sys.path.insert(0, str(ROOT))
 
 from prism_kernels.config import PrismConfig  # noqa: E402
@@ -105,11 +107,7 @@ def main():
             f()
             times[name].append(time.perf_counter() - t)
     s, p = statistics.median(times["stock"]), statistics.median(times["prism"])
-    cpu = ""
-    try:
-        cpu = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")][0]
-    except OSError:
-        pass
+    cpu = cpu_model()
     res = {"family": args.family, "rows": rows, "means": m, "stock_ms": round(s * 1e3, 1),
            "prism_rank_ms": round(p * 1e3, 1), "ratio": round(p / s, 3), "repeat": args.repeat,
            "loadavg_before": round(la0, 2), "loadavg_after": round(os.getloadavg()[0], 2),

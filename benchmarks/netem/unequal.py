@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import cpu_model  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import MODE_OPTIONS, shape  # noqa: E402  (same folder: tc shaping, mode suffixes)
 
@@ -119,11 +121,7 @@ def main():
                 print(json.dumps(row), flush=True)
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    cpu = platform.processor()
-    try:
-        cpu = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")][0]
-    except Exception:
-        pass
+    cpu = cpu_model()
     import torch
     conditions = {"quota_of_one_core": args.quota, "cgroup": args.cgroup or None, "cpus": args.cpus,
                   "network": f"veth pair shaped to {args.mbit} Mbit/s (tc tbf)" if args.ns0 else "loopback",
