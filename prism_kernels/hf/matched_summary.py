@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import torch
 
+from .spread_bias import extra_score_dim
+
 # count_bias -> (gamma: the scale of the mean query the rows are matched at,
 #                shared: one weight per token for all KV heads)
 MATCHED = {"matched": (1.0, False), "matched_half": (0.5, False), "matched_shared": (1.0, True)}
@@ -60,8 +62,5 @@ def matched_summary(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg_of: t
 
 def augment_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor):
     """q [R, H, nq, d], k / v [R, Hkv, nk, d], key_bias [R, Hkv, nk] (b / s) -> q', k',
-    v' with one more dimension, so that the scores gain b."""
-    q2 = torch.cat([q, q.new_ones(q.shape[:-1] + (1,))], -1)
-    k2 = torch.cat([k, key_bias.unsqueeze(-1).to(k.dtype)], -1)
-    v2 = torch.cat([v, v.new_zeros(v.shape[:-1] + (1,))], -1)
-    return q2, k2, v2
+    v' with one more dimension (1 on the queries), so that the scores gain b."""
+    return extra_score_dim(q, k, v, q.new_ones(q.shape[:-1]), key_bias)

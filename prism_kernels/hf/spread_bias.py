@@ -29,10 +29,18 @@ def segment_key_spread(keys: torch.Tensor, group, part, heads: int, backend: str
     return var.view(var.shape[0], var.shape[1], heads, -1).mean(-1).reshape(-1, heads)
 
 
-def augment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_extra: torch.Tensor, scale: float):
-    """q [R, H, nq, d], k / v [R, Hkv, nk, d], key_extra [R, Hkv, nk] (s sigma^2 / 2)
-    -> q', k', v' with one more dimension."""
-    q2 = torch.cat([q, (q.float() ** 2).sum(-1, keepdim=True).to(q.dtype)], -1)
-    k2 = torch.cat([k, key_extra.unsqueeze(-1).to(k.dtype)], -1)
+def extra_score_dim(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_col: torch.Tensor, k_col: torch.Tensor):
+    """q [R, H, nq, d], k / v [R, Hkv, nk, d] -> q', k', v' with one more head dimension:
+    q_col [R, H, nq] on the queries, k_col [R, Hkv, nk] on the keys, 0 on the values, so
+    every score gains q_col * k_col (times the kernel's scale) and the output is unchanged
+    in its first d dimensions. Shared by the experimental biases (this one, matched_summary)."""
+    q2 = torch.cat([q, q_col.unsqueeze(-1).to(q.dtype)], -1)
+    k2 = torch.cat([k, k_col.unsqueeze(-1).to(k.dtype)], -1)
     v2 = torch.cat([v, v.new_zeros(v.shape[:-1] + (1,))], -1)
     return q2, k2, v2
+
+
+def augment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_extra: torch.Tensor, scale: float):
+    """q [R, H, nq, d], k / v [R, Hkv, nk, d], key_extra [R, Hkv, nk] (s sigma^2 / 2)
+    -> q', k', v' with one more dimension (|q|^2 on the queries)."""
+    return extra_score_dim(q, k, v, (q.float() ** 2).sum(-1), key_extra)
