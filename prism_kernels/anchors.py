@@ -95,6 +95,19 @@ def resolve_topk(k, grid) -> int:
     return int(k)
 DEFAULT_SEGMENTS = "auto"
 DEFAULT_ANCHOR_BUDGET = "shared"
+# count_bias "auto": rows matched at the mean query for text encoders (hf/matched_summary.py;
+# MiniLM's embeddings move about halfway to exact), the log-count bias elsewhere (images:
+# digits lose 5-7 points with matched rows; decoders: the decode cache keeps counts, and
+# SmolLM2 gains only 0.0025 bits per character); docs/accuracy.md
+DEFAULT_COUNT_BIAS = "auto"
+
+
+def resolve_count_bias(count_bias: str, dynamic: bool, causal: bool, vision: bool) -> str:
+    """The bias applied: "auto" -> "matched" for a bidirectional text model whose segments
+    are chosen per layer (matched rows need those), else "log"; anything else as given."""
+    if count_bias != "auto":
+        return count_bias
+    return "matched" if dynamic and not causal and not vision else "log"
 
 
 @dataclass(frozen=True)

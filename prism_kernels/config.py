@@ -19,11 +19,13 @@
   of the same budget. With block_input averaging or the spread bias "auto" anchors
   are the special tokens only. anchors="none", segments="runs" is the paper's
   plain means. The config holds the resolved policy (anchors is never "auto");
-* count_bias: "log" (the paper's log-count bias), or an experiment of the simulation:
-  "spread" (the bias corrected for the spread of a segment's keys, hf/spread_bias.py),
-  "matched" / "matched_half" / "matched_shared" (attention-weighted rows and their
-  bias matched at the sending partition's mean query, scaled by 1 / 0.5, or with one
-  weight per token for all heads; hf/matched_summary.py);
+* count_bias: "auto" (default: "matched" for text encoders with data-dependent
+  segments, "log" for images and decoders; `bias_for`), "log" (the paper's log-count
+  bias); "matched" / "matched_half" / "matched_shared" (attention-weighted rows and
+  their bias matched at the sending partition's mean query, scaled by 1 / 0.5, or with
+  one weight per token for all heads; hf/matched_summary.py; the simulation and
+  `prism run`, not generation's prism decode); or "spread", an experiment of the
+  simulation (the bias corrected for the spread of a segment's keys, hf/spread_bias.py);
 * wire_dtype: element type of what crosses the network (fp32 | fp16 | bf16). The
   runtime casts every per-layer payload to it (`prism run --wire-dtype`); the
   simulation rounds every sent row (means and anchors, as K/V) to it and back, so
@@ -46,17 +48,16 @@ from dataclasses import asdict, dataclass
 from typing import Optional, Tuple, Union
 
 from .anchors import (ANCHOR_SCORES, DEFAULT_ANCHOR_BUDGET, DEFAULT_ANCHOR_SCORE, DEFAULT_ANCHOR_TOPK, DEFAULT_ANCHORS,
-                      DEFAULT_SEGMENTS, check_anchor_topk,
+                      DEFAULT_COUNT_BIAS, DEFAULT_SEGMENTS, check_anchor_topk, resolve_count_bias,
                       TokenRoles, check_policy, is_dynamic, resolve, resolve_anchors)
-from .costs.comm import check_wire_dtype
+from .costs.comm import MATCHED_BIASES, check_wire_dtype
 from .plan import PrismPlan, check_compression_rate, make_plan
 
 AVERAGING = ("attention_input", "block_input")
-# "log": the paper's log-count bias; experiments of the simulation: "spread" (hf/spread_bias.py),
-# "matched" / "matched_half" / "matched_shared" (rows matched at the mean query,
-# data-dependent segments only, hf/matched_summary.py)
-MATCHED_BIASES = ("matched", "matched_half", "matched_shared")
-COUNT_BIASES = ("log", "spread") + MATCHED_BIASES
+# "auto" (anchors.resolve_count_bias); "log": the paper's log-count bias; "matched" /
+# "matched_half" / "matched_shared" (rows matched at the mean query, data-dependent segments
+# only, hf/matched_summary.py); "spread", an experiment of the simulation (hf/spread_bias.py)
+COUNT_BIASES = ("auto", "log", "spread") + MATCHED_BIASES
 DEFAULT_AVERAGING = "attention_input"
 
 
@@ -71,7 +72,7 @@ class PrismConfig:
     anchors: str = DEFAULT_ANCHORS
     segments: str = DEFAULT_SEGMENTS
     anchor_budget: str = DEFAULT_ANCHOR_BUDGET
-    count_bias: str = "log"
+    count_bias: str = DEFAULT_COUNT_BIAS
     wire_dtype: str = "fp32"
     anchor_topk: Union[int, str] = DEFAULT_ANCHOR_TOPK
     anchor_score: str = DEFAULT_ANCHOR_SCORE
@@ -135,6 +136,12 @@ class PrismConfig:
         then fixes the rows m_j and the special anchors only, and each row's count
         travels with it."""
         return is_dynamic(self.anchors, self.segments)
+
+    def bias_for(self, causal: bool, roles: Optional[TokenRoles] = None) -> str:
+        """The count bias applied to a model: "auto" resolved by whether it is causal and
+        whether it has a patch grid (`roles`; None: text), anchors.resolve_count_bias."""
+        vision = roles is not None and roles.patch_grid is not None
+        return resolve_count_bias(self.count_bias, self.dynamic, causal, vision)
 
     @property
     def plain_means(self) -> bool:

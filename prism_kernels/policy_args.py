@@ -1,12 +1,16 @@
 """The command-line flags of the segment policy (PrismConfig's anchors, segments,
-anchor_budget, anchor_topk, anchor_score), defined once for `prism run`, `prism
+anchor_budget, anchor_topk, anchor_score, count_bias), defined once for `prism run`, `prism
 generate` and `prism costs`. No torch import: `prism costs` stays light."""
 from __future__ import annotations
 
 import argparse
 
 from .anchors import (ANCHOR_BUDGETS, ANCHOR_SCORES, ANCHORS, DEFAULT_ANCHOR_BUDGET, DEFAULT_ANCHOR_SCORE,
-                      DEFAULT_ANCHOR_TOPK, DEFAULT_ANCHORS, DEFAULT_SEGMENTS, SEGMENTS)
+                      DEFAULT_ANCHOR_TOPK, DEFAULT_ANCHORS, DEFAULT_COUNT_BIAS, DEFAULT_SEGMENTS, SEGMENTS)
+from .costs.comm import MATCHED_BIASES
+
+# the biases the runtime applies ("spread" is an experiment of the simulation only)
+RUNTIME_COUNT_BIASES = ("auto", "log") + MATCHED_BIASES
 
 
 def _topk_arg(text: str):
@@ -41,3 +45,9 @@ def add_policy_arguments(p: argparse.ArgumentParser):
     p.add_argument("--anchor-score", default=DEFAULT_ANCHOR_SCORE, choices=ANCHOR_SCORES,
                    help="with --anchors special+topk: key_norm = ||k||, key_dev = ||k - the partition's mean "
                         "key||, auto (default) = key_norm on a patch grid (images), key_dev for text")
+    p.add_argument("--count-bias", default=DEFAULT_COUNT_BIAS, choices=RUNTIME_COUNT_BIASES,
+                   help="auto (default) = matched for text encoders, log for images and decoders; log = the "
+                        "paper's log-count bias; matched / matched_half / matched_shared = each segment's keys "
+                        "and values weighted at its partition's mean query, with a bias per KV head instead of "
+                        "the count (needs segments chosen per layer; K/V rows plus one float per KV head on "
+                        "the wire; docs/method.md, \"Rows matched at the mean query\")")

@@ -221,14 +221,14 @@ def test_dynamic_layer_against_python_ref(policy, causal):
     q, k, v = _plant()
     if policy == "topk":
         cfg = PrismConfig(2, num_means=3, anchors="special+topk", anchor_topk=1, anchor_score="key_norm",
-                          segments="runs", backend="torch")
+                          segments="runs", backend="torch", count_bias="log")
         for b, (t0, t1) in enumerate([(3, 8), (2, 10)]):                       # planted large keys
             k[b, :, t0] *= 20
             k[b, :, t1] *= 20
         segs = [[[[0], [1, 2, 4, 5], [3]], [[6, 7, 9], [10, 11], [8]]],
                 [[[0], [1, 3, 4, 5], [2]], [[6, 7, 8], [9, 11], [10]]]]
     else:
-        cfg = PrismConfig(2, num_means=3, anchors="none", segments=policy, backend="torch")
+        cfg = PrismConfig(2, num_means=3, anchors="none", segments=policy, backend="torch", count_bias="log")
         dirs = torch.randn(2, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
         lv = [[0, 0, 10, 10, 10, 30, 0, 5, 5, 5, 25, 25], [0, 20, 20, 20, 20, 5, 0, 0, 0, 0, 15, 40]]
         for b in range(2):
@@ -334,7 +334,7 @@ def test_kmeans_groups_against_python_ref():
     d = torch.randn(4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     lv = torch.tensor([0, 0, 10, 30, 10, 0, 0, 5, 5, 5, 25, 25], dtype=torch.float64)
     k[0] = lv[:, None] * d + 0.01 * k[0]
-    cfg = PrismConfig(2, num_means=3, anchors="none", segments="kmeans", backend="torch")
+    cfg = PrismConfig(2, num_means=3, anchors="none", segments="kmeans", backend="torch", count_bias="log")
     out = simulate_prism(q, k, v, config=cfg, causal=False, scale=0.5)
     segs = [[[[0, 1, 5], [2, 4], [3]], [[6], [7, 8, 9], [10, 11]]]]
     _check_against_python_ref(out, q, k, v, segs, [6, 6], False)

@@ -105,15 +105,20 @@ def test_costs_dtype_changes_bytes(capsys):
     rc, out, _ = run_cli(capsys, "costs", "--model", "bert-base", "--partitions", "2", "--means", "1",
                          "--dtype", "fp16", "--json")
     d = json.loads(out)
-    # one mean a partition leaves no choice of segments: no count on the wire
-    assert d["prism_bytes_devices"] == [768 * 2, 768 * 2]
+    # the default for a text encoder: one matched row (a key and a value per head, 12 x 64
+    # each, and 12 biases); no count on the wire
+    assert d["prism_bytes_devices"] == [(2 * 768 + 12) * 2] * 2
     assert d["voltage_bytes_devices"] == [128 * 768 * 2] * 2
     # --wire-dtype, the name shared with `prism run`: bf16 halves fp32's bytes too
     for dtype, size in (("fp32", 4), ("bf16", 2)):
         rc, out, _ = run_cli(capsys, "costs", "--model", "bert-base", "--partitions", "2", "--means", "1",
                              "--wire-dtype", dtype, "--json")
         d = json.loads(out)
-        assert rc == 0 and d["wire_dtype"] == dtype and d["prism_bytes_devices"] == [768 * size] * 2
+        assert rc == 0 and d["wire_dtype"] == dtype and d["prism_bytes_devices"] == [(2 * 768 + 12) * size] * 2
+    # the paper's log-count bias: one attention-input row of 768
+    rc, out, _ = run_cli(capsys, "costs", "--model", "bert-base", "--partitions", "2", "--means", "1",
+                         "--count-bias", "log", "--json")
+    assert rc == 0 and json.loads(out)["prism_bytes_devices"] == [768 * 4] * 2
 
 
 def test_costs_human_table(capsys):

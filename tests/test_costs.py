@@ -198,6 +198,25 @@ def test_data_dependent_segments_send_their_counts(policy):
     assert r.voltage_bytes_devices == static.voltage_bytes_devices
 
 
+def test_matched_rows_send_kv_and_a_bias_per_head():
+    """count_bias="matched": each received row is a key and a value per KV head (2 x 12 x 64
+    for BERT-base, instead of its 768 attention-input floats) and one bias per KV head,
+    and no count; a static plan has no matched rows."""
+    r = estimate("bert-base", 256, 2, num_means=[16, 16], dtype_bytes=2, count_bias="matched")
+    assert r.prism_wire == "matched" and r.prism_floats_per_row == 2 * 12 * 64 + 12
+    assert r.prism_bytes_devices == [16 * (2 * 12 * 64 + 12) * 2] * 2
+    log = estimate("bert-base", 256, 2, num_means=[16, 16], dtype_bytes=2, count_bias="log")
+    assert log.prism_bytes_devices == [16 * (768 * 2 + 4)] * 2       # attention-input rows and counts
+    # "auto" (the default): matched rows for a text encoder, the log-count bias for ViT and GPT-2
+    assert estimate("bert-base", 256, 2, num_means=[16, 16], dtype_bytes=2).prism_bytes_devices == \
+        r.prism_bytes_devices
+    assert estimate("vit-b16", 197, 2, num_means=10).prism_wire == "hidden"
+    assert estimate("gpt2", 256, 2, num_means=10).prism_wire == "hidden"
+    assert r.prism_tokens_devices == log.prism_tokens_devices
+    with pytest.raises(ValueError, match="count_bias='matched' needs data-dependent segments"):
+        estimate("bert-base", 256, 2, num_means=16, anchors="special", count_bias="matched")
+
+
 def test_received_tokens_helpers():
     plan = make_plan(10, 3, [2, 1, 3])
     assert received_tokens(plan) == [4, 5, 3]

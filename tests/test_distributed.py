@@ -130,7 +130,7 @@ def _sim_attention(module, q, k, v, mask, scaling=None, dropout=0.0, **kw):
     return torch.cat(outs, 2).transpose(1, 2).contiguous(), None
 
 
-POLICY = ("anchors", "segments", "anchor_budget", "anchor_topk", "anchor_score")
+POLICY = ("anchors", "segments", "anchor_budget", "anchor_topk", "anchor_score", "count_bias")
 
 
 def prism_config(P, *, num_means=None, cr=None, averaging="attention_input", weights=None, **policy):
@@ -252,6 +252,14 @@ SCEN2 = [
     dict(name="gpt2_kmeans", family="gpt2", mode="prism", num_means=3, segments="kmeans", seq_len=40),
     dict(name="llama_dynamic_fp16", family="llama", mode="prism", num_means=3, wire_dtype="fp16",
          ref="llama_dynamic", **TOPK_SSE),
+    # rows matched at the mean query: K/V rows and a bias per KV head (BERT: instead of attention-input
+    # rows; Llama, rotary and causal: beside the K/V rows it sends anyway), overlap off, fp16
+    dict(name="bert_matched", family="bert", mode="prism", num_means=3, count_bias="matched", **TOPK),
+    dict(name="llama_matched", family="llama", mode="prism", num_means=3, count_bias="matched", **TOPK_SSE),
+    dict(name="llama_matched_noverlap", family="llama", mode="prism", num_means=3, count_bias="matched",
+         overlap=False, **TOPK_SSE),
+    dict(name="bert_matched_fp16", family="bert", mode="prism", num_means=3, count_bias="matched",
+         wire_dtype="fp16", ref="bert_matched", **TOPK),
 ]
 SCEN3 = [
     dict(name="bert_prism", family="bert", mode="prism", num_means=2),
@@ -278,6 +286,9 @@ SCEN3 = [
     dict(name="vit_topk", family="vit", mode="prism", num_means=3, **TOPK),
     dict(name="roberta_dynamic_noverlap", family="roberta", mode="prism", num_means=3, overlap=False,
          anchors="special+topk", anchor_score="key_dev", segments="content"),
+    dict(name="vit_matched_half", family="vit", mode="prism", num_means=3, count_bias="matched_half", **TOPK),
+    dict(name="bert_matched_shared_noverlap", family="bert", mode="prism", num_means=3,
+         count_bias="matched_shared", overlap=False, **TOPK),
 ]
 # The package's default policy (data-dependent: special tokens and the top-1 key alone,
 # content runs for text, 2-D blocks for images) in the *_default scenarios; every other
@@ -290,8 +301,9 @@ SCEN3 += [dict(name="gpt2_default", family="gpt2", mode="prism", num_means=3, se
           dict(name="dinov2_default", family="dinov2", mode="prism", num_means=3, default=True)]
 for _scen in (SCEN2, SCEN3):
     for _s in _scen:
-        if _s["mode"] == "prism" and "anchors" not in _s and not _s.get("default"):
-            _s["anchors"] = "special"
+        if _s["mode"] == "prism" and not _s.get("default"):
+            _s.setdefault("anchors", "special")
+            _s.setdefault("count_bias", "log")      # the default's is "auto": matched for text encoders
 # the hidden-state start-up (`--input hidden`, rank 0 embeds everything) for one prism
 # scenario of every family: the default raw start-up must give the same outputs
 for _scen in (SCEN2, SCEN3):
@@ -316,6 +328,14 @@ for _scen in (SCEN2, SCEN3):
 ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 # unit roundoff: a value cast to the dtype is off by at most this relative amount
 UNIT_ROUNDOFF = {"fp16": 2.0 ** -11, "bf16": 2.0 ** -8}
+
+
+def sends_matched_rows(s) -> bool:
+    """Rows matched at the mean query: asked for, or the default's "auto" count bias on a
+    text encoder (BERT, RoBERTa)."""
+    from prism_kernels.models import lookup
+    return s["mode"] == "prism" and (s.get("count_bias", "log") != "log" or (
+        bool(s.get("default")) and lookup(s["family"]).kind == "encoder"))
 
 
 def test_every_family_is_covered():
@@ -362,8 +382,13 @@ def test_outputs_equal_simulation_and_stock(run_scenarios):
                 # the static plan's (the runtime did not fall back to it)
                 static = dict(kw, anchors="special", segments="auto")
                 static.pop("anchor_score", None)
+                static.pop("count_bias", None)
                 st_hidden, _ = hf_simulation(fam, inputs, P, **static)
                 assert (r["hidden"] - st_hidden).abs().max() > 1e-4, s["name"]
+                if sends_matched_rows(s):
+                    # the matched rows were applied: not the log-count bias's output
+                    lg_hidden, _ = hf_simulation(fam, inputs, P, **dict(kw, count_bias="log"))
+                    assert (r["hidden"] - lg_hidden).abs().max() > 1e-4, s["name"]
             else:
                 sim_hidden, sim_head = simulate(fam, inputs, P, weights=s.get("weights"), **kw)
                 close(r["hidden"], sim_hidden)
@@ -404,6 +429,10 @@ def test_bytes_per_layer_equal_cost_model(run_scenarios):
                 ms = rep["means"]
                 tokens = sum(ms[j] for j in range(P) if j != i and (not causal or j < i))
             width = D if rep["wire"] == "hidden" else 2 * Hkv * entry.head_dim(cfg)
+            matched = sends_matched_rows(s)
+            assert (rep["wire"] == "matched") == matched, (s["name"], rep["wire"])
+            if matched:                 # K/V rows and one bias per KV head, no count
+                width += Hkv
             assert rep["wire_dtype"] == s.get("wire_dtype", "fp32"), (s["name"], rep)
             dynamic = s["mode"] == "prism" and prism_config(
                 P, num_means=1, averaging=rep["averaging"], **{k: s[k] for k in POLICY if k in s}).dynamic
@@ -412,7 +441,7 @@ def test_bytes_per_layer_equal_cost_model(run_scenarios):
             # its special tokens (m_j >= specials + 2; every policy of these scenarios chooses one
             # token or one cut); the other partitions' segments are the plan's, their counts too
             counted = 0
-            if dynamic:
+            if dynamic and not matched:
                 special = set(entry.roles(cfg).special(sum(sizes)))
                 offs = [sum(sizes[:j]) for j in range(P)]
                 for j in range(P):
@@ -428,7 +457,7 @@ def test_bytes_per_layer_equal_cost_model(run_scenarios):
                 assert costs.voltage_received_tokens(sizes)[i] == tokens, (s["name"], i)
             assert costs.bytes_for(tokens, width, costs.dtype_bytes(rep["wire_dtype"])) + 4 * counted == want
             assert tokens * costs.row_bytes(cfg, rep["wire"], rep["wire_dtype"]) + counted * costs.COUNT_BYTES == want
-            if dynamic and s["name"].endswith("_default") and tokens > 0:
+            if dynamic and not matched and s["name"].endswith("_default") and tokens > 0:
                 assert counted > 0, s["name"]            # the default's counts do travel here
             assert rep["expected"] == want, (s["name"], i)
             if tokens == 0:
@@ -541,7 +570,9 @@ def test_wire_choice(run_scenarios):
     for s in scen:
         rep = results[s["name"]]["reports"][0]
         rotary = lookup(s["family"]).rotary
-        if rotary and s["mode"] == "prism" and rep["averaging"] == "attention_input":
+        if sends_matched_rows(s):
+            assert rep["wire"] == "matched"     # weighted K/V rows and their biases
+        elif rotary and s["mode"] == "prism" and rep["averaging"] == "attention_input":
             assert rep["wire"] == "kv"      # rotary: only K/V means are exact
         elif s["mode"] != "single":
             # block_input and Voltage send hidden rows; attention_input for non-rotary
@@ -581,21 +612,23 @@ def test_low_precision_wire_close_to_fp32(run_scenarios):
 
 
 def test_wire_dtype_equals_simulation_rounding(run_scenarios):
-    """Where the wire carries K/V means (Llama: rotated keys), the runtime rounds exactly
-    what the simulation rounds with PrismConfig(wire_dtype=...): the outputs agree to fp32
-    noise, much closer than to the fp32 simulation (so `prism eval --variant
-    wire_dtype=fp16` measures what the runtime does)."""
+    """Where the wire carries K/V means (Llama: rotated keys) or matched rows (K/V and
+    their biases), the runtime rounds exactly what the simulation rounds with
+    PrismConfig(wire_dtype=...): the outputs agree to fp32 noise, much closer than to the
+    fp32 simulation (so `prism eval --variant wire_dtype=fp16` measures what the runtime does)."""
     P, scen, results = run_scenarios
-    cases = [s for s in scen if s["family"] == "llama" and s.get("wire_dtype", "fp32") != "fp32"
-             and s.get("averaging", "attention_input") == "attention_input"]
+    cases = [s for s in scen if s.get("wire_dtype", "fp32") != "fp32"
+             and s.get("averaging", "attention_input") == "attention_input"
+             and (s["family"] == "llama" or s.get("count_bias", "log") != "log")]
     if not cases:
-        pytest.skip("the llama wire-dtype scenarios run with P = 2")
+        pytest.skip("the llama and matched wire-dtype scenarios run with P = 2")
+    assert {s["family"] for s in cases} == {"llama", "bert"}
     for s in cases:
         r = results[s["name"]]
-        assert r["reports"][0]["wire"] == "kv"
+        assert r["reports"][0]["wire"] in ("kv", "matched")
         kw = dict(num_means=s.get("num_means"), cr=s.get("cr"), **{k: s[k] for k in POLICY if k in s})
-        rounded, _ = hf_simulation("llama", r["inputs"], P, wire_dtype=s["wire_dtype"], **kw)
-        exact, _ = hf_simulation("llama", r["inputs"], P, **kw)
+        rounded, _ = hf_simulation(s["family"], r["inputs"], P, wire_dtype=s["wire_dtype"], **kw)
+        exact, _ = hf_simulation(s["family"], r["inputs"], P, **kw)
         err_rounded = float((r["hidden"] - rounded).abs().max())
         err_exact = float((r["hidden"] - exact).abs().max())
         assert err_rounded < 1e-5, (s["name"], err_rounded)
@@ -622,9 +655,19 @@ def test_run_config_wire_dtype():
             RunConfig(mode="voltage", wire_dtype=bad)
 
 
+def test_run_config_count_bias():
+    from prism_kernels.config import PrismConfig
+    from prism_kernels.distributed import RunConfig
+    for bias in ("log", "matched", "matched_half", "matched_shared"):
+        RunConfig(prism=PrismConfig(2, compression_rate=4, count_bias=bias))
+    with pytest.raises(ValueError, match="count_bias='spread' is an experiment of the one-process simulation"):
+        RunConfig(prism=PrismConfig(2, compression_rate=4, count_bias="spread"))
+
+
 def test_overlap_equals_no_overlap(run_scenarios):
     P, scen, results = run_scenarios
-    pairs = [("bert_prism", "bert_noverlap"), ("gpt2_prism", "gpt2_noverlap"), ("llama_prism", "llama_noverlap")]
+    pairs = [("bert_prism", "bert_noverlap"), ("gpt2_prism", "gpt2_noverlap"), ("llama_prism", "llama_noverlap"),
+             ("llama_matched", "llama_matched_noverlap")]
     if P != 2:
         pytest.skip("the no-overlap scenarios run with P = 2")
     for a, b in pairs:
@@ -759,12 +802,15 @@ def test_cli_refuses_repeat_zero_and_a_wrong_family(tmp_path):
     assert p.returncode == 2 and "exactly one of num_means" in p.stderr, p.stderr[-2000:]
 
 
-@pytest.mark.parametrize("family,value_path", [("vit", "v_proj"), ("bert", "value")])
-def test_data_dependent_exchange_starts_at_the_key_projection(family, value_path):
-    """With segments chosen from the keys (attention-input means, non-rotary), each
-    layer's exchange is posted from the key projection's output: before the value
-    projection runs, so the transfer overlaps it. The payload equals the one posted
-    from inside the attention (the keys are the same rows)."""
+@pytest.mark.parametrize("family,value_path,count_bias", [("vit", "v_proj", "auto"), ("bert", "value", "log"),
+                                                          ("bert", "value", "auto"), ("vit", "v_proj", "matched")])
+def test_data_dependent_exchange_starts_at_the_key_projection(family, value_path, count_bias):
+    """With segments chosen from the keys (attention-input means or matched rows,
+    non-rotary), each layer's exchange is posted from the key projection's output: before
+    the value projection runs, so the transfer overlaps it. The payload equals the one
+    posted from inside the attention: the same rows for means; for matched rows (BERT's
+    default) the mean query and the values come from the attention input through the
+    projections instead, equal to fp32 rounding."""
     from prism_kernels.config import PrismConfig
     from prism_kernels.distributed import overlap
     from prism_kernels.distributed.runtime import RunConfig, Runtime
@@ -794,10 +840,12 @@ def test_data_dependent_exchange_starts_at_the_key_projection(family, value_path
     n = entry.n_tokens(model, inputs)
     overlap.register()
     model.set_attn_implementation(overlap.ATTN_NAME)
-    rt = Runtime(model, RecordingComm(), RunConfig(mode="prism", input="local",
-                                                   prism=PrismConfig(num_partitions=2, num_means=4)),
+    cfg = PrismConfig(num_partitions=2, num_means=4, count_bias=count_bias)
+    rt = Runtime(model, RecordingComm(), RunConfig(mode="prism", input="local", prism=cfg),
                  n, input_shape=tuple(inputs.shape), input_dtype=inputs.dtype)
-    assert rt.send_counts, "the policy must choose segments from the keys here"
+    matched = count_bias == "matched" or (count_bias == "auto" and family == "bert")
+    assert rt.wire == ("matched" if matched else "hidden")
+    assert rt.send_counts or matched, "the policy must choose segments from the keys here"
     for layer in rt.layers:
         getattr(layer.attention, value_path).register_forward_hook(
             lambda *a, i=layer.index: events.append(("value", i, None)))
@@ -810,8 +858,7 @@ def test_data_dependent_exchange_starts_at_the_key_projection(family, value_path
     # the same payloads when the exchange starts inside the attention (hooks removed)
     for h in rt._capture_hooks + rt._key_hooks:
         h.remove()
-    rt2 = Runtime(model, RecordingComm(), RunConfig(mode="prism", input="local",
-                                                    prism=PrismConfig(num_partitions=2, num_means=4)),
+    rt2 = Runtime(model, RecordingComm(), RunConfig(mode="prism", input="local", prism=cfg),
                   n, input_shape=tuple(inputs.shape), input_dtype=inputs.dtype)
     assert len(rt2._key_hooks) == len(rt2.layers)
     for h in rt2._key_hooks:                  # keep the attention pre-hooks, drop the key hooks
@@ -825,4 +872,8 @@ def test_data_dependent_exchange_starts_at_the_key_projection(family, value_path
     again = [p for kind, _, p in events if kind == "exchange"]
     assert len(again) == len(posted) == len(rt.layers)
     for a, b in zip(posted, again):
-        assert torch.equal(a, b)
+        if matched:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+            assert a.shape[-1] == 2 * lookup(family).head_dim(model.config) + 1   # key, value, bias
+        else:
+            assert torch.equal(a, b)

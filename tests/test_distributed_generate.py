@@ -130,6 +130,7 @@ def _with(**changes):
     (_with(nproc=9), "--nproc"),
     (_with(seq_len=None, prompt_file="p.txt"), "--prompt-file"),
     (_with(family="gpt2", seq_len=1020, max_new_tokens=10), "--max-new-tokens"),  # 1024 positions
+    (_with(count_bias="matched"), "--count-bias matched"),      # the prism decode cache keeps counts
 ])
 def test_misuse_refused_before_any_process(argv, named, capsys):
     assert dgen.main(argv) == 2

@@ -9,7 +9,7 @@ from prism_kernels import dynamic as dyn
 from prism_kernels.config import PrismConfig
 from prism_kernels.distributed.runtime import RunConfig
 from prism_kernels.hf.attention import simulate_prism
-from prism_kernels.hf.matched_summary import augment_bias, matched_summary
+from prism_kernels.hf.matched_summary import MATCHED, augment_bias, matched_summary
 
 TOL = {torch.float32: 2e-5, torch.float64: 1e-10}
 
@@ -49,6 +49,29 @@ def test_rows_reproduce_every_token_at_the_matched_query(dtype, heads, kv_heads)
         got = torch.softmax(s * q2 @ k2.transpose(-1, -2), -1) @ v2
         assert torch.allclose(got[:, :, 0, :d], want, atol=TOL[dtype] * 10, rtol=0)
         assert torch.all(got[..., d] == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("heads,kv_heads,shared", [(4, 4, False), (4, 2, False), (4, 4, True)])
+def test_rows_from_the_attention_input_equal_rows_from_the_values(dtype, heads, kv_heads, shared):
+    """The runtime's early start: the mean query alone (nq = 1) and the values from the
+    attention input x through the value projection give the same rows as the queries
+    and values themselves (the weights sum to 1 per segment and head)."""
+    gen = torch.Generator().manual_seed(5)
+    Bg, n, m, d, D = 2, 19, 4, 8, 24
+    x = torch.randn(Bg, n, D, generator=gen, dtype=dtype)
+    lin = lambda o: torch.nn.Linear(D, o, dtype=dtype)
+    torch.manual_seed(5)
+    wq, wk, wv = lin(heads * d), lin(kv_heads * d), lin(kv_heads * d)
+    with torch.no_grad():
+        q, k, v = wq(x), wk(x), wv(x)
+        seg_of, counts = _segments(Bg, n, m, gen)
+        want = matched_summary(q, k, v, seg_of, counts, heads, d ** -0.5, 1.0, shared)
+        got = matched_summary(wq(x.mean(1, keepdim=True)), k, x, seg_of, counts, heads, d ** -0.5, 1.0, shared,
+                              value_proj=wv)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape
+        assert torch.allclose(a, b, atol=TOL[dtype], rtol=0), float((a - b).abs().max())
 
 
 def test_gamma_zero_is_the_paper_row():
@@ -118,7 +141,7 @@ def test_simulation_differs_from_plain_rows_and_stays_finite():
     B, H, N, d = 2, 4, 40, 8
     q = torch.randn(B, H, N, d, generator=gen) + 1.0
     k, v = (torch.randn(B, H, N, d, generator=gen) for _ in range(2))
-    base = PrismConfig(2, compression_rate=4, anchors="special+topk", anchor_topk=1)
+    base = PrismConfig(2, compression_rate=4, anchors="special+topk", anchor_topk=1, count_bias="log")
     plain = simulate_prism(q, k, v, config=base, causal=False)
     matched = simulate_prism(q, k, v, config=PrismConfig(2, compression_rate=4, anchors="special+topk",
                                                          anchor_topk=1, count_bias="matched"), causal=False)
@@ -126,10 +149,15 @@ def test_simulation_differs_from_plain_rows_and_stays_finite():
     assert (matched - plain).abs().max() > 1e-3
 
 
-def test_matched_needs_data_dependent_segments_and_stays_out_of_the_runtime():
+def test_matched_needs_data_dependent_segments():
     with pytest.raises(ValueError, match="count_bias='matched' needs data-dependent segments"):
         PrismConfig(2, compression_rate=4, anchors="special", segments="runs", count_bias="matched")
     cfg = PrismConfig(2, compression_rate=4, count_bias="matched")
     assert cfg.dynamic                       # "auto" resolves to the data-dependent default
-    with pytest.raises(ValueError, match="count_bias"):
-        RunConfig(mode="prism", prism=cfg)
+    # the runtime sends matched rows (tests/test_distributed.py checks them against this simulation)
+    assert RunConfig(mode="prism", prism=cfg).prism.count_bias == "matched"
+
+
+def test_the_runtime_knows_every_matched_bias():
+    from prism_kernels.costs.comm import MATCHED_BIASES
+    assert set(MATCHED) == set(MATCHED_BIASES)

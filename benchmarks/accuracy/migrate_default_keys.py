@@ -13,8 +13,13 @@ the same configuration under the new defaults. Each change is applied once, by n
   * `text-topk` (anchor_topk "auto": four top-k anchors for text instead of one; images
     keep one): in the text tasks' files (minilm-*, smollm2-*), cells whose anchors
     resolve to special+topk and that name no `anchor_topk` get `anchor_topk=1`.
+  * `text-matched` (count_bias "auto": rows matched at the mean query for text encoders
+    with data-dependent segments; decoders and images keep the log-count bias): in the
+    MiniLM tasks' files (minilm-*), cells with data-dependent segments that name no
+    `count_bias` get `count_bias=log`.
 
 Usage: python benchmarks/accuracy/migrate_default_keys.py CHANGE FILE.json ...
+(each renamed file's accuracy_<task>.md and .png are rendered again).
 """
 import json
 import os
@@ -62,7 +67,19 @@ def migrate_text_topk(key: str, path: str = "") -> str:
     return _join(parts, opts)
 
 
-CHANGES = {"special": migrate_special, "text-topk": migrate_text_topk}
+def migrate_text_matched(key: str, path: str = "") -> str:
+    parts, opts = _split(key)
+    name = os.path.basename(path)
+    if parts[0] != "prism" or not name.startswith("accuracy_minilm-") or "count_bias" in opts:
+        return key
+    dynamic = _keys_resolve_to_topk(parts[3].split("=", 1)[1], opts) or \
+        opts.get("segments") in ("content", "content_sse", "kmeans")
+    if dynamic:
+        opts["count_bias"] = "log"
+    return _join(parts, opts)
+
+
+CHANGES = {"special": migrate_special, "text-topk": migrate_text_topk, "text-matched": migrate_text_matched}
 
 
 def main(argv):
@@ -85,6 +102,11 @@ def main(argv):
             json.dump(d, f, indent=1, sort_keys=True)         # as prism_kernels.eval.store writes it
         for k, v in renamed.items():
             print(f"{path}: {k} -> {v}")
+        if renamed:     # the file's table and plot, rendered again under the new names
+            from prism_kernels.eval.report import write_report
+            from prism_kernels.eval.store import ResultStore
+            task = os.path.basename(path)[len("accuracy_"):-len(".json")]
+            write_report(ResultStore(path), os.path.dirname(path) or ".", task)
 
 
 if __name__ == "__main__":

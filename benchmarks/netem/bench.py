@@ -32,7 +32,8 @@ MODELS = {
 # mode suffixes: prism-local-fp16 = prism with --input local --wire-dtype fp16
 MODE_OPTIONS = {"nooverlap": ["--no-overlap"], "local": ["--input", "local"], "hidden": ["--input", "hidden"],
                 "fp16": ["--wire-dtype", "fp16"], "bf16": ["--wire-dtype", "bf16"], "uint8": ["--pixels", "uint8"],
-                "special": ["--anchors", "special"]}      # the static special-token policy (the earlier default)
+                "special": ["--anchors", "special"],      # the static special-token policy (the earlier default)
+                "log": ["--count-bias", "log"], "matched": ["--count-bias", "matched"]}
 
 
 def sh(cmd, check=True):
@@ -117,7 +118,7 @@ def main():
     ap.add_argument("--modes", default="voltage,prism",
                     help="P = 2 modes per bandwidth; suffixes add options: -nooverlap (--no-overlap), "
                          "-local / -hidden (--input), -fp16 / -bf16 (--wire-dtype), -uint8 (--pixels), -special "
-                         "(--anchors special), e.g. prism-local-fp16")
+                         "(--anchors special), -log / -matched (--count-bias), e.g. prism-local-fp16")
     ap.add_argument("--no-single", action="store_true", help="skip the standalone single-device launch")
     args = ap.parse_args()
 

@@ -4,7 +4,8 @@ K/V projections, both attention calls and their merge) with an exchange that com
 at once (zeros received), against the stock blocks (sdpa) on the same number of rows.
 Interleaved in one process, one thread; medians and their ratio.
 
-    python benchmarks/netem/rank_overhead.py [--family vit|bert] [--repeat 9] [--out FILE] [--profile]
+    python benchmarks/netem/rank_overhead.py [--family vit|bert] [--count-bias auto|log|matched]
+                                             [--repeat 9] [--out FILE] [--profile]
 """
 from __future__ import annotations
 
@@ -54,6 +55,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--family", default="vit", choices=("vit", "bert"))
     ap.add_argument("--means", type=int, default=None, help="means per partition (default: 10 ViT, 1 BERT)")
+    ap.add_argument("--count-bias", default="auto", choices=("auto", "log", "matched"),
+                    help="PrismConfig.count_bias (auto: matched rows for BERT, log for ViT)")
     ap.add_argument("--repeat", type=int, default=9)
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", action="store_true",
@@ -69,7 +72,8 @@ def main():
         inputs, n = torch.randint(0, 1000, (1, 256)), 256
     overlap.register()
     model.set_attn_implementation(overlap.ATTN_NAME)
-    rt = Runtime(model, InstantComm(), RunConfig(mode="prism", prism=PrismConfig(num_partitions=2, num_means=m),
+    rt = Runtime(model, InstantComm(), RunConfig(mode="prism", prism=PrismConfig(num_partitions=2, num_means=m,
+                                                                                   count_bias=args.count_bias),
                                                  input="local"), n, input_shape=tuple(inputs.shape),
                  input_dtype=inputs.dtype)
     rows = rt.plan.sizes[0]
@@ -108,7 +112,7 @@ def main():
             times[name].append(time.perf_counter() - t)
     s, p = statistics.median(times["stock"]), statistics.median(times["prism"])
     cpu = cpu_model()
-    res = {"family": args.family, "rows": rows, "means": m, "stock_ms": round(s * 1e3, 1),
+    res = {"family": args.family, "rows": rows, "means": m, "count_bias": rt.cfg.prism.bias_for(entry.causal, entry.roles(model.config)), "stock_ms": round(s * 1e3, 1),
            "prism_rank_ms": round(p * 1e3, 1), "ratio": round(p / s, 3), "repeat": args.repeat,
            "loadavg_before": round(la0, 2), "loadavg_after": round(os.getloadavg()[0], 2),
            "cpu": cpu, "cores": os.cpu_count(), "threads": 1, "torch": torch.__version__, "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}

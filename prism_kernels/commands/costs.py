@@ -153,7 +153,7 @@ def run(args, p: argparse.ArgumentParser) -> int:
                           dtype_bytes=DTYPE_BYTES[args.dtype], averaging=args.averaging,
                           anchors=args.anchors, anchor_budget=args.anchor_budget, segments=args.segments,
                           anchor_topk=args.anchor_topk, anchor_score=args.anchor_score,
-                          input_dtype=args.input_dtype, **split)
+                          count_bias=args.count_bias, input_dtype=args.input_dtype, **split)
     except ValueError as e:           # rules checked in the library (none expected after _validate)
         p.error(str(e))
     if args.json:

@@ -15,7 +15,10 @@ Bytes = rows x (floats per row x bytes per element [+ COUNT_BYTES]), a row being
   "hidden": D floats (Voltage's rows; Prism's block_input means, and its
             attention_input means of non-rotary models when D <= 2*Hkv*d), or
   "kv":     2*Hkv*d floats (K/V means: rotary models under attention_input, the
-            only exact choice there; non-rotary models when that is smaller).
+            only exact choice there; non-rotary models when that is smaller);
+  "matched": 2*Hkv*d + Hkv floats (count_bias "matched*": each segment's keys and
+            values weighted at the sending partition's mean query, and per KV head the
+            bias that replaces log c; no count travels, docs/method.md).
 Bytes per element: the wire dtype (WIRE_DTYPES; `row_bytes`). The runtime
 (prism_kernels.distributed) sends exactly these rows, cast to the wire dtype.
 
@@ -116,24 +119,32 @@ def _rotary(config) -> bool:
     return any(getattr(config, a, None) is not None for a in ("rope_theta", "rope_parameters", "rope_scaling"))
 
 
+def kv_heads(config) -> int:
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
 def kv_width(config) -> int:
     """2 * Hkv * d: floats of one row of keys and values."""
     heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    return 2 * kv_heads * (getattr(config, "head_dim", None) or config.hidden_size // heads)
+    return 2 * kv_heads(config) * (getattr(config, "head_dim", None) or config.hidden_size // heads)
 
 
-def wire_format(config, mode: str = "prism", averaging: str = "attention_input") -> str:
-    """'hidden' (D floats per row) or 'kv' (2*Hkv*d floats per row) for a run."""
+def wire_format(config, mode: str = "prism", averaging: str = "attention_input", count_bias: str = "log") -> str:
+    """'hidden' (D floats per row), 'kv' (2*Hkv*d floats per row) or 'matched' (the K/V
+    rows matched at the mean query and one bias per KV head, 2*Hkv*d + Hkv floats)."""
     if mode == "voltage" or averaging == "block_input":
         return "hidden"
+    if count_bias in MATCHED_BIASES:
+        return "matched"
     if _rotary(config) or kv_width(config) < config.hidden_size:
         return "kv"
     return "hidden"
 
 
 def floats_per_row(config, wire: str) -> int:
-    return config.hidden_size if wire == "hidden" else kv_width(config)
+    if wire == "hidden":
+        return config.hidden_size
+    return kv_width(config) + (kv_heads(config) if wire == "matched" else 0)
 
 
 def check_wire_dtype(wire_dtype, name: str = "wire_dtype") -> str:
@@ -148,6 +159,10 @@ def wire_torch_dtype(wire_dtype: str):
     import torch
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[check_wire_dtype(wire_dtype)]
 
+
+# segments summarised at the mean query (hf/matched_summary.py): their rows travel as
+# "matched" K/V rows with a bias per KV head
+MATCHED_BIASES = ("matched", "matched_half", "matched_shared")
 
 # a segment's count on the wire (int32: exact for any sequence length), sent with each
 # row when the segments are data-dependent

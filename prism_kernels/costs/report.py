@@ -14,11 +14,11 @@ import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Union
 
-from ..anchors import (DEFAULT_ANCHOR_BUDGET, DEFAULT_ANCHOR_SCORE, DEFAULT_ANCHOR_TOPK, DEFAULT_ANCHORS, DEFAULT_SEGMENTS,
-                       check_policy, is_dynamic, resolve, resolve_anchors)
+from ..anchors import (DEFAULT_ANCHOR_BUDGET, DEFAULT_COUNT_BIAS, DEFAULT_ANCHOR_SCORE, DEFAULT_ANCHOR_TOPK, DEFAULT_ANCHORS, DEFAULT_SEGMENTS,
+                       check_policy, is_dynamic, resolve, resolve_anchors, resolve_count_bias)
 from ..models.table import token_roles
 from ..plan import make_plan
-from .comm import COUNT_BYTES, INPUT_DTYPE_BYTES, bytes_for, floats_per_row, startup_bytes, received_tokens, voltage_received_tokens, wire_format
+from .comm import COUNT_BYTES, INPUT_DTYPE_BYTES, MATCHED_BIASES, bytes_for, floats_per_row, startup_bytes, received_tokens, voltage_received_tokens, wire_format
 from .flops import COUNTED_TERMS, NOT_COUNTED_TERMS, device_flops, embedding_flops, vision_seq_len
 from .model_configs import resolve_model
 
@@ -116,7 +116,7 @@ def estimate(model, seq_len: Optional[int] = None, num_partitions: Optional[int]
              averaging: str = "attention_input", anchors: str = DEFAULT_ANCHORS,
              anchor_budget: str = DEFAULT_ANCHOR_BUDGET, input_dtype: Optional[str] = None,
              segments: str = DEFAULT_SEGMENTS, anchor_topk=DEFAULT_ANCHOR_TOPK,
-             anchor_score: str = DEFAULT_ANCHOR_SCORE) -> CostReport:
+             anchor_score: str = DEFAULT_ANCHOR_SCORE, count_bias: str = DEFAULT_COUNT_BIAS) -> CostReport:
     """Cost of single-device, Voltage and Prism inference of one sequence.
 
     model: preset (see model_configs.PRESETS), transformers model type,
@@ -140,6 +140,10 @@ def estimate(model, seq_len: Optional[int] = None, num_partitions: Optional[int]
         every partition whose rows leave a choice (dynamic.chooses).
     anchor_topk, anchor_score: as PrismConfig's; k decides only whether a partition has
         a choice (k = 0 with equal runs has none), not its rows.
+    count_bias: "auto" (matched for text encoders with data-dependent segments, else log;
+        anchors.resolve_count_bias), "log", or a matched bias (MATCHED_BIASES): K/V rows
+        with one bias per KV head instead of the count (wire "matched"; needs
+        data-dependent segments).
     Raises ValueError naming the argument and the rule on bad input.
     """
     spec = resolve_model(model)
@@ -164,16 +168,18 @@ def estimate(model, seq_len: Optional[int] = None, num_partitions: Optional[int]
     plan = make_plan(n, num_partitions, **kw)
     # data-dependent segments: the received rows whose counts travel with them (4 bytes each)
     counted = [0] * plan.num_partitions
-    if is_dynamic(anchors, segments):
+    count_bias = resolve_count_bias(count_bias, is_dynamic(anchors, segments), spec.causal, spec.kind == "vision")
+    if is_dynamic(anchors, segments) or count_bias != "log":
         from ..config import PrismConfig
         from ..dynamic import counted_rows
         cfg = PrismConfig(num_partitions=plan.num_partitions, num_means=1, averaging=averaging, anchors=anchors,
                           segments=segments, anchor_budget=anchor_budget, anchor_topk=anchor_topk,
-                          anchor_score=anchor_score)
-        counted = counted_rows(cfg, plan, anchor_idx, resolve(n, roles, anchors, segments)[1])
+                          anchor_score=anchor_score, count_bias=count_bias)   # checks the combination
+        if count_bias not in MATCHED_BIASES:      # matched rows carry a bias instead of the count
+            counted = counted_rows(cfg, plan, anchor_idx, resolve(n, roles, anchors, segments)[1])
     sizes, p = list(plan.sizes), plan.num_partitions
     hidden = spec.hidden_size
-    wire = wire_format(spec.config, "prism", averaging)
+    wire = wire_format(spec.config, "prism", averaging, count_bias)
     width = floats_per_row(spec.config, wire)
 
     emb = embedding_flops(spec)

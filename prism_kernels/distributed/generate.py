@@ -106,6 +106,10 @@ def validate(args, world=None):
             raise Refused(f"--prompt-file {args.prompt_file} is empty")
     if args.num_means is None and args.cr is None:
         raise Refused("the prefill needs -m/--num-means or --cr (--cr 1 for a prefill without means)")
+    if args.decode == "prism" and getattr(args, "count_bias", "auto") not in ("auto", "log"):
+        raise Refused(f"--count-bias {args.count_bias} with --decode prism: the decode cache keeps each "
+                      "received row's count, not a matched row's bias per head; use --count-bias log "
+                      "or --decode exact")
     if args.family is not None or args.model:
         entry, cfg = model_config(_run_namespace(args))
         if not entry.causal:
@@ -215,6 +219,9 @@ class Generator:
     """One rank's prefill and decoding state."""
 
     def __init__(self, rt, decode: str):
+        if decode == "prism" and rt.matched:
+            raise ValueError(f"decode='prism' needs count_bias='log' (the cache keeps counts), got "
+                             f"{rt.cfg.prism.count_bias!r}")
         self.rt, self.decode = rt, decode
         self.last = rt.world - 1
         self.cache = {}            # layer -> dict(keys, values, counts, positions) on the last rank
@@ -241,7 +248,7 @@ class Generator:
             counts = torch.ones(k.shape[2], dtype=torch.int64)
             pos = own_pos
             if self.decode == "prism" and s["remote"] is not None:
-                kr, vr, cr, pr = s["remote"]
+                kr, vr, cr, pr, _ = s["remote"]
                 k, v = torch.cat([kr, k], 2), torch.cat([vr, v], 2)
                 # cr: the plan's [R], or [B, R] per sequence with data-dependent segments
                 counts = torch.cat([cr, counts.expand(cr.shape[:-1] + counts.shape)], -1)

@@ -297,7 +297,8 @@ def run_config(args, world: int, weights=None):
         prism = PrismConfig(num_partitions=world, num_means=args.num_means, compression_rate=args.cr,
                             averaging=args.averaging, partition_weights=weights, anchors=args.anchors,
                             segments=args.segments, anchor_budget=args.anchor_budget,
-                            anchor_topk=args.anchor_topk, anchor_score=args.anchor_score)
+                            anchor_topk=args.anchor_topk, anchor_score=args.anchor_score,
+                            count_bias=getattr(args, "count_bias", "auto"))
     elif args.mode == "voltage" and weights is not None:     # Voltage: the same partitions, CR = 1
         prism = PrismConfig(num_partitions=world, compression_rate=1.0, partition_weights=weights)
     return RunConfig(mode=args.mode, prism=prism, overlap=not args.no_overlap, gather=args.gather,

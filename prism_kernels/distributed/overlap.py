@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 
 import prism_kernels as pk
+from prism_kernels.hf.spread_bias import extra_score_dim
 
 ATTN_NAME = "prism_distributed"
 
@@ -72,9 +73,11 @@ def prism_distributed_attention(module, query, key, value, attention_mask, scali
     if ctx is None:
         raise RuntimeError("prism_distributed attention called outside the distributed runtime")
     if ctx.exchange_in_attention and ctx.pending is None:     # not started by the pre-hook
-        ctx.start_attention_exchange(key, value)
+        ctx.start_attention_exchange(key, value, query, scaling)
     causal = ctx.causal
     q_pos = ctx.q_pos if causal else None
+    d = query.shape[-1]
+    s = scaling if scaling is not None else d ** -0.5
     if ctx.overlap:
         o1, l1 = pk.prism_attention(query, key, value, causal=causal, q_pos=q_pos, k_pos=q_pos,
                                     scale=scaling, return_lse=True)
@@ -82,22 +85,29 @@ def prism_distributed_attention(module, query, key, value, attention_mask, scali
         if remote is None:
             out = o1
         else:
-            kr, vr, cr, pr = remote
+            kr, vr, cr, pr, br = remote
+            q2 = query
+            if br is not None:      # matched rows: their bias as one more score dimension
+                q2, kr, vr = extra_score_dim(query, kr, vr, query.new_ones(query.shape[:-1]), br / s)
             # received means come from earlier partitions only in causal mode: all visible
-            o2, l2 = pk.prism_attention(query, kr, vr, key_counts=cr, scale=scaling, return_lse=True)
-            out, _ = merge_by_lse(o1, l1, o2, l2)
+            o2, l2 = pk.prism_attention(q2, kr, vr, key_counts=cr, scale=s, return_lse=True)
+            out, _ = merge_by_lse(o1, l1, o2[..., :d], l2)
     else:
         remote = ctx.receive_kv(query.dtype)
         if remote is None:
             out = pk.prism_attention(query, key, value, causal=causal, q_pos=q_pos, k_pos=q_pos,
                                      scale=scaling)
         else:
-            kr, vr, cr, pr = remote
+            kr, vr, cr, pr, br = remote
             # counts: the plan's [R], or [B, R] per sequence with data-dependent segments
             ones = torch.ones(cr.shape[:-1] + (key.shape[2],), dtype=torch.int64)
-            out = pk.prism_attention(query, torch.cat([key, kr], 2), torch.cat([value, vr], 2),
-                                     key_counts=torch.cat([ones, cr], -1), causal=causal, q_pos=q_pos,
-                                     k_pos=torch.cat([q_pos, pr]) if causal else None, scale=scaling)
+            q2, k2, v2 = query, torch.cat([key, kr], 2), torch.cat([value, vr], 2)
+            if br is not None:      # matched rows' bias; 0 for the own keys
+                k_col = torch.cat([br.new_zeros(br.shape[:-1] + (key.shape[2],)), br / s], -1)
+                q2, k2, v2 = extra_score_dim(query, k2, v2, query.new_ones(query.shape[:-1]), k_col)
+            out = pk.prism_attention(q2, k2, v2, key_counts=torch.cat([ones, cr], -1), causal=causal,
+                                     q_pos=q_pos, k_pos=torch.cat([q_pos, pr]) if causal else None,
+                                     scale=s)[..., :d]
     return out.transpose(1, 2).contiguous(), None
 
 

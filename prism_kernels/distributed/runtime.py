@@ -68,7 +68,8 @@ import torch
 
 from .. import dynamic
 from ..anchors import resolve
-from ..config import PrismConfig
+from ..config import MATCHED_BIASES, PrismConfig
+from ..hf.matched_summary import MATCHED, matched_summary
 from ..costs.comm import (COUNT_BYTES, INPUT_DTYPE_BYTES, WIRE_DTYPES, bytes_for, check_wire_dtype, floats_per_row,
                           row_bytes, startup_bytes, wire_format, wire_torch_dtype)
 from ..models import apply_rotary, lookup
@@ -106,9 +107,10 @@ class RunConfig:
             raise ValueError(f"gather must be 'head' or 'all', got {self.gather!r}")
         if self.mode == "prism" and self.prism is None:
             raise ValueError("prism mode needs a PrismConfig (num_means or compression_rate)")
-        if self.prism is not None and self.prism.count_bias != "log":
+        if self.prism is not None and self.prism.count_bias not in ("auto", "log") + MATCHED_BIASES:
             raise ValueError(f"count_bias={self.prism.count_bias!r} is an experiment of the one-process "
-                             "simulation (prism_kernels.hf); the runtime uses the log-count bias")
+                             "simulation (prism_kernels.hf); the runtime takes count_bias one of 'auto', "
+                             f"'log', {', '.join(map(repr, MATCHED_BIASES))}")
 
     @property
     def dynamic(self) -> bool:
@@ -198,12 +200,16 @@ class LayerCtx:
         rt = self.rt
         self._start(h if rt.cfg.mode == "voltage" else rt.means(h))
 
-    def start_attention_exchange(self, k: Optional[torch.Tensor] = None, v: Optional[torch.Tensor] = None):
+    def start_attention_exchange(self, k: Optional[torch.Tensor] = None, v: Optional[torch.Tensor] = None,
+                                 q: Optional[torch.Tensor] = None, scale: Optional[float] = None):
         """Means of K and V (wire "kv", inside the attention) or of the attention input
         (wire "hidden", from the pre-hook before the projections; with data-dependent
-        segments from inside the attention, by the segments chosen from the keys)."""
+        segments from inside the attention, by the segments chosen from the keys), or
+        the rows matched at the mean query q (wire "matched", inside the attention)."""
         rt = self.rt
-        if rt.send_counts:
+        if rt.matched:
+            self._start_matched(q, k, v, scale)
+        elif rt.send_counts:
             self._start_dynamic(k, v)
         elif rt.wire == "kv":
             self._start(torch.stack([rt.means(k), rt.means(v)], dim=1))  # [B, 2, Hkv, m, d]
@@ -219,11 +225,50 @@ class LayerCtx:
 
     def start_from_keys(self, k3: torch.Tensor):
         """Start this layer's data-dependent exchange from the key projection's output
-        k3 [B, n, Hkv*d] (attention-input means, non-rotary models): the transfer then
-        overlaps the value projection and the local attention, not only the latter."""
-        if self.pending is None and self.exchange_in_attention and self.rt.send_counts \
-                and self.rt.wire == "hidden" and self.attn_input is not None:
+        k3 [B, n, Hkv*d] (attention-input means or matched rows, non-rotary models): the
+        transfer then overlaps the value projection and the local attention, not only the latter."""
+        if self.pending is not None or not self.exchange_in_attention or self.attn_input is None:
+            return
+        if self.rt.matched:
+            self._start_matched_from_keys(k3)
+        elif self.rt.send_counts and self.rt.wire == "hidden":
             self._start_dynamic_rows(k3, None, None)
+
+    def _start_matched(self, q, k, v, scale):
+        """This layer's segments chosen from the keys, summarised at the partition's mean
+        query (hf/matched_summary.py, as the simulation does): per row and KV head the
+        weighted key and value and the bias, [B, Hkv, m, 2d + 1] (the bias last)."""
+        if not self.rt.receivers:
+            self._start(None)
+            return
+        B, H, n, d = q.shape
+        rows = lambda t: t.transpose(1, 2).reshape(B, n, -1)
+        s = scale if scale is not None else d ** -0.5          # the attention's own scale
+        self._send_matched(rows(q), rows(k), rows(v), H, d, s)
+
+    def _start_matched_from_keys(self, k3):
+        """The same rows from the key projection's output k3 [B, n, Hkv*d], before the
+        queries and values exist: the mean query is the query projection of the mean
+        attention input (it is linear), and each row's value the value projection of its
+        weighted attention input (matched_summary's value_proj)."""
+        layer, x = self.layer, self.attn_input
+        q_mean = layer.query_proj(x.mean(1, keepdim=True))              # [B, 1, H*d]
+        d = self.rt.entry.head_dim(self.rt.model.config)
+        self._send_matched(q_mean, k3, x, q_mean.shape[-1] // d, d, layer.attention.scaling, layer.value_proj)
+
+    def _send_matched(self, q3, k3, v3, H, d, s, value_proj=None):
+        rt = self.rt
+        B, n, F = k3.shape
+        Hkv = F // d
+        seg_of, counts = dynamic.partition_segments(rt.cfg.prism, k3, rt.part, rt.fixed, rt.grid)
+        km, vm, b = matched_summary(q3, k3, v3, seg_of, counts, H, s, *rt.matched, value_proj=value_proj)
+        self._post_matched(km, vm, b, Hkv, d)
+
+    def _post_matched(self, km, vm, b, Hkv, d):
+        """Rows [B, m, Hkv*d] and biases [B, m, Hkv] -> one message [B, Hkv, m, 2d + 1]."""
+        B, m = b.shape[:2]
+        heads = lambda t: t.reshape(B, m, Hkv, d).transpose(1, 2)
+        self._start(torch.cat([heads(km), heads(vm), b.transpose(1, 2).unsqueeze(-1).to(km.dtype)], -1))
 
     def _start_dynamic_rows(self, k3, v3, Hkv):
         rt = self.rt
@@ -255,14 +300,15 @@ class LayerCtx:
         self.pending = rt.comm.start(f"layer {self.layer.index} exchange", "layer", self.layer.index, send, recv)
 
     def receive_kv(self, dtype):
-        """Wait for this layer's rows; (k, v, counts, positions) of all received keys."""
+        """Wait for this layer's rows; (k, v, counts, positions, bias) of all received
+        keys: bias [B, Hkv, R] is the matched rows' score bias (their counts then 1), else None."""
         rt, layer = self.rt, self.layer
         if not rt.sources:
             if self.pending is not None:
                 self.pending.wait()       # our sends must complete too
             return None
         got = self.pending.wait()
-        ks, vs, cs = [], [], []
+        ks, vs, cs, bs = [], [], [], []
         for j in rt.sources:
             t = got[j]
             if rt.src_counts[j]:                       # counts [B, m_j], then the rows
@@ -271,7 +317,11 @@ class LayerCtx:
             else:                                      # the plan's
                 cs.append(rt.plan_counts[j].expand(self.rt.batch, -1))
             t = t.to(rt.compute_dtype)                 # back from the wire dtype
-            if rt.wire == "kv":
+            if rt.wire == "matched":
+                d = (t.shape[-1] - 1) // 2
+                k, v = t[..., :d], t[..., d:2 * d]
+                bs.append(t[..., 2 * d])
+            elif rt.wire == "kv":
                 k, v = t[:, 0], t[:, 1]
             elif self.exchange_in_attention:           # attention-input means: project
                 k, v = layer.kv(t)
@@ -283,7 +333,10 @@ class LayerCtx:
             vs.append(v)
         # [B, R] per sequence when some source chose its segments, else the plan's [R]
         counts = torch.cat(cs, 1) if any(rt.src_counts[j] for j in rt.sources) else rt.remote_counts
-        return (torch.cat(ks, 2).to(dtype), torch.cat(vs, 2).to(dtype), counts, rt.remote_pos)
+        bias = torch.cat(bs, 2) if bs else None
+        if bias is not None:            # the bias stands for the count
+            counts = torch.ones_like(counts)
+        return (torch.cat(ks, 2).to(dtype), torch.cat(vs, 2).to(dtype), counts, rt.remote_pos, bias)
 
 
 class Runtime:
@@ -299,7 +352,10 @@ class Runtime:
         self.rank, self.world = comm.rank, comm.world
         self.batch = batch
         self.averaging = cfg.averaging
-        self.wire = None if cfg.mode == "single" else wire_format(model.config, cfg.mode, self.averaging)
+        bias = cfg.prism.bias_for(self.entry.causal, self.entry.roles(model.config)) if cfg.mode == "prism" else "log"
+        self.wire = None if cfg.mode == "single" else wire_format(model.config, cfg.mode, self.averaging, bias)
+        # matched rows (hf/matched_summary.py): (gamma, shared), else None
+        self.matched = MATCHED.get(bias)
         self.wire_dtype = wire_torch_dtype(cfg.wire_dtype)
         self.compute_dtype = next(model.parameters()).dtype
         self.n_tokens = n_tokens
@@ -325,6 +381,8 @@ class Runtime:
                 self.fixed = dynamic.fixed_anchors(self.part, self.anchors)
                 self.src_counts = {j: dynamic.chooses(cfg.prism, p, dynamic.fixed_anchors(p, self.anchors), self.grid)
                                    for j, p in enumerate(self.plan.partitions)}
+            if self.matched:        # a bias per row and head travels instead of the counts
+                self.src_counts = {j: False for j in self.src_counts}
             self.send_counts = self.src_counts[self.rank]
             self.plan_counts = {j: torch.tensor(p.counts, dtype=torch.int64) for j, p in enumerate(self.plan.partitions)}
             if cfg.input in ("raw", "local") and self.rank != 0 and (self.input_shape is None or self.input_dtype is None):
@@ -336,6 +394,24 @@ class Runtime:
                 # segments chosen from the keys: start as soon as the keys exist
                 if self.plan is not None and self.send_counts and layer.key_proj is not None and not layer.rotary:
                     self._key_hooks.append(layer.key_proj.register_forward_hook(self._keys_ready))
+        elif self.matched and self.receivers:
+            # matched rows leave from the key projection where the layer has separate q / k / v
+            # projections and unrotated keys (LayerCtx._start_matched_from_keys), else from inside
+            # the attention. (Computing them from the attention input before any projection, for
+            # segments that do not depend on the keys, reads the three weight matrices cold and
+            # measured no faster: docs/distributed.md.)
+            for layer in self.layers:
+                if self.early_matched(layer):
+                    self._capture_hooks.append(layer.attention.register_forward_pre_hook(self._capture,
+                                                                                         with_kwargs=True))
+                    self._key_hooks.append(layer.key_proj.register_forward_hook(self._keys_ready))
+
+    @staticmethod
+    def early_matched(layer) -> bool:
+        """Whether this layer's matched rows can leave from its key projection: separate q / k / v
+        Linears, unrotated keys, and the attention's score scale known before it runs."""
+        return (layer.key_proj is not None and layer.query_proj is not None and layer.value_proj is not None
+                and not layer.rotary and isinstance(getattr(layer.attention, "scaling", None), float))
 
     @staticmethod
     def _capture(module, args, kwargs):
@@ -376,6 +452,8 @@ class Runtime:
     def _rows_shape(self, j: int):
         rows = self.plan.means[j]              # = the partition's size in Voltage (CR = 1)
         c, e = self.model.config, self.entry
+        if self.wire == "matched":
+            return (self.batch, e.num_kv_heads(c), rows, 2 * e.head_dim(c) + 1)
         if self.wire == "kv":
             return (self.batch, 2, e.num_kv_heads(c), rows, e.head_dim(c))
         return (self.batch, rows, c.hidden_size)

@@ -5,7 +5,7 @@ that each process pays the torch/transformers import once).
         python -m prism_kernels.distributed.selftest OUT.pt SCENARIOS_JSON
 
 SCENARIOS_JSON: a list of {"name", "family", "mode", "num_means"|"cr", "averaging",
-"anchors", "segments", "anchor_budget", "anchor_topk", "anchor_score", "weights", "overlap", "seq_len", "wire_dtype", "input",
+"anchors", "segments", "anchor_budget", "anchor_topk", "anchor_score", "count_bias", "weights", "overlap", "seq_len", "wire_dtype", "input",
 "pixels"}
 (absent keys: the defaults). Rank 0 saves {name: {"hidden", "head", "reports", "inputs"}} to OUT.pt.
 """
@@ -44,7 +44,7 @@ def main(argv):
                                 averaging=s.get("averaging", "attention_input"),
                                 partition_weights=s.get("weights"),
                                 **{k: s[k] for k in ("anchors", "segments", "anchor_budget", "anchor_topk",
-                                                    "anchor_score") if k in s})
+                                                    "anchor_score", "count_bias") if k in s})
         cfg = RunConfig(mode=s["mode"], prism=prism, overlap=s.get("overlap", True), gather="all",
                         wire_dtype=s.get("wire_dtype", "fp32"), input=s.get("input", "raw"))
         # every rank makes the same input, but only its shape and dtype are used off rank 0

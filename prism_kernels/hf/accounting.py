@@ -12,10 +12,13 @@ from prism_kernels.costs.comm and FLOPs from prism_kernels.costs.flops.device_fl
 the same code as `prism costs` (docs/method.md, "Costs"):
 
 * tokens received per device per layer: Prism = the plan's `tokens_received` (causal
-  models: earlier partitions only); Voltage = N - n_i. Bytes = tokens x hidden size x
-  bytes per element of the model's dtype, plus each row's count (costs.comm.COUNT_BYTES)
-  for the source partitions that choose their segments from their keys (dynamic.chooses;
-  with a static plan the counts follow from the plan and are not sent).
+  models: earlier partitions only); Voltage = N - n_i. Bytes = tokens x the floats of a
+  row on the runtime's wire (costs.comm.wire_format: attention-input rows, K/V rows, or
+  matched K/V rows with a bias per KV head) x bytes per element of the model's dtype,
+  plus each row's count (costs.comm.COUNT_BYTES) for the source partitions that choose
+  their segments from their keys (dynamic.chooses; with a static plan the counts follow
+  from the plan and are not sent; matched rows carry a bias instead). Voltage's rows
+  are hidden states.
 * FLOPs per device (whole forward): device_flops(config, q_rows=n_i, kv_rows=n_i +
   received); Voltage kv_rows = N; single device q = kv = N. The classification head
   counts on device 0 only (it holds [CLS]); the master's embedding work
@@ -46,17 +49,21 @@ class Account:
         self.model = model
         self.devices: List[DeviceRecord] = []
         self.num_layers = 0
+        self.wire = "hidden"
 
     def _collect(self, per_layer):
         from prism_kernels import dynamic
         from prism_kernels.anchors import resolve
         from .attention import get_prism_config, get_token_roles
+        from prism_kernels.costs.comm import MATCHED_BIASES, wire_format
         cfg, roles = get_prism_config(self.model), get_token_roles(self.model)
         self.num_layers = len(per_layer)
         for layer, entries in enumerate(per_layer):
             for rows, plan in entries:
+                bias = cfg.bias_for(plan.causal, roles)
+                self.wire = wire_format(self.model.config, "prism", cfg.averaging, bias)
                 counted = [0] * plan.num_partitions
-                if cfg.dynamic:
+                if cfg.dynamic and bias not in MATCHED_BIASES:
                     anchors, grid = resolve(plan.n_tokens, roles, cfg.anchors, cfg.segments)
                     counted = dynamic.counted_rows(cfg, plan, anchors, grid)
                 for b in rows.tolist():
@@ -72,7 +79,7 @@ class Account:
         one device running it; all averaged over sequences. *_total_gflops: whole batch."""
         from prism_kernels.costs import bytes_for, device_flops, embedding_flops
         from prism_kernels.costs import dtype_bytes as _dtype_bytes
-        from prism_kernels.costs.comm import COUNT_BYTES
+        from prism_kernels.costs.comm import COUNT_BYTES, floats_per_row
 
         cfg = self.model.config
         if dtype_bytes is None:
@@ -95,13 +102,13 @@ class Account:
             per["voltage"].append([gf(r, n) for r in devs])
         mean = lambda xs: sum(xs) / len(xs)
         pt, vt = mean([r.received_tokens for r in layer0]), mean([r.voltage_tokens for r in layer0])
-        row = bytes_for(1, cfg.hidden_size, dtype_bytes)
+        row = bytes_for(1, floats_per_row(cfg, self.wire), dtype_bytes)
         counted = mean([r.counted_rows for r in layer0])
         out = {"sequences": len(seqs), "layers": self.num_layers, "hidden_size": cfg.hidden_size,
                "dtype_bytes": dtype_bytes,
                "prism_tokens_per_device_layer": pt, "voltage_tokens_per_device_layer": vt,
                "prism_bytes_per_device_layer": row * pt + COUNT_BYTES * counted,
-               "voltage_bytes_per_device_layer": row * vt,
+               "voltage_bytes_per_device_layer": bytes_for(1, cfg.hidden_size, dtype_bytes) * vt,
                "compression_rate": (vt / pt) if pt else None,
                "single_gflops": mean(single), "single_total_gflops": sum(single)}
         for who, seq in per.items():

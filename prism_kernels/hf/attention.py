@@ -278,9 +278,10 @@ def simulate_prism(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     inputs = LayerInputs(module, k3, v3, config.backend)
     # rows of [B * N tokens ; means bank], 2-D: index_select is much faster on 2-D than on [rows, H, d]
     ks, vs = [k3.reshape(B * N, -1)], [v3.reshape(B * N, -1)]
-    spread = config.count_bias == "spread"
+    bias = config.bias_for(causal, roles)
+    spread = bias == "spread"
     s = scale if scale is not None else d ** -0.5
-    matched = MATCHED.get(config.count_bias)       # an experiment: hf/matched_summary.py
+    matched = MATCHED.get(bias)                    # rows matched at the mean query: hf/matched_summary.py
     extra = [k3.new_zeros(B * N, Hkv, dtype=torch.float32)] if spread or matched else None
     q3 = query.transpose(1, 2).reshape(B, N, H * d) if matched else None
     wire = None if config.wire_dtype == "fp32" else wire_torch_dtype(config.wire_dtype)
@@ -295,6 +296,8 @@ def simulate_prism(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
                     km, vm, b = matched_summary(g.take(q3, part), kp, g.take(v3, part), seg_of, cnt, H, s,
                                                 *matched)
                     bank_counts.append(torch.ones_like(cnt).reshape(-1))
+                    if wire is not None:        # the bias crosses the network with the rows
+                        b = b.to(wire).to(torch.float32)
                     extra.append(b.reshape(-1, Hkv) / s)
                 else:
                     km, vm = dyn.means(kp, seg_of, cnt), dyn.means(g.take(v3, part), seg_of, cnt)
@@ -395,12 +398,13 @@ def _with_cache(cache, layer, module, query, key, value, attention_mask, config,
     averaging = getattr(module, "_prism_averaging", None)
     B, Nk = query.shape[0], key.shape[2]
     key_valid = key_valid_from_mask(attention_mask, B, Nk)
-    layout = layout_for(key_valid, B, Nk, config, True, query.device, get_token_roles(module))
+    roles = get_token_roles(module)
+    layout = layout_for(key_valid, B, Nk, config, True, query.device, roles)
     if not layout.groups:
         raise ValueError("prism generation: every prompt of the batch is empty (all padding)")
     seen = {}
     out = simulate_prism(query, key, value, config=config, causal=True, scale=scaling, key_valid=key_valid,
-                         averaging=averaging, module=module, layout=layout,
+                         averaging=averaging, module=module, layout=layout, roles=roles,
                          plans=getattr(module, "_prism_plans", None),
                          capture=lambda lay, k, v, c: seen.update(lay=lay, k=k, v=v, c=c))
     generation.prefill(layer, cache.decode, seen["lay"], seen["k"], seen["v"], key, value, key_valid, config,
@@ -411,9 +415,10 @@ def _with_cache(cache, layer, module, query, key, value, attention_mask, config,
 def _prism(query, key, value, attention_mask, config, causal, scaling, averaging, module, plans):
     B, Nk = query.shape[0], key.shape[2]
     key_valid = key_valid_from_mask(attention_mask, B, Nk)
-    layout = layout_for(key_valid, B, Nk, config, causal, query.device, get_token_roles(module))
+    roles = get_token_roles(module)
+    layout = layout_for(key_valid, B, Nk, config, causal, query.device, roles)
     return simulate_prism(query, key, value, config=config, causal=causal, scale=scaling, key_valid=key_valid,
-                          averaging=averaging, module=module, layout=layout, plans=plans)
+                          averaging=averaging, module=module, layout=layout, plans=plans, roles=roles)
 
 
 _padded_eager = torch.compiler.disable(_prism, recursive=True)

@@ -214,7 +214,7 @@ def prefill(layer: PrismCacheLayer, decode: str, lay, k_all, v_all, key, value, 
         real[g.rows] = g.L
     own, real = own.to(dev), real.to(dev)
     if decode == "prism":
-        if config.count_bias != "log":
+        if config.bias_for(causal=True) != "log":     # generation: decoders only ("auto" is "log")
             raise NotImplementedError(f"decode='prism' supports count_bias='log' only, got {config.count_bias!r}")
         nk = lay.counts.shape[1]
         sel = row.clamp_min(0).to(dev)

@@ -33,31 +33,71 @@ from .spread_bias import extra_score_dim
 MATCHED = {"matched": (1.0, False), "matched_half": (0.5, False), "matched_shared": (1.0, True)}
 
 
+def _segment_weights(z: torch.Tensor, seg_of: torch.Tensor, m: int, shared: bool):
+    """z [Bg, n, Hkv] (the scores at q0) -> the softmax within each segment w [Bg, n, Hkv],
+    the segment indicator [Bg, m, n] and each segment's log-sum-exp [Bg, m, Hkv]."""
+    Bg, n, Hkv = z.shape
+    idx = seg_of[..., None].expand(Bg, n, Hkv)
+    top = z.new_full((Bg, m, Hkv), float("-inf")).scatter_reduce(1, idx, z, "amax")
+    e = torch.exp(z - top.gather(1, idx))
+    # sums over each segment's tokens as one batched matmul with the segment indicator
+    # [Bg, m, n]: several times faster than scatter_add over [n, Hkv, d] on a CPU
+    member = z.new_zeros(Bg, m, n).scatter_(1, seg_of[:, None, :], 1.0)
+    tot = torch.bmm(member, e)                                         # [Bg, m, Hkv]
+    w = e / tot.gather(1, idx)
+    if shared:
+        w = w.mean(2, keepdim=True).expand(Bg, n, Hkv)
+    return w, member, tot.log() + top
+
+
+def _weighted_input(x: torch.Tensor, w: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
+    """Each segment's and KV head's weighted input sum_t w_t x_t: [Bg, Hkv, m, D]."""
+    Bg, n, Hkv = w.shape
+    a = member[:, None] * w.transpose(1, 2)[:, :, None, :]                  # [Bg, Hkv, m, n]
+    return torch.bmm(a.reshape(Bg, -1, n), x).view(Bg, Hkv, -1, x.shape[-1])   # one GEMM, x not copied
+
+
+def _project_heads(xw: torch.Tensor, proj, d: int) -> torch.Tensor:
+    """proj (a Linear, weight [Hkv * d, D]) applied per KV head to xw [Bg, Hkv, m, D]:
+    [Bg, m, Hkv, d]. The weights sum to 1 in every segment and head, so the projection of
+    sum_t w_t x_t is sum_t w_t (x_t W^T + b), at a cost of m rows."""
+    Hkv = xw.shape[1]
+    out = torch.einsum("bhmD,hdD->bmhd", xw, proj.weight.to(xw.dtype).view(Hkv, d, -1))
+    return out if proj.bias is None else out + proj.bias.to(xw.dtype).view(Hkv, d)
+
+
+def _mean_query(q: torch.Tensor, heads: int, Hkv: int, gamma: float) -> torch.Tensor:
+    """gamma x the mean of q [Bg, nq, heads * d] over tokens and each KV head's query heads."""
+    Bg, d = q.shape[0], q.shape[-1] // heads
+    return q.view(Bg, -1, heads, d).mean(1).view(Bg, Hkv, heads // Hkv, d).mean(2) * gamma
+
+
 def matched_summary(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg_of: torch.Tensor,
-                    counts: torch.Tensor, heads: int, scale: float, gamma: float, shared: bool = False):
-    """One partition's rows. q [Bg, n, heads * d] (its queries), k / v [Bg, n, Hkv * d],
-    seg_of [Bg, n] in 0..m-1, counts [Bg, m]. Returns (k~, v~) [Bg, m, Hkv * d] in
-    k's / v's dtype and the bias b [Bg, m, Hkv], computed in fp32 (fp64 for fp64 inputs)."""
+                    counts: torch.Tensor, heads: int, scale: float, gamma: float, shared: bool = False,
+                    value_proj=None):
+    """One partition's rows. q [Bg, nq, heads * d] (its queries; only their mean is used,
+    so the mean query alone, nq = 1, will do), k / v [Bg, n, Hkv * d], seg_of [Bg, n] in
+    0..m-1, counts [Bg, m]. With `value_proj` (the layer's value projection, a Linear with
+    weight [Hkv * d, D]), v is the attention input [Bg, n, D] instead of the values (the
+    runtime starts before the values exist). Returns (k~, v~) [Bg, m, Hkv * d] in k's
+    dtype and the bias b [Bg, m, Hkv], computed in fp32 (fp64 for fp64 inputs)."""
     Bg, n, F = k.shape
     m = counts.shape[1]
     d = q.shape[-1] // heads
     Hkv = F // d
     acc = torch.float64 if k.dtype == torch.float64 else torch.float32
-    q0 = q.to(acc).view(Bg, n, heads, d).mean(1).view(Bg, Hkv, heads // Hkv, d).mean(2) * gamma
-    k4, v4 = k.to(acc).view(Bg, n, Hkv, d), v.to(acc).view(Bg, n, Hkv, d)
+    q0 = _mean_query(q.to(acc), heads, Hkv, gamma)                      # [Bg, Hkv, d]
+    k4 = k.to(acc).view(Bg, n, Hkv, d)
     z = scale * torch.einsum("bnhd,bhd->bnh", k4, q0)                  # [Bg, n, Hkv]
-    idx = seg_of[..., None].expand(Bg, n, Hkv)
-    top = z.new_full((Bg, m, Hkv), float("-inf")).scatter_reduce(1, idx, z, "amax")
-    e = torch.exp(z - top.gather(1, idx))
-    tot = z.new_zeros(Bg, m, Hkv).scatter_add(1, idx, e)
-    w = (e / tot.gather(1, idx))[..., None]                            # softmax within each segment
-    if shared:
-        w = w.mean(2, keepdim=True).expand(Bg, n, Hkv, 1)
-    i4 = seg_of[..., None, None].expand(Bg, n, Hkv, d)
-    km = k4.new_zeros(Bg, m, Hkv, d).scatter_add(1, i4, k4 * w)
-    vm = v4.new_zeros(Bg, m, Hkv, d).scatter_add(1, i4, v4 * w)
-    bias = tot.log() + top - scale * torch.einsum("bmhd,bhd->bmh", km, q0)
-    return km.reshape(Bg, m, F).to(k.dtype), vm.reshape(Bg, m, F).to(v.dtype), bias
+    w, member, lse = _segment_weights(z, seg_of, m, shared)
+    seg_sum = lambda t: torch.bmm(member, (t * w[..., None]).reshape(Bg, n, Hkv * d)).view(Bg, m, Hkv, d)
+    km = seg_sum(k4)
+    if value_proj is None:
+        vm = seg_sum(v.to(acc).view(Bg, n, Hkv, d))
+    else:
+        vm = _project_heads(_weighted_input(v.to(acc), w, member), value_proj, d)
+    bias = lse - scale * torch.einsum("bmhd,bhd->bmh", km, q0)
+    return km.reshape(Bg, m, F).to(k.dtype), vm.reshape(Bg, m, F).to(k.dtype), bias
 
 
 def augment_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor):

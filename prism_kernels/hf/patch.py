@@ -30,7 +30,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..anchors import DEFAULT_ANCHOR_BUDGET, DEFAULT_ANCHOR_SCORE, DEFAULT_ANCHOR_TOPK, DEFAULT_ANCHORS, DEFAULT_SEGMENTS
+from ..anchors import DEFAULT_ANCHOR_BUDGET, DEFAULT_COUNT_BIAS, DEFAULT_ANCHOR_SCORE, DEFAULT_ANCHOR_TOPK, DEFAULT_ANCHORS, DEFAULT_SEGMENTS
 from ..config import PrismConfig
 from .attention import prism_attention_forward
 from .averaging import make_averaging
@@ -134,7 +134,7 @@ def enable_prism(model, num_partitions: int = 2, *, compression_rate: Optional[f
                  num_means: Optional[int] = None, averaging: str = "attention_input",
                  backend: str = "auto", partition_weights: Optional[Sequence[float]] = None,
                  anchors: str = DEFAULT_ANCHORS, segments: str = DEFAULT_SEGMENTS,
-                 anchor_budget: str = DEFAULT_ANCHOR_BUDGET, count_bias: str = "log",
+                 anchor_budget: str = DEFAULT_ANCHOR_BUDGET, count_bias: str = DEFAULT_COUNT_BIAS,
                  anchor_topk=DEFAULT_ANCHOR_TOPK, anchor_score: str = DEFAULT_ANCHOR_SCORE, wire_dtype: str = "fp32",
                  config: Optional[PrismConfig] = None, allow_untested: bool = False, decode: str = "prism"):
     """Run `model` as P simulated Prism devices. Returns the model (modified in place).
@@ -145,8 +145,10 @@ def enable_prism(model, num_partitions: int = 2, *, compression_rate: Optional[f
     which tokens are sent alone and how the others are grouped (prism_kernels/anchors.py;
     the defaults are the best measured policy, with segments chosen per layer from the
     keys, prism_kernels/dynamic.py; anchors="none", segments="runs" is the paper's plain
-    means); count_bias="spread" (hf/spread_bias.py) and "matched" / "matched_half" / "matched_shared"
-    (hf/matched_summary.py) are experiments. wire_dtype (fp32 | fp16 | bf16) rounds every row a device
+    means); count_bias "auto" (default) sends rows matched at the mean query (hf/matched_summary.py)
+    for text encoders and uses the paper's log-count bias ("log") elsewhere; "matched" /
+    "matched_half" / "matched_shared" choose the matched rows, "spread" (hf/spread_bias.py) is
+    an experiment. wire_dtype (fp32 | fp16 | bf16) rounds every row a device
     receives (means and anchors) to that type, as `prism run --wire-dtype` sends them. Raises ValueError at once for invalid settings (backend included) and
     for a model whose config.model_type is not in prism_kernels.models.MODEL_TYPES
     (unless allow_untested=True).

@@ -226,6 +226,11 @@ class Layer(NamedTuple):
     # the module whose output is the unrotated keys as rows [B, r, Hkv*d] (None: fused with
     # Q/V, as GPT-2's c_attn); the runtime starts a data-dependent exchange from its output
     key_proj: Optional[torch.nn.Module] = None
+    # the query and value projections (Linear, bias included; None where fused): matched
+    # rows start from the key projection too, with the mean query and the values of the
+    # weighted attention input (hf/matched_summary.py)
+    query_proj: Optional[torch.nn.Module] = None
+    value_proj: Optional[torch.nn.Module] = None
 
 
 @dataclass(frozen=True)
@@ -246,8 +251,10 @@ class ModelType:
     # vision: the image processor's normalisation of 8-bit pixels, ((mean per channel), (std per channel))
     pixel_norm: Optional[Tuple[Tuple[float, ...], Tuple[float, ...]]] = None
     # attention module -> its key projection (rows [B, r, Hkv*d], bias included); None when
-    # the keys come out of a fused projection
+    # the keys come out of a fused projection; likewise its query and value projections
     key_proj_path: Optional[str] = None
+    query_proj_path: Optional[str] = None
+    value_proj_path: Optional[str] = None
 
     # ---- building --------------------------------------------------------------------
     @property
@@ -332,7 +339,8 @@ class ModelType:
         for i, b in enumerate(self.blocks(model)):
             attn = self.attention(b)
             out.append(Layer(i, b, attn, self.pre_norm(b), lambda x, a=attn: self.kv_fn(a, x), self.rotary,
-                             _get(attn, self.key_proj_path)))
+                             _get(attn, self.key_proj_path), _get(attn, self.query_proj_path),
+                             _get(attn, self.value_proj_path)))
         return out
 
     def cos_sin(self, model, positions: torch.Tensor, like: torch.Tensor):
@@ -445,8 +453,10 @@ PIXELS = ("float", "uint8")     # make_input: normalised float pixel_values, or 
 
 def _entry(model_type, kind, model_class, make_config, blocks, attention, pre_norm, kv, embed, run, final,
            rotary=None, embed_rows=None, pixel_norm=None, key_proj=None):
+    # separate q / k / v Linears are named query / key / value (BERT) or q_proj / k_proj / v_proj
+    q_proj, v_proj = {"key": ("query", "value"), "k_proj": ("q_proj", "v_proj")}.get(key_proj, (None, None))
     return ModelType(model_type, kind, model_class, make_config, blocks, attention, pre_norm, kv, embed, run,
-                     final, rotary, embed_rows, pixel_norm, key_proj)
+                     final, rotary, embed_rows, pixel_norm, key_proj, q_proj, v_proj)
 
 
 # The image processors' normalisation (rescale by 1/255, then (x - mean) / std): ViTImageProcessor's
