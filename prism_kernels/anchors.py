@@ -102,12 +102,14 @@ DEFAULT_ANCHOR_BUDGET = "shared"
 DEFAULT_COUNT_BIAS = "auto"
 
 
-def resolve_count_bias(count_bias: str, dynamic: bool, causal: bool, vision: bool) -> str:
+def resolve_count_bias(count_bias: str, dynamic: bool, causal: bool, vision: bool, every_token: bool = False) -> str:
     """The bias applied: "auto" -> "matched" for a bidirectional text model whose segments
-    are chosen per layer (matched rows need those), else "log"; anything else as given."""
+    are chosen per layer (matched rows need those), else "log" (also at CR = 1,
+    `every_token`, where every row is one token and matched rows would only double the
+    bytes); anything else as given."""
     if count_bias != "auto":
         return count_bias
-    return "matched" if dynamic and not causal and not vision else "log"
+    return "matched" if dynamic and not causal and not vision and not every_token else "log"
 
 
 @dataclass(frozen=True)

@@ -141,7 +141,7 @@ class PrismConfig:
         """The count bias applied to a model: "auto" resolved by whether it is causal and
         whether it has a patch grid (`roles`; None: text), anchors.resolve_count_bias."""
         vision = roles is not None and roles.patch_grid is not None
-        return resolve_count_bias(self.count_bias, self.dynamic, causal, vision)
+        return resolve_count_bias(self.count_bias, self.dynamic, causal, vision, self.compression_rate == 1.0)
 
     @property
     def plain_means(self) -> bool:

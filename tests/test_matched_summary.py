@@ -161,3 +161,21 @@ def test_matched_needs_data_dependent_segments():
 def test_the_runtime_knows_every_matched_bias():
     from prism_kernels.costs.comm import MATCHED_BIASES
     assert set(MATCHED) == set(MATCHED_BIASES)
+
+
+def test_auto_count_bias_is_matched_for_text_encoders_only():
+    """count_bias="auto" (the default): matched rows for a bidirectional text model whose
+    segments are chosen per layer; the log-count bias for images, decoders, static plans
+    and CR = 1; an explicit choice is kept."""
+    from prism_kernels.anchors import TEXT, TokenRoles
+    grid = TokenRoles(leading=1, patch_grid=(4, 4))
+    cfg = PrismConfig(2, compression_rate=4)
+    assert cfg.count_bias == "auto" and cfg.dynamic
+    assert cfg.bias_for(causal=False, roles=TEXT) == "matched"
+    assert cfg.bias_for(causal=False) == "matched"                  # no roles: text
+    assert cfg.bias_for(causal=False, roles=grid) == "log"          # a vision model
+    assert cfg.bias_for(causal=True, roles=TEXT) == "log"           # a decoder
+    assert PrismConfig(2, compression_rate=4, anchors="special").bias_for(False, TEXT) == "log"   # static
+    assert PrismConfig(2, compression_rate=1.0).bias_for(False, TEXT) == "log"                    # every token
+    assert PrismConfig(2, compression_rate=4, count_bias="log").bias_for(False, TEXT) == "log"
+    assert PrismConfig(2, compression_rate=4, count_bias="matched_half").bias_for(True, grid) == "matched_half"

@@ -64,6 +64,7 @@ prism eval --task smollm2-austen --partitions 2 --cr 10 --limit 48 --variant anc
     --variant default --out benchmarks/results/accuracy_text_topk
 python benchmarks/accuracy/migrate_default_keys.py special FILE.json     # once each, for cells stored
 python benchmarks/accuracy/migrate_default_keys.py text-topk FILE.json   # under an earlier default
+python benchmarks/accuracy/migrate_default_keys.py text-matched FILE.json
 bash benchmarks/accuracy/run_matched.sh   # count_bias=matched / matched_half against the default (accuracy_matched/)
 python benchmarks/accuracy/layer_budget.py --task dinov2-fashion --partitions 2 --cr 9.9   # rows per layer
     # (also --partitions 3 --cr 6.55, --task dinov2-digits, --image-size 224; into benchmarks/results/layer_budget/)
@@ -108,11 +109,14 @@ rate CR, m_j = ceil(n_j / CR) (Eq. 16), with either averaging variant
 `default` = the package's defaults (the model's special tokens and, chosen per layer
 by each device, the top-1 token by key norm (images) or the top-6 tokens by key
 deviation (text) sent alone out of the same budget; 2-D blocks of the patch grid for vision models, runs cut where
-the keys change for text; docs/method.md, "Anchors and 2-D segments"),
+the keys change for text; docs/method.md, "Anchors and 2-D segments"; for text encoders
+each run's keys and values weighted at the partition's mean query, `count_bias=matched`),
 `anchors=special` = the special tokens alone with static blocks / equal runs (the
 package's default until the data-dependent policies ran in the runtime; tables stored
 before then were renamed to it by benchmarks/accuracy/migrate_default_keys.py),
 `anchor_topk=1` on the text tasks = the default before text got six top-k anchors,
+`count_bias=log` on the MiniLM tasks = the default before text encoders got rows matched at
+the mean query,
 `anchors=none,segments=runs` = the paper's plain means, other
 variants as named (`count_bias=spread`: the experimental spread-corrected bias;
 `anchor_budget=extra`: anchors on top of the m_j means). **eff. CR** is
@@ -223,6 +227,8 @@ def dynamic_section(d: Path, rel: Path) -> str:
 MATCHED_RUNS = [("minilm_p2", "minilm-austen", "MiniLM Austen passages, P = 2, CR 8"),
                 ("minilm_p3", "minilm-austen", "MiniLM Austen passages, P = 3, CR 8"),
                 ("minilm_cr16", "minilm-austen", "MiniLM Austen passages, CR 16"),
+                ("spam_p2", "minilm-spam", "MiniLM spam, P = 2, CR 8 and 64 (1,000 training texts)"),
+                ("spam_p3", "minilm-spam", "MiniLM spam, P = 3, CR 8 (1,000 training texts)"),
                 ("smollm2_p2", "smollm2-austen", "SmolLM2 Austen, 48 windows, P = 2, CR 10"),
                 ("fashion112_p2", "dinov2-fashion", "DINOv2 Fashion-MNIST 112 px, P = 2, CR 9.9"),
                 ("fashion112_p3", "dinov2-fashion", "DINOv2 Fashion-MNIST 112 px, P = 3, CR 6.55"),
@@ -235,15 +241,19 @@ MATCHED_RUNS = [("minilm_p2", "minilm-austen", "MiniLM Austen passages, P = 2, C
 
 
 def matched_section(d: Path, rel: Path) -> str:
-    """count_bias=matched / matched_half (simulation only) against the default, paired."""
+    """count_bias=matched / matched_half against the log-count bias, paired."""
     intro = ("`count_bias=matched` sends each averaged segment as its attention-weighted key and value "
              "with a bias, matched at the sending partition's mean query (`matched_half`: at half of it; "
-             "prism_kernels/hf/matched_summary.py; findings under \"What did not help\"). Each folder of "
-             "benchmarks/results/accuracy_matched/ is one `prism eval` call with `--variant default "
-             "--variant count_bias=matched --variant count_bias=matched_half`, seed 0; \"minus default\": "
-             "variant - default on the same items (or text windows), paired bootstrap 95 % interval.\n")
-    runs = [(f"{tag}/accuracy_{task}", title) for tag, task, title in MATCHED_RUNS]
-    return paired_section(d, "## Segments matched at the mean query: tables\n", intro, "default", "default", runs)
+             "prism_kernels/hf/matched_summary.py; findings under \"Segments matched at the mean query\"). "
+             "Each folder of benchmarks/results/accuracy_matched/ is one `prism eval` call with `--variant "
+             "default --variant count_bias=matched --variant count_bias=matched_half`, seed 0, run when "
+             "every task's default was the log-count bias: the MiniLM cells of that default are stored as "
+             "`count_bias=log` (benchmarks/accuracy/migrate_default_keys.py text-matched), the others as "
+             "`default`. \"minus log\": variant - the log-count bias on the same items (or text windows), "
+             "paired bootstrap 95 % interval.\n")
+    runs = [(f"{tag}/accuracy_{task}", title, "count_bias=log" if task.startswith("minilm") else "default")
+            for tag, task, title in MATCHED_RUNS]
+    return paired_section(d, "## Segments matched at the mean query: tables\n", intro, "default", "log", runs)
 
 
 def paired_section(d: Path, heading: str, intro: str, base: str, base_name: str, runs) -> str:
@@ -252,14 +262,14 @@ def paired_section(d: Path, heading: str, intro: str, base: str, base_name: str,
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from paired import compare
     out = [heading, intro]
-    for stem, title in runs:
+    for stem, title, *run_base in runs:           # a run may name its own base cell
         f, md = d / f"{stem}.json", d / f"{stem}.md"
         if not f.exists() or not md.exists():
             continue
         text = md.read_text()
         body = [t for t in text.split("\n\n") if t.startswith("| method")]
         out.append(f"**{title}**\n\n" + (body[0] if body else "") + "\n")
-        rows = compare(json.loads(f.read_text())["cells"], base)
+        rows = compare(json.loads(f.read_text())["cells"], run_base[0] if run_base else base)
         if rows:
             lines = [f"| P | CR | variant minus {base_name} | n | Δ probe accuracy (points) | Δ cosine to exact | "
                      "Δ bits per character |", "|---|---|---|---|---|---|---|"]
@@ -283,7 +293,7 @@ def main():
     parts = [INTRO, "## Summary\n",
              "Prism with the package's defaults (the model's special tokens and the top-1 token chosen per "
              "layer sent alone; 2-D blocks of the patch grid for vision models, runs cut where the keys "
-             "change for text; attention_input averaging), next to the static special-token policy "
+             "change for text; rows matched at the mean query for text encoders; attention_input averaging), next to the static special-token policy "
              "(`anchors=special`, the earlier default) and the paper's plain means "
              "(`anchors=none,segments=runs`), at the paper's settings. Δ = Prism - exact on the same test "
              "items with its paired 95 % interval. Test-set sizes and seeds are in the per-task settings "

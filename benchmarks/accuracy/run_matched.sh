@@ -1,7 +1,9 @@
 #!/bin/bash
 # count_bias=matched / matched_half against the default, paired on the same items: one
 # `prism eval` call per task and P, each into its own folder of OUT (as stored in
-# benchmarks/results/accuracy_matched/; two calls at a time, one thread each).
+# benchmarks/results/accuracy_matched/; two calls at a time, one thread each). As run, when
+# every task's default was the log-count bias; the MiniLM tasks' default is matched rows now,
+# and their stored default cells are named count_bias=log (migrate_default_keys.py text-matched).
 #   bash benchmarks/accuracy/run_matched.sh [OUT]
 set -euo pipefail
 OUT=${1:-benchmarks/results/accuracy_matched}
@@ -24,6 +26,8 @@ jobs_list=(
   "minilm_cr16 --task minilm-austen --partitions 2 3 --cr 16 --n-train 600 --limit 600"
   "digits224_p2 --task dinov2-digits --image-size 224 --n-train 500 --partitions 2 --cr 9.9"
   "digits224_p3 --task dinov2-digits --image-size 224 --n-train 500 --partitions 3 --cr 6.55"
+  "spam_p2 --task minilm-spam --partitions 2 --cr 8 64"
+  "spam_p3 --task minilm-spam --partitions 3 --cr 8"
 )
 i=0
 for j in "${jobs_list[@]}"; do

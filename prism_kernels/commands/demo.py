@@ -86,9 +86,11 @@ TERMS = (
                   "block input, normalised (the paper's); the same for post-LN BERT"),
     ("cosine", "cosine similarity of each sentence embedding to the exact (1-device) model's; 1 = identical"),
     ("anchors", "the default sends [CLS], [SEP] and, chosen per layer by each device, the token its "
-                "partition's mean key represents worst alone (count 1) out of the same m rows, and cuts "
-                "the other runs where the keys change; 'plain' is the mean cosine with the paper's plain "
-                "means (no anchors, equal runs) on the same setting"),
+                "partition's mean key represents worst alone (count 1) out of the same m rows, cuts "
+                "the other runs where the keys change, and sends each run as its keys and values "
+                "weighted at the partition's mean query, with a bias per head instead of its count "
+                "(matched rows); 'plain' is the mean cosine with the paper's plain means (no anchors, "
+                "equal runs, plain means) on the same setting"),
 )
 
 

@@ -168,7 +168,8 @@ def estimate(model, seq_len: Optional[int] = None, num_partitions: Optional[int]
     plan = make_plan(n, num_partitions, **kw)
     # data-dependent segments: the received rows whose counts travel with them (4 bytes each)
     counted = [0] * plan.num_partitions
-    count_bias = resolve_count_bias(count_bias, is_dynamic(anchors, segments), spec.causal, spec.kind == "vision")
+    count_bias = resolve_count_bias(count_bias, is_dynamic(anchors, segments), spec.causal, spec.kind == "vision",
+                                    compression_rate is not None and float(compression_rate) == 1.0)
     if is_dynamic(anchors, segments) or count_bias != "log":
         from ..config import PrismConfig
         from ..dynamic import counted_rows
