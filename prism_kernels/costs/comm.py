@@ -38,6 +38,10 @@ DTYPE_BYTES: Dict[str, int] = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8, "fp8"
 # model may price the others in DTYPE_BYTES too. fp32 first: the default.
 WIRE_DTYPES = ("fp32", "fp16", "bf16")
 
+# segments summarised at the mean query (hf/matched_summary.py): their rows travel as
+# "matched" K/V rows with a bias per KV head
+MATCHED_BIASES = ("matched", "matched_half", "matched_shared")
+
 
 def received_tokens(plan) -> List[int]:
     """Prism: rows (segment means) device i receives per layer, for a PrismPlan.
@@ -159,10 +163,6 @@ def wire_torch_dtype(wire_dtype: str):
     import torch
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[check_wire_dtype(wire_dtype)]
 
-
-# segments summarised at the mean query (hf/matched_summary.py): their rows travel as
-# "matched" K/V rows with a bias per KV head
-MATCHED_BIASES = ("matched", "matched_half", "matched_shared")
 
 # a segment's count on the wire (int32: exact for any sequence length), sent with each
 # row when the segments are data-dependent

@@ -39,6 +39,15 @@ A partition whose rows leave no choice (dynamic.chooses: e.g. m_j = 1, or one ro
 beside its special anchors) has the static plan's segments: it is sent as a static
 plan, without counts and from the pre-hook.
 
+Rows matched at the mean query (count_bias "matched*", and "auto" for text encoders;
+hf/matched_summary.py): each row is its segment's keys and values weighted at the sending
+partition's mean query, with a bias per KV head in place of its count (wire "matched":
+[B, Hkv, m_j, 2d + 1], the bias last; no counts travel). Where the layer has separate
+q / k / v projections and unrotated keys they leave from the key projection's hook (the
+mean query and the values through the layer's query and value projections); else from
+inside the attention. The receiver adds the bias to its scores as one more head
+dimension (spread_bias.extra_score_dim) and projects nothing.
+
 Start-up (RunConfig.input, `--input`):
   raw      (default) rank 0 sends rank i only the part of the input it needs to embed
            its own tokens (ModelType.input_slice: its token ids; for an image the pixel
