@@ -33,7 +33,9 @@ MODELS = {
 MODE_OPTIONS = {"nooverlap": ["--no-overlap"], "local": ["--input", "local"], "hidden": ["--input", "hidden"],
                 "fp16": ["--wire-dtype", "fp16"], "bf16": ["--wire-dtype", "bf16"], "uint8": ["--pixels", "uint8"],
                 "special": ["--anchors", "special"],      # the static special-token policy (the earlier default)
-                "log": ["--count-bias", "log"], "matched": ["--count-bias", "matched"]}
+                "log": ["--count-bias", "log"], "matched": ["--count-bias", "matched"],
+                # more means per partition than the model's default (the last -m wins)
+                "m8": ["-m", "8"], "m16": ["-m", "16"]}
 
 
 def sh(cmd, check=True):
@@ -118,7 +120,8 @@ def main():
     ap.add_argument("--modes", default="voltage,prism",
                     help="P = 2 modes per bandwidth; suffixes add options: -nooverlap (--no-overlap), "
                          "-local / -hidden (--input), -fp16 / -bf16 (--wire-dtype), -uint8 (--pixels), -special "
-                         "(--anchors special), -log / -matched (--count-bias), e.g. prism-local-fp16")
+                         "(--anchors special), -log / -matched (--count-bias), -m8 / -m16 (means per partition), "
+                         "e.g. prism-local-fp16")
     ap.add_argument("--no-single", action="store_true", help="skip the standalone single-device launch")
     args = ap.parse_args()
 
