@@ -89,8 +89,9 @@ TERMS = (
                 "partition's mean key represents worst alone (count 1) out of the same m rows, cuts "
                 "the other runs where the keys change, and sends each run as its keys and values "
                 "weighted at the partition's mean query, with a bias per head instead of its count "
-                "(matched rows); 'plain' is the mean cosine with the paper's plain means (no anchors, "
-                "equal runs, plain means) on the same setting"),
+                "(matched rows: a key and a value per head, twice the bytes of an attention-input row, so "
+                "at CR 2 about Voltage's bytes); 'plain' is the mean cosine with the paper's plain means "
+                "(no anchors, equal runs, plain means) on the same setting"),
 )
 
 
