@@ -22,12 +22,13 @@ def _segments(Bg, n, m, gen):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2)])
-def test_rows_reproduce_every_token_at_the_matched_query(dtype, heads, kv_heads):
+@pytest.mark.parametrize("m", [1, 5])
+def test_rows_reproduce_every_token_at_the_matched_query(dtype, heads, kv_heads, m):
     """A receiver whose query is the one matched at sees, through the summary rows (one
     extra score dimension carrying the bias, counts 1), exactly the output it would
     get from all of the sender's tokens, for any gamma."""
     gen = torch.Generator().manual_seed(0)
-    Bg, n, m, d, s = 2, 23, 5, 8, 8 ** -0.5
+    Bg, n, d, s = 2, 23, 8, 8 ** -0.5
     q = torch.randn(Bg, n, heads * d, generator=gen, dtype=dtype) + 1.5   # queries off-centre
     k = torch.randn(Bg, n, kv_heads * d, generator=gen, dtype=dtype)
     v = torch.randn(Bg, n, kv_heads * d, generator=gen, dtype=dtype)
@@ -49,16 +50,26 @@ def test_rows_reproduce_every_token_at_the_matched_query(dtype, heads, kv_heads)
         got = torch.softmax(s * q2 @ k2.transpose(-1, -2), -1) @ v2
         assert torch.allclose(got[:, :, 0, :d], want, atol=TOL[dtype] * 10, rtol=0)
         assert torch.all(got[..., d] == 0)
+        # each row's bias on its own (a softmax over one row would not see it): the
+        # segment's log-sum-exp at q0 minus s q0.k~, computed here token by token
+        z = s * torch.einsum("bnhd,bhd->bnh", kd, q0)                      # [Bg, n, Hkv]
+        for j in range(m):
+            member = (seg_of == j)[..., None]                               # [Bg, n, 1]
+            lse = torch.logsumexp(z.masked_fill(~member, float("-inf")), dim=1)   # [Bg, Hkv]
+            kt = km.double().view(Bg, m, kv_heads, d)[:, j]                 # [Bg, Hkv, d]
+            want_b = lse - s * (kt * q0).sum(-1)
+            assert torch.allclose(b[:, j].double(), want_b, atol=TOL[dtype] * 10, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("heads,kv_heads,shared", [(4, 4, False), (4, 2, False), (4, 4, True)])
-def test_rows_from_the_attention_input_equal_rows_from_the_values(dtype, heads, kv_heads, shared):
+@pytest.mark.parametrize("m", [1, 4])
+def test_rows_from_the_attention_input_equal_rows_from_the_values(dtype, heads, kv_heads, shared, m):
     """The runtime's early start: the mean query alone (nq = 1) and the values from the
     attention input x through the value projection give the same rows as the queries
     and values themselves (the weights sum to 1 per segment and head)."""
     gen = torch.Generator().manual_seed(5)
-    Bg, n, m, d, D = 2, 19, 4, 8, 24
+    Bg, n, d, D = 2, 19, 8, 24
     x = torch.randn(Bg, n, D, generator=gen, dtype=dtype)
     lin = lambda o: torch.nn.Linear(D, o, dtype=dtype)
     torch.manual_seed(5)

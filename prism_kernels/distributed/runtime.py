@@ -265,11 +265,22 @@ class LayerCtx:
         d = self.rt.entry.head_dim(self.rt.model.config)
         self._send_matched(q_mean, k3, x, q_mean.shape[-1] // d, d, layer.attention.scaling, layer.value_proj)
 
+    def segments(self, k3):
+        """This rank's (seg_of [B, n], counts [B, m]) for keys k3 [B, n, F]: chosen from the
+        keys, or the plan's when they leave no choice (found once; any keys give them)."""
+        rt = self.rt
+        if rt.chooses:
+            return dynamic.partition_segments(rt.cfg.prism, k3, rt.part, rt.fixed, rt.grid)
+        if rt._plan_segments is None or rt._plan_segments[0].shape[0] != k3.shape[0]:
+            rt._plan_segments = dynamic.partition_segments(rt.cfg.prism, k3.new_zeros(k3.shape[0], k3.shape[1], 1),
+                                                           rt.part, rt.fixed, rt.grid)
+        return rt._plan_segments
+
     def _send_matched(self, q3, k3, v3, H, d, s, value_proj=None):
         rt = self.rt
         B, n, F = k3.shape
         Hkv = F // d
-        seg_of, counts = dynamic.partition_segments(rt.cfg.prism, k3, rt.part, rt.fixed, rt.grid)
+        seg_of, counts = self.segments(k3)
         km, vm, b = matched_summary(q3, k3, v3, seg_of, counts, H, s, *rt.matched, value_proj=value_proj)
         self._post_matched(km, vm, b, Hkv, d)
 
@@ -390,6 +401,9 @@ class Runtime:
                 self.fixed = dynamic.fixed_anchors(self.part, self.anchors)
                 self.src_counts = {j: dynamic.chooses(cfg.prism, p, dynamic.fixed_anchors(p, self.anchors), self.grid)
                                    for j, p in enumerate(self.plan.partitions)}
+            # whether this rank's segments depend on its keys (else they are the plan's, the same
+            # in every layer: LayerCtx.segments finds them once)
+            self.chooses, self._plan_segments = self.src_counts[self.rank], None
             if self.matched:        # a bias per row and head travels instead of the counts
                 self.src_counts = {j: False for j in self.src_counts}
             self.send_counts = self.src_counts[self.rank]

@@ -37,6 +37,14 @@ def _segment_weights(z: torch.Tensor, seg_of: torch.Tensor, m: int, shared: bool
     """z [Bg, n, Hkv] (the scores at q0) -> the softmax within each segment w [Bg, n, Hkv],
     the segment indicator [Bg, m, n] and each segment's log-sum-exp [Bg, m, Hkv]."""
     Bg, n, Hkv = z.shape
+    if m == 1:      # one segment (a partition sent as one row): a plain softmax over its tokens
+        top = z.amax(1, keepdim=True)
+        e = torch.exp(z - top)
+        tot = e.sum(1, keepdim=True)
+        w = e / tot
+        if shared:
+            w = w.mean(2, keepdim=True).expand(Bg, n, Hkv)
+        return w, z.new_ones(Bg, 1, n), tot.log() + top
     idx = seg_of[..., None].expand(Bg, n, Hkv)
     top = z.new_full((Bg, m, Hkv), float("-inf")).scatter_reduce(1, idx, z, "amax")
     e = torch.exp(z - top.gather(1, idx))
