@@ -1,6 +1,6 @@
-"""An experimental segment summary matched at the sender's mean query
-(PrismConfig.count_bias="matched" / "matched_half" / "matched_shared"; simulation
-only, data-dependent segments only).
+"""A segment summary matched at the sender's mean query (PrismConfig.count_bias=
+"matched" / "matched_half" / "matched_shared", and "auto" for text encoders;
+data-dependent segments only; the simulation and the runtime call the same code).
 
 A segment S of c tokens stands in a receiver's softmax for its log-sum-exp
 L(q) = log sum_{t in S} exp(s q.k_t) and its output sum_t softmax_S(q)_t v_t. The
@@ -14,11 +14,11 @@ sending partition, per KV head) instead:
 
 so that s q.k~ + b equals L(q) and its gradient at q0, and v~ the output there.
 gamma = 0 gives back the paper's row; a token sent alone keeps its own key and value
-with bias 0. "matched_shared" averages the weights w_t over the KV heads, so that one
-row of the attention input per segment would still do on the wire (plus the biases). The bias folds into the scores as one extra head dimension: q' = [q, 1],
-k' = [k~, b / s] (0 for the receiver's own tokens), v' = [v, 0], the rows' counts
-set to 1, so the kernels stay unchanged. What crosses the network would be one float
-per row and KV head in place of the count.
+with bias 0. "matched_shared" averages the weights w_t over the KV heads. The bias
+folds into the scores as one extra head dimension: q' = [q, 1], k' = [k~, b / s] (0 for
+the receiver's own tokens), v' = [v, 0], the rows' counts set to 1, so the kernels stay
+unchanged. On the network a row is its key, its value and one bias per KV head, no count
+(costs.comm.wire_format "matched").
 
 docs/accuracy.md reports what it does to accuracy.
 """
