@@ -25,6 +25,8 @@ import json
 import os
 import sys
 
+from prism_kernels.anchors import DYNAMIC_SEGMENTS
+
 
 def _split(key: str):
     parts = key.split("|")
@@ -73,7 +75,7 @@ def migrate_text_matched(key: str, path: str = "") -> str:
     if parts[0] != "prism" or not name.startswith("accuracy_minilm-") or "count_bias" in opts:
         return key
     dynamic = _keys_resolve_to_topk(parts[3].split("=", 1)[1], opts) or \
-        opts.get("segments") in ("content", "content_sse", "kmeans")
+        opts.get("segments") in DYNAMIC_SEGMENTS
     if dynamic:
         opts["count_bias"] = "log"
     return _join(parts, opts)

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Union
 
 from ..anchors import (DEFAULT_ANCHOR_BUDGET, DEFAULT_COUNT_BIAS, DEFAULT_ANCHOR_SCORE, DEFAULT_ANCHOR_TOPK, DEFAULT_ANCHORS, DEFAULT_SEGMENTS,
-                       check_policy, is_dynamic, resolve, resolve_anchors, resolve_count_bias)
+                       check_policy, resolve, resolve_anchors)
 from ..models.table import token_roles
 from ..plan import make_plan
 from .comm import COUNT_BYTES, INPUT_DTYPE_BYTES, MATCHED_BIASES, bytes_for, floats_per_row, startup_bytes, received_tokens, voltage_received_tokens, wire_format
@@ -168,16 +168,16 @@ def estimate(model, seq_len: Optional[int] = None, num_partitions: Optional[int]
     plan = make_plan(n, num_partitions, **kw)
     # data-dependent segments: the received rows whose counts travel with them (4 bytes each)
     counted = [0] * plan.num_partitions
-    count_bias = resolve_count_bias(count_bias, is_dynamic(anchors, segments), spec.causal, spec.kind == "vision",
-                                    compression_rate is not None and float(compression_rate) == 1.0)
-    if is_dynamic(anchors, segments) or count_bias != "log":
-        from ..config import PrismConfig
-        from ..dynamic import counted_rows
-        cfg = PrismConfig(num_partitions=plan.num_partitions, num_means=1, averaging=averaging, anchors=anchors,
-                          segments=segments, anchor_budget=anchor_budget, anchor_topk=anchor_topk,
-                          anchor_score=anchor_score, count_bias=count_bias)   # checks the combination
-        if count_bias not in MATCHED_BIASES:      # matched rows carry a bias instead of the count
-            counted = counted_rows(cfg, plan, anchor_idx, resolve(n, roles, anchors, segments)[1])
+    from ..config import PrismConfig
+    from ..dynamic import counted_rows
+    # the run's settings (checks the combination); the count bias as the runtime resolves it
+    cfg = PrismConfig(num_partitions=plan.num_partitions, averaging=averaging, anchors=anchors, segments=segments,
+                      anchor_budget=anchor_budget, anchor_topk=anchor_topk, anchor_score=anchor_score,
+                      count_bias=count_bias, **({"compression_rate": compression_rate} if compression_rate is not None
+                                               else {"num_means": 1}))
+    count_bias = cfg.bias_for(spec.causal, roles)
+    if cfg.dynamic and count_bias not in MATCHED_BIASES:   # matched rows carry a bias instead of the count
+        counted = counted_rows(cfg, plan, anchor_idx, resolve(n, roles, anchors, segments)[1])
     sizes, p = list(plan.sizes), plan.num_partitions
     hidden = spec.hidden_size
     wire = wire_format(spec.config, "prism", averaging, count_bias)

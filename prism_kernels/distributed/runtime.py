@@ -77,12 +77,13 @@ import torch
 
 from .. import dynamic
 from ..anchors import resolve
-from ..config import MATCHED_BIASES, PrismConfig
+from ..config import PrismConfig
 from ..hf.matched_summary import MATCHED, matched_summary
 from ..costs.comm import (COUNT_BYTES, INPUT_DTYPE_BYTES, WIRE_DTYPES, bytes_for, check_wire_dtype, floats_per_row,
-                          row_bytes, startup_bytes, wire_format, wire_torch_dtype)
+                          row_bytes, startup_bytes, wire_format, wire_torch_dtype)  # noqa: F401 (re-exported)
 from ..models import apply_rotary, lookup
 from ..plan import partition_means
+from ..policy_args import RUNTIME_COUNT_BIASES
 from . import overlap
 from .comm import Comm
 
@@ -116,10 +117,10 @@ class RunConfig:
             raise ValueError(f"gather must be 'head' or 'all', got {self.gather!r}")
         if self.mode == "prism" and self.prism is None:
             raise ValueError("prism mode needs a PrismConfig (num_means or compression_rate)")
-        if self.prism is not None and self.prism.count_bias not in ("auto", "log") + MATCHED_BIASES:
+        if self.prism is not None and self.prism.count_bias not in RUNTIME_COUNT_BIASES:
             raise ValueError(f"count_bias={self.prism.count_bias!r} is an experiment of the one-process "
-                             "simulation (prism_kernels.hf); the runtime takes count_bias one of 'auto', "
-                             f"'log', {', '.join(map(repr, MATCHED_BIASES))}")
+                             "simulation (prism_kernels.hf); the runtime takes count_bias one of "
+                             f"{', '.join(map(repr, RUNTIME_COUNT_BIASES))}")
 
     @property
     def dynamic(self) -> bool:
