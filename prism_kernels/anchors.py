@@ -96,20 +96,24 @@ def resolve_topk(k, grid) -> int:
 DEFAULT_SEGMENTS = "auto"
 DEFAULT_ANCHOR_BUDGET = "shared"
 # count_bias "auto": rows matched at the mean query for text encoders (hf/matched_summary.py;
-# MiniLM's embeddings move about halfway to exact), the log-count bias elsewhere (images:
-# digits lose 5-7 points with matched rows; decoders: the decode cache keeps counts, and
-# SmolLM2 gains only 0.0025 bits per character); docs/accuracy.md
+# MiniLM's embeddings move about halfway to exact), at the [CLS] query for vision encoders
+# (DINOv2: 2-3 points on Fashion-MNIST, 3-5 on digits at 112 px, over the log-count bias;
+# at the mean query digits lose 5-7), the log-count bias for decoders (the decode cache
+# keeps counts, and SmolLM2 gains only 0.0025 bits per character); docs/accuracy.md
 DEFAULT_COUNT_BIAS = "auto"
 
 
 def resolve_count_bias(count_bias: str, dynamic: bool, causal: bool, vision: bool, every_token: bool = False) -> str:
-    """The bias applied: "auto" -> "matched" for a bidirectional text model whose segments
-    are chosen per layer (matched rows need those), else "log" (also at CR = 1,
-    `every_token`, where every row is one token and matched rows would only double the
-    bytes); anything else as given."""
+    """The bias applied: "auto" -> for a bidirectional model whose segments are chosen per
+    layer (matched rows need those), "matched_cls" with a patch grid (`vision`) and
+    "matched" for text; else "log" (decoders, static plans, and CR = 1, `every_token`,
+    where every row is one token and matched rows would only double the bytes); anything
+    else as given."""
     if count_bias != "auto":
         return count_bias
-    return "matched" if dynamic and not causal and not vision and not every_token else "log"
+    if not dynamic or causal or every_token:
+        return "log"
+    return "matched_cls" if vision else "matched"
 
 
 @dataclass(frozen=True)

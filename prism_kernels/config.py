@@ -19,12 +19,14 @@
   of the same budget. With block_input averaging or the spread bias "auto" anchors
   are the special tokens only. anchors="none", segments="runs" is the paper's
   plain means. The config holds the resolved policy (anchors is never "auto");
-* count_bias: "auto" (default: "matched" for text encoders with data-dependent
-  segments, "log" for images and decoders; `bias_for`), "log" (the paper's log-count
-  bias); "matched" / "matched_half" / "matched_shared" (attention-weighted rows and
-  their bias matched at the sending partition's mean query, scaled by 1 / 0.5, or with
-  one weight per token for all heads; hf/matched_summary.py; the simulation and
-  `prism run`, not generation's prism decode); or "spread", an experiment of the
+* count_bias: "auto" (default: with data-dependent segments "matched" for text
+  encoders and "matched_cls" for vision encoders, else "log", as for decoders;
+  `bias_for`), "log" (the paper's log-count bias); "matched" / "matched_half" /
+  "matched_shared" (attention-weighted rows and their bias matched at the sending
+  partition's mean query, scaled by 1 / 0.5, or with one weight per token for all
+  heads), "matched_cls" (matched at the query of the first token, [CLS]);
+  hf/matched_summary.py; the simulation and `prism run`, not generation's prism
+  decode; or "spread", an experiment of the
   simulation (the bias corrected for the spread of a segment's keys, hf/spread_bias.py);
 * wire_dtype: element type of what crosses the network (fp32 | fp16 | bf16). The
   runtime casts every per-layer payload to it (`prism run --wire-dtype`); the
@@ -55,8 +57,8 @@ from .plan import PrismPlan, check_compression_rate, make_plan
 
 AVERAGING = ("attention_input", "block_input")
 # "auto" (anchors.resolve_count_bias); "log": the paper's log-count bias; "matched" /
-# "matched_half" / "matched_shared" (rows matched at the mean query, data-dependent segments
-# only, hf/matched_summary.py); "spread", an experiment of the simulation (hf/spread_bias.py)
+# "matched_half" / "matched_shared" / "matched_cls" (rows matched at the mean query or the
+# [CLS] query, data-dependent segments only, hf/matched_summary.py); "spread", an experiment of the simulation (hf/spread_bias.py)
 COUNT_BIASES = ("auto", "log", "spread") + MATCHED_BIASES
 DEFAULT_AVERAGING = "attention_input"
 

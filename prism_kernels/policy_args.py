@@ -46,8 +46,9 @@ def add_policy_arguments(p: argparse.ArgumentParser):
                    help="with --anchors special+topk: key_norm = ||k||, key_dev = ||k - the partition's mean "
                         "key||, auto (default) = key_norm on a patch grid (images), key_dev for text")
     p.add_argument("--count-bias", default=DEFAULT_COUNT_BIAS, choices=RUNTIME_COUNT_BIASES,
-                   help="auto (default) = matched for text encoders, log for images and decoders; log = the "
-                        "paper's log-count bias; matched / matched_half / matched_shared = each segment's keys "
-                        "and values weighted at its partition's mean query, with a bias per KV head instead of "
-                        "the count (needs segments chosen per layer; K/V rows plus one float per KV head on "
-                        "the wire; docs/method.md, \"Rows matched at the mean query\")")
+                   help="auto (default) = matched for text encoders, matched_cls for images, log for "
+                        "decoders; log = the paper's log-count bias; matched / matched_half / matched_shared = "
+                        "each segment's keys and values weighted at its partition's mean query, with a bias per "
+                        "KV head instead of the count; matched_cls = weighted at the [CLS] query instead (needs "
+                        "segments chosen per layer; K/V rows plus one float per KV head on the wire; "
+                        "docs/method.md, \"Rows matched at the mean query\")")

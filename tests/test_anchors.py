@@ -320,7 +320,8 @@ def test_topk_anchor_with_2d_blocks_against_python_ref():
     q, k, v = _plant(B=1, N=17)
     k[0, :, 6] *= 20
     k[0, :, 12] *= 20
-    cfg = PrismConfig(2, num_means=4, anchors="special+topk", anchor_score="key_norm", backend="torch")
+    cfg = PrismConfig(2, num_means=4, anchors="special+topk", anchor_score="key_norm", backend="torch",
+                      count_bias="log")
     out = simulate_prism(q, k, v, config=cfg, causal=False, scale=0.5, roles=VIT_4x4)
     segs = [[[[0], [6], [1, 2, 3, 5], [4, 7, 8]], [[9, 13], [10, 14], [11, 15, 16], [12]]]]
     _check_against_python_ref(out, q, k, v, segs, [9, 8], False)

@@ -187,11 +187,13 @@ def test_tokens_and_bytes():
                                     dict(segments="kmeans")])
 def test_data_dependent_segments_send_their_counts(policy):
     """Chosen per layer, a segment's count is not known to the receiver: an int32 (4 bytes)
-    travels with every row; the rows themselves are the static policy's."""
+    travels with every row (with the log-count bias; matched rows carry a bias instead);
+    the rows themselves are the static policy's."""
     static = estimate("vit-b16", 197, 3, num_means=[10, 20, 30], dtype_bytes=2, anchors="special")
-    r = estimate("vit-b16", 197, 3, num_means=[10, 20, 30], dtype_bytes=2, **dict(dict(anchors="special"), **policy))
-    assert estimate("vit-b16", 197, 3, num_means=[10, 20, 30], dtype_bytes=2).prism_bytes_devices == \
-        r.prism_bytes_devices                     # the default ("auto" anchors: special+topk) sends counts
+    r = estimate("vit-b16", 197, 3, num_means=[10, 20, 30], dtype_bytes=2, count_bias="log",
+                 **dict(dict(anchors="special"), **policy))
+    assert estimate("vit-b16", 197, 3, num_means=[10, 20, 30], dtype_bytes=2, count_bias="log").prism_bytes_devices \
+        == r.prism_bytes_devices                  # "auto" anchors (special+topk) send counts
     assert r.prism_tokens_devices == static.prism_tokens_devices == [50, 40, 30]
     assert r.prism_bytes_devices == [t * (768 * 2 + 4) for t in (50, 40, 30)]
     assert r.prism_bytes_per_layer == pytest.approx(40 * (768 * 2 + 4))
@@ -207,11 +209,19 @@ def test_matched_rows_send_kv_and_a_bias_per_head():
     assert r.prism_bytes_devices == [16 * (2 * 12 * 64 + 12) * 2] * 2
     log = estimate("bert-base", 256, 2, num_means=[16, 16], dtype_bytes=2, count_bias="log")
     assert log.prism_bytes_devices == [16 * (768 * 2 + 4)] * 2       # attention-input rows and counts
-    # "auto" (the default): matched rows for a text encoder, the log-count bias for ViT and GPT-2
+    # "auto" (the default): matched rows for a text encoder, the log-count bias for GPT-2
     assert estimate("bert-base", 256, 2, num_means=[16, 16], dtype_bytes=2).prism_bytes_devices == \
         r.prism_bytes_devices
-    assert estimate("vit-b16", 197, 2, num_means=10).prism_wire == "hidden"
     assert estimate("gpt2", 256, 2, num_means=10).prism_wire == "hidden"
+    # ... and rows matched at the [CLS] query for ViT: K/V rows and biases (2 x 768 + 12 floats),
+    # and on device 1 the [CLS] row's attention input (768 floats) that device 0 sends
+    vit = estimate("vit-b16", 197, 2, num_means=10)
+    assert vit.prism_wire == "matched" and vit.prism_floats_per_row == 2 * 768 + 12
+    assert vit.prism_bytes_devices == [10 * 1548 * 4, 10 * 1548 * 4 + 768 * 4]
+    assert vit.prism_bytes_per_layer == pytest.approx(10 * 1548 * 4 + 768 * 4 / 2)
+    assert estimate("vit-b16", 197, 2, num_means=10, count_bias="matched_cls").prism_bytes_devices == \
+        vit.prism_bytes_devices
+    assert estimate("vit-b16", 197, 2, num_means=10, count_bias="log").prism_wire == "hidden"
     assert r.prism_tokens_devices == log.prism_tokens_devices
     with pytest.raises(ValueError, match="count_bias='matched' needs data-dependent segments"):
         estimate("bert-base", 256, 2, num_means=16, anchors="special", count_bias="matched")

@@ -1,6 +1,7 @@
-"""count_bias="matched" / "matched_half" (an experiment of the simulation): each segment
+"""count_bias="matched" / "matched_half" / "matched_shared" / "matched_cls": each segment
 sent as its attention-weighted key and value with a bias, matched at the sending
-partition's mean query. Checked against plain softmax over every token (fp64)."""
+partition's mean query (or at the first token's, matched_cls). Checked against plain
+softmax over every token (fp64)."""
 
 import pytest
 import torch
@@ -133,7 +134,7 @@ def test_shared_weights_are_one_per_token():
     assert all(torch.allclose(a, c) for a, c in zip(one, ref))
 
 
-@pytest.mark.parametrize("bias", ["matched", "matched_half", "matched_shared"])
+@pytest.mark.parametrize("bias", ["matched", "matched_half", "matched_shared", "matched_cls"])
 def test_simulation_with_every_token_alone_is_exact(bias):
     """CR = 1: every row is one token, so the matched rows change nothing."""
     gen = torch.Generator().manual_seed(3)
@@ -143,6 +144,29 @@ def test_simulation_with_every_token_alone_is_exact(bias):
     out = simulate_prism(q, k, v, config=cfg, causal=False)
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2)
     assert torch.allclose(out, ref, atol=2e-5)
+
+
+@pytest.mark.parametrize("P", [2, 3])
+def test_matched_cls_is_exact_for_a_query_equal_to_the_first_tokens(P):
+    """count_bias="matched_cls" matches every partition's rows at the first token's query:
+    a token of the last partition whose query equals it (one KV head per head) gets
+    exactly the full attention's output through the received rows, at CR 4; with rows
+    matched at the mean query it does not. The oracle is plain softmax over all tokens."""
+    gen = torch.Generator().manual_seed(5)
+    B, H, N, d = 2, 4, 36, 8
+    q = torch.randn(B, H, N, d, generator=gen, dtype=torch.float64) + 0.5
+    k, v = (torch.randn(B, H, N, d, generator=gen, dtype=torch.float64) for _ in range(2))
+    t = N - 3                                  # in the last partition
+    q[:, :, t] = q[:, :, 0]
+    full = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2)     # [B, N, H, d]
+    outs = {}
+    for bias in ("matched_cls", "matched"):
+        cfg = PrismConfig(P, compression_rate=4, anchors="special+topk", anchor_topk=1, count_bias=bias)
+        outs[bias] = simulate_prism(q, k, v, config=cfg, causal=False)
+    assert torch.allclose(outs["matched_cls"][:, t], full[:, t], atol=1e-10, rtol=0)
+    assert (outs["matched"][:, t] - full[:, t]).abs().max() > 1e-4
+    # the other tokens of that partition are not exact (the rows are summaries)
+    assert (outs["matched_cls"][:, t - 1] - full[:, t - 1]).abs().max() > 1e-4
 
 
 def test_simulation_differs_from_plain_rows_and_stays_finite():
@@ -174,17 +198,18 @@ def test_the_runtime_knows_every_matched_bias():
     assert set(MATCHED) == set(MATCHED_BIASES)
 
 
-def test_auto_count_bias_is_matched_for_text_encoders_only():
-    """count_bias="auto" (the default): matched rows for a bidirectional text model whose
-    segments are chosen per layer; the log-count bias for images, decoders, static plans
-    and CR = 1; an explicit choice is kept."""
+def test_auto_count_bias_is_matched_for_encoders_only():
+    """count_bias="auto" (the default): rows matched at the mean query for a bidirectional
+    text model whose segments are chosen per layer, at the [CLS] query for a vision
+    model; the log-count bias for decoders, static plans and CR = 1; an explicit choice
+    is kept."""
     from prism_kernels.anchors import TEXT, TokenRoles
     grid = TokenRoles(leading=1, patch_grid=(4, 4))
     cfg = PrismConfig(2, compression_rate=4)
     assert cfg.count_bias == "auto" and cfg.dynamic
     assert cfg.bias_for(causal=False, roles=TEXT) == "matched"
     assert cfg.bias_for(causal=False) == "matched"                  # no roles: text
-    assert cfg.bias_for(causal=False, roles=grid) == "log"          # a vision model
+    assert cfg.bias_for(causal=False, roles=grid) == "matched_cls"  # a vision model: at the [CLS] query
     assert cfg.bias_for(causal=True, roles=TEXT) == "log"           # a decoder
     assert PrismConfig(2, compression_rate=4, anchors="special").bias_for(False, TEXT) == "log"   # static
     assert PrismConfig(2, compression_rate=1.0).bias_for(False, TEXT) == "log"                    # every token

@@ -17,8 +17,11 @@ Bytes = rows x (floats per row x bytes per element [+ COUNT_BYTES]), a row being
   "kv":     2*Hkv*d floats (K/V means: rotary models under attention_input, the
             only exact choice there; non-rotary models when that is smaller);
   "matched": 2*Hkv*d + Hkv floats (count_bias "matched*": each segment's keys and
-            values weighted at the sending partition's mean query, and per KV head the
-            bias that replaces log c; no count travels, docs/method.md).
+            values weighted at the sending partition's mean query, or at the [CLS]
+            query for "matched_cls", and per KV head the bias that replaces log c; no
+            count travels, docs/method.md). With "matched_cls" every device but the
+            first also receives, per layer, the first token's attention input (one row
+            of D floats in the compute dtype: `first_token_bytes`).
 Bytes per element: the wire dtype (WIRE_DTYPES; `row_bytes`). The runtime
 (prism_kernels.distributed) sends exactly these rows, cast to the wire dtype.
 
@@ -38,9 +41,13 @@ DTYPE_BYTES: Dict[str, int] = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8, "fp8"
 # model may price the others in DTYPE_BYTES too. fp32 first: the default.
 WIRE_DTYPES = ("fp32", "fp16", "bf16")
 
-# segments summarised at the mean query (hf/matched_summary.py): their rows travel as
+# segments summarised at a query (hf/matched_summary.py): their rows travel as
 # "matched" K/V rows with a bias per KV head
-MATCHED_BIASES = ("matched", "matched_half", "matched_shared")
+MATCHED_BIASES = ("matched", "matched_half", "matched_shared", "matched_cls")
+# ... of which these are matched at the query of the sequence's first token ([CLS]): the
+# device that holds it sends that token's attention input (D floats in the compute dtype)
+# to every other device in each layer, before their rows can be built (first_token_bytes)
+MATCHED_AT_FIRST_TOKEN = ("matched_cls",)
 
 
 def received_tokens(plan) -> List[int]:
@@ -162,6 +169,15 @@ def wire_torch_dtype(wire_dtype: str):
     """The torch dtype of a wire dtype name ('fp16' -> torch.float16)."""
     import torch
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[check_wire_dtype(wire_dtype)]
+
+
+def first_token_bytes(config, count_bias: str, holder: bool, batch: int = 1, compute_bytes: int = 4) -> int:
+    """Bytes per layer of the first token's attention input that a device receives for rows
+    matched at the [CLS] query (MATCHED_AT_FIRST_TOKEN): one row of D elements of the compute
+    dtype per sequence, on every device but the one that holds the token (`holder`); else 0."""
+    if count_bias not in MATCHED_AT_FIRST_TOKEN or holder:
+        return 0
+    return int(batch) * int(config.hidden_size) * int(compute_bytes)
 
 
 # a segment's count on the wire (int32: exact for any sequence length), sent with each

@@ -18,7 +18,8 @@ from ..anchors import (DEFAULT_ANCHOR_BUDGET, DEFAULT_COUNT_BIAS, DEFAULT_ANCHOR
                        check_policy, resolve, resolve_anchors)
 from ..models.table import token_roles
 from ..plan import make_plan
-from .comm import COUNT_BYTES, INPUT_DTYPE_BYTES, MATCHED_BIASES, bytes_for, floats_per_row, startup_bytes, received_tokens, voltage_received_tokens, wire_format
+from .comm import (COUNT_BYTES, INPUT_DTYPE_BYTES, MATCHED_BIASES, bytes_for, first_token_bytes, floats_per_row,
+                   startup_bytes, received_tokens, voltage_received_tokens, wire_format)
 from .flops import COUNTED_TERMS, NOT_COUNTED_TERMS, device_flops, embedding_flops, vision_seq_len
 from .model_configs import resolve_model
 
@@ -140,10 +141,11 @@ def estimate(model, seq_len: Optional[int] = None, num_partitions: Optional[int]
         every partition whose rows leave a choice (dynamic.chooses).
     anchor_topk, anchor_score: as PrismConfig's; k decides only whether a partition has
         a choice (k = 0 with equal runs has none), not its rows.
-    count_bias: "auto" (matched for text encoders with data-dependent segments, else log;
-        anchors.resolve_count_bias), "log", or a matched bias (MATCHED_BIASES): K/V rows
-        with one bias per KV head instead of the count (wire "matched"; needs
-        data-dependent segments).
+    count_bias: "auto" (with data-dependent segments matched for text encoders and
+        matched_cls for vision encoders, else log; anchors.resolve_count_bias), "log", or a
+        matched bias (MATCHED_BIASES): K/V rows with one bias per KV head instead of the
+        count (wire "matched"; needs data-dependent segments); matched_cls adds the first
+        token's attention input (D elements) on every device but the first.
     Raises ValueError naming the argument and the rule on bad input.
     """
     spec = resolve_model(model)
@@ -182,6 +184,9 @@ def estimate(model, seq_len: Optional[int] = None, num_partitions: Optional[int]
     hidden = spec.hidden_size
     wire = wire_format(spec.config, "prism", averaging, count_bias)
     width = floats_per_row(spec.config, wire)
+    # rows matched at the [CLS] query: the first token's attention input, to every other device
+    first = [first_token_bytes(spec.config, count_bias, holder=(i == 0), compute_bytes=dtype_bytes)
+             for i in range(plan.num_partitions)]
 
     emb = embedding_flops(spec)
     single = emb + device_flops(spec, n, n, holds_first_token=True)
@@ -222,9 +227,10 @@ def estimate(model, seq_len: Optional[int] = None, num_partitions: Optional[int]
         voltage_tokens_per_layer=vt, prism_tokens_per_layer=pt,
         prism_causal_tokens_per_layer=None if causal_tokens is None else mean(causal_tokens),
         voltage_bytes_devices=[bytes_for(t, hidden, dtype_bytes) for t in v_tokens],
-        prism_bytes_devices=[bytes_for(t, width, dtype_bytes) + c * COUNT_BYTES for t, c in zip(p_tokens, counted)],
+        prism_bytes_devices=[bytes_for(t, width, dtype_bytes) + c * COUNT_BYTES + f
+                             for t, c, f in zip(p_tokens, counted, first)],
         voltage_bytes_per_layer=vt * hidden * dtype_bytes,
-        prism_bytes_per_layer=pt * width * dtype_bytes + mean(counted) * COUNT_BYTES,
+        prism_bytes_per_layer=pt * width * dtype_bytes + mean(counted) * COUNT_BYTES + mean(first),
         averaging=averaging, prism_wire=wire, prism_floats_per_row=width,
         compression_rate=cr,
         comm_speedup_pct=100.0 * (1.0 - 1.0 / cr) if cr else 0.0,

@@ -79,8 +79,9 @@ from .. import dynamic
 from ..anchors import resolve
 from ..config import PrismConfig
 from ..hf.matched_summary import MATCHED, matched_summary
-from ..costs.comm import (COUNT_BYTES, INPUT_DTYPE_BYTES, WIRE_DTYPES, bytes_for, check_wire_dtype, floats_per_row,
-                          row_bytes, startup_bytes, wire_format, wire_torch_dtype)  # noqa: F401 (re-exported)
+from ..costs.comm import (COUNT_BYTES, INPUT_DTYPE_BYTES, MATCHED_AT_FIRST_TOKEN, WIRE_DTYPES, bytes_for,  # noqa: F401
+                          check_wire_dtype, first_token_bytes, floats_per_row, row_bytes, startup_bytes,
+                          wire_format, wire_torch_dtype)  # (some re-exported)
 from ..models import apply_rotary, lookup
 from ..plan import partition_means
 from ..policy_args import RUNTIME_COUNT_BIASES
@@ -150,13 +151,17 @@ class RunConfig:
 
 
 def expected_recv_bytes(plan, model_config, wire: str, rank: int, batch: int = 1,
-                        wire_dtype: str = "fp32", counted_rows: int = 0) -> int:
+                        wire_dtype: str = "fp32", counted_rows: int = 0, count_bias: str = "log",
+                        compute_bytes: int = 4) -> int:
     """Cost model of one layer for one device: rows received (the segment means of its
     source partitions; their full rows in Voltage) x bytes per row (floats per row x
     bytes per element of the wire dtype), plus COUNT_BYTES for each of the
-    `counted_rows` whose segments were chosen from the keys (dynamic.counted_rows)."""
+    `counted_rows` whose segments were chosen from the keys (dynamic.counted_rows), plus
+    the first token's attention input for rows matched at the [CLS] query
+    (costs.comm.first_token_bytes, in the compute dtype)."""
     rows = bytes_for(plan.devices[rank].tokens_received * batch, row_bytes(model_config, wire, wire_dtype), 1)
-    return rows + counted_rows * batch * COUNT_BYTES
+    first = first_token_bytes(model_config, count_bias, holder=(rank == 0), batch=batch, compute_bytes=compute_bytes)
+    return rows + counted_rows * batch * COUNT_BYTES + first
 
 
 def to_wire(payload: torch.Tensor, dtype: torch.dtype, what: str = "a payload") -> torch.Tensor:
@@ -201,6 +206,7 @@ class LayerCtx:
         self.q_pos = rt.q_pos
         self.overlap = rt.cfg.overlap
         self.pending = None
+        self.pending_first = None     # matched_cls: the first token's attention input in flight
         self.attn_input = None
         # attention_input means are taken inside the attention; the others before the block
         self.exchange_in_attention = rt.cfg.mode == "prism" and rt.averaging == "attention_input"
@@ -254,17 +260,42 @@ class LayerCtx:
         B, H, n, d = q.shape
         rows = lambda t: t.transpose(1, 2).reshape(B, n, -1)
         s = scale if scale is not None else d ** -0.5          # the attention's own scale
-        self._send_matched(rows(q), rows(k), rows(v), H, d, s)
+        q_at = rows(q)                                          # its mean is taken
+        if self.rt.at_first:        # the first token's query: rank 0's own, else from its attention input
+            q_at = q_at[:, :1] if self.rt.rank == 0 else self.layer.query_proj(self.pending_first.wait()[0])
+        self._send_matched(q_at, rows(k), rows(v), H, d, s)
 
     def _start_matched_from_keys(self, k3):
         """The same rows from the key projection's output k3 [B, n, Hkv*d], before the
         queries and values exist: the mean query is the query projection of the mean
         attention input (it is linear), and each row's value the value projection of its
-        weighted attention input (matched_summary's value_proj)."""
+        weighted attention input (matched_summary's value_proj). For matched_cls the query
+        is the first token's: the query projection of its attention input, rank 0's own
+        or received from rank 0 (start_first_token)."""
         layer, x = self.layer, self.attn_input
-        q_mean = layer.query_proj(x.mean(1, keepdim=True))              # [B, 1, H*d]
+        if self.rt.at_first:
+            x0 = x[:, :1] if self.rt.rank == 0 else self.pending_first.wait()[0]
+            q_at = layer.query_proj(x0)                                  # [B, 1, H*d]
+        else:
+            q_at = layer.query_proj(x.mean(1, keepdim=True))             # [B, 1, H*d]
         d = self.rt.entry.head_dim(self.rt.model.config)
-        self._send_matched(q_mean, k3, x, q_mean.shape[-1] // d, d, layer.attention.scaling, layer.value_proj)
+        self._send_matched(q_at, k3, x, q_at.shape[-1] // d, d, layer.attention.scaling, layer.value_proj)
+
+    def start_first_token(self, x: torch.Tensor):
+        """matched_cls: rank 0 sends the first token's attention input x[:, :1] [B, 1, D] (in
+        the compute dtype: it becomes a query, not a row) to every rank that builds rows; those
+        post its receive. Started from the attention's pre-hook, so that it arrives while the
+        receiver projects its own keys."""
+        rt = self.rt
+        if rt.rank == 0:
+            send, recv = {j: x[:, :1].contiguous() for j in rt.first_receivers}, {}
+        elif rt.receivers:
+            send, recv = {}, {0: torch.empty(x.shape[0], 1, x.shape[-1], dtype=x.dtype)}
+        else:
+            return
+        if send or recv:
+            self.pending_first = rt.comm.start(f"layer {self.layer.index} first-token exchange", "layer",
+                                               self.layer.index, send, recv)
 
     def segments(self, k3):
         """This rank's (seg_of [B, n], counts [B, m]) for keys k3 [B, n, F]: chosen from the
@@ -324,6 +355,8 @@ class LayerCtx:
         """Wait for this layer's rows; (k, v, counts, positions, bias) of all received
         keys: bias [B, Hkv, R] is the matched rows' score bias (their counts then 1), else None."""
         rt, layer = self.rt, self.layer
+        if self.pending_first is not None and rt.rank == 0:
+            self.pending_first.wait()     # rank 0's first-token sends must complete too
         if not rt.sources:
             if self.pending is not None:
                 self.pending.wait()       # our sends must complete too
@@ -375,8 +408,11 @@ class Runtime:
         self.averaging = cfg.averaging
         bias = cfg.prism.bias_for(self.entry.causal, self.entry.roles(model.config)) if cfg.mode == "prism" else "log"
         self.wire = None if cfg.mode == "single" else wire_format(model.config, cfg.mode, self.averaging, bias)
-        # matched rows (hf/matched_summary.py): (gamma, shared), else None
+        # matched rows (hf/matched_summary.py): (gamma, shared), else None; at_first: matched at
+        # the first token's ([CLS]) query, which rank 0 holds and sends the others in every layer
         self.matched = MATCHED.get(bias)
+        self.at_first = bias in MATCHED_AT_FIRST_TOKEN
+        self.count_bias = bias
         self.wire_dtype = wire_torch_dtype(cfg.wire_dtype)
         self.compute_dtype = next(model.parameters()).dtype
         self.n_tokens = n_tokens
@@ -409,6 +445,9 @@ class Runtime:
                 self.src_counts = {j: False for j in self.src_counts}
             self.send_counts = self.src_counts[self.rank]
             self.plan_counts = {j: torch.tensor(p.counts, dtype=torch.int64) for j, p in enumerate(self.plan.partitions)}
+            # matched_cls: the ranks that build rows and need rank 0's first token for it
+            self.first_receivers = [j for j in range(1, self.world) if self.plan.receivers(j)] \
+                if self.at_first else []
             if cfg.input in ("raw", "local") and self.rank != 0 and (self.input_shape is None or self.input_dtype is None):
                 raise ValueError(f"input {cfg.input!r}: ranks other than 0 need the input's shape and dtype")
         self._capture_hooks, self._key_hooks = [], []
@@ -418,6 +457,11 @@ class Runtime:
                 # segments chosen from the keys: start as soon as the keys exist
                 if self.plan is not None and self.send_counts and layer.key_proj is not None and not layer.rotary:
                     self._key_hooks.append(layer.key_proj.register_forward_hook(self._keys_ready))
+        elif self.matched and self.at_first and not all(self.early_matched(layer) for layer in self.layers):
+            raise ValueError(f"count_bias {bias!r}: rows matched at the [CLS] query run in prism run only for "
+                             "models whose attention has separate query / key / value projections and unrotated "
+                             "keys (BERT, RoBERTa, ViT, DINOv2); use count_bias 'matched' or 'log' for "
+                             f"model_type {self.entry.model_type!r}")
         elif self.matched and self.receivers:
             # matched rows leave from the key projection where the layer has separate q / k / v
             # projections and unrotated keys (LayerCtx._start_matched_from_keys), else from inside
@@ -449,6 +493,10 @@ class Runtime:
             if isinstance(ctx, LayerCtx) and ctx.exchange_in_attention and ctx.rt.wire == "hidden" \
                     and not ctx.rt.send_counts and ctx.pending is None:   # not while decoding (DecodeCtx)
                 ctx.start_attention_exchange()
+            # matched_cls: the first token's attention input leaves rank 0 now (the receivers
+            # need it once their keys exist)
+            if isinstance(ctx, LayerCtx) and ctx.rt.at_first and ctx.pending_first is None and ctx.pending is None:
+                ctx.start_first_token(ctx.attn_input)
 
     @staticmethod
     def _keys_ready(module, args, out):
@@ -554,7 +602,8 @@ class Runtime:
     def expected_layer_bytes(self) -> int:
         counted = sum(self.plan.means[j] for j in self.sources if self.src_counts[j])
         return expected_recv_bytes(self.plan, self.model.config, self.wire, self.rank, self.batch,
-                                   self.cfg.wire_dtype, counted_rows=counted)
+                                   self.cfg.wire_dtype, counted_rows=counted, count_bias=self.count_bias,
+                                   compute_bytes=self.compute_dtype.itemsize)
 
     # ------------------------------------------------------------------------------------
     @torch.no_grad()

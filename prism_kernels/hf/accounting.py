@@ -17,8 +17,9 @@ the same code as `prism costs` (docs/method.md, "Costs"):
   matched K/V rows with a bias per KV head) x bytes per element of the model's dtype,
   plus each row's count (costs.comm.COUNT_BYTES) for the source partitions that choose
   their segments from their keys (dynamic.chooses; with a static plan the counts follow
-  from the plan and are not sent; matched rows carry a bias instead). Voltage's rows
-  are hidden states.
+  from the plan and are not sent; matched rows carry a bias instead), plus, for rows
+  matched at the [CLS] query, that token's attention input on every device but the
+  first (costs.comm.first_token_bytes). Voltage's rows are hidden states.
 * FLOPs per device (whole forward): device_flops(config, q_rows=n_i, kv_rows=n_i +
   received); Voltage kv_rows = N; single device q = kv = N. The classification head
   counts on device 0 only (it holds [CLS]); the master's embedding work
@@ -50,6 +51,7 @@ class Account:
         self.devices: List[DeviceRecord] = []
         self.num_layers = 0
         self.wire = "hidden"
+        self.bias = "log"
 
     def _collect(self, per_layer):
         from prism_kernels import dynamic
@@ -60,7 +62,7 @@ class Account:
         self.num_layers = len(per_layer)
         for layer, entries in enumerate(per_layer):
             for rows, plan in entries:
-                bias = cfg.bias_for(plan.causal, roles)
+                bias = self.bias = cfg.bias_for(plan.causal, roles)
                 self.wire = wire_format(self.model.config, "prism", cfg.averaging, bias)
                 counted = [0] * plan.num_partitions
                 if cfg.dynamic and bias not in MATCHED_BIASES:
@@ -79,7 +81,7 @@ class Account:
         one device running it; all averaged over sequences. *_total_gflops: whole batch."""
         from prism_kernels.costs import bytes_for, device_flops, embedding_flops
         from prism_kernels.costs import dtype_bytes as _dtype_bytes
-        from prism_kernels.costs.comm import COUNT_BYTES, floats_per_row
+        from prism_kernels.costs.comm import COUNT_BYTES, first_token_bytes, floats_per_row
 
         cfg = self.model.config
         if dtype_bytes is None:
@@ -104,10 +106,13 @@ class Account:
         pt, vt = mean([r.received_tokens for r in layer0]), mean([r.voltage_tokens for r in layer0])
         row = bytes_for(1, floats_per_row(cfg, self.wire), dtype_bytes)
         counted = mean([r.counted_rows for r in layer0])
+        # rows matched at the [CLS] query: its attention input reaches every other device
+        first = mean([first_token_bytes(cfg, self.bias, holder=r.device == 0, compute_bytes=dtype_bytes)
+                      for r in layer0])
         out = {"sequences": len(seqs), "layers": self.num_layers, "hidden_size": cfg.hidden_size,
                "dtype_bytes": dtype_bytes,
                "prism_tokens_per_device_layer": pt, "voltage_tokens_per_device_layer": vt,
-               "prism_bytes_per_device_layer": row * pt + COUNT_BYTES * counted,
+               "prism_bytes_per_device_layer": row * pt + COUNT_BYTES * counted + first,
                "voltage_bytes_per_device_layer": bytes_for(1, cfg.hidden_size, dtype_bytes) * vt,
                "compression_rate": (vt / pt) if pt else None,
                "single_gflops": mean(single), "single_total_gflops": sum(single)}

@@ -63,7 +63,7 @@ from ..anchors import TokenRoles, resolve
 from .. import dynamic as dyn
 from ..api import prism_attention
 from ..config import PrismConfig
-from ..costs.comm import wire_torch_dtype
+from ..costs.comm import MATCHED_AT_FIRST_TOKEN, wire_torch_dtype
 from ..plan import Partition, PrismPlan
 from .averaging import ATTENTION_INPUT
 from .masks import key_valid_from_mask
@@ -281,20 +281,24 @@ def simulate_prism(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     bias = config.bias_for(causal, roles)
     spread = bias == "spread"
     s = scale if scale is not None else d ** -0.5
-    matched = MATCHED.get(bias)                    # rows matched at the mean query: hf/matched_summary.py
+    matched = MATCHED.get(bias)                    # rows matched at a query: hf/matched_summary.py
+    at_first = bias in MATCHED_AT_FIRST_TOKEN      # ... at the first token's ([CLS]) query
     extra = [k3.new_zeros(B * N, Hkv, dtype=torch.float32)] if spread or matched else None
     q3 = query.transpose(1, 2).reshape(B, N, H * d) if matched else None
     wire = None if config.wire_dtype == "fp32" else wire_torch_dtype(config.wire_dtype)
     counts = lay.counts
     bank_counts = [torch.ones(B * N, dtype=torch.int64, device=query.device)] if config.dynamic else None
     for g in lay.groups:
+        # the query the rows are matched at: the sending partition's (its mean), or for
+        # matched_cls the group's first token's, which partition 0 holds
+        q_first = g.take(q3, g.plan.partitions[0])[:, :1] if at_first else None
         for part in g.sent():
             if config.dynamic:      # segments chosen from this layer's keys (prism_kernels/dynamic.py)
                 kp = g.take(k3, part)
                 seg_of, cnt = dyn.partition_segments(config, kp, part, g.fixed(part), g.grid)
                 if matched:                     # matched rows: their bias replaces log c
-                    km, vm, b = matched_summary(g.take(q3, part), kp, g.take(v3, part), seg_of, cnt, H, s,
-                                                *matched)
+                    q_at = q_first if at_first else g.take(q3, part)
+                    km, vm, b = matched_summary(q_at, kp, g.take(v3, part), seg_of, cnt, H, s, *matched)
                     bank_counts.append(torch.ones_like(cnt).reshape(-1))
                     if wire is not None:        # the bias crosses the network with the rows
                         b = b.to(wire).to(torch.float32)

@@ -1,6 +1,7 @@
-"""A segment summary matched at the sender's mean query (PrismConfig.count_bias=
-"matched" / "matched_half" / "matched_shared", and "auto" for text encoders;
-data-dependent segments only; the simulation and the runtime call the same code).
+"""A segment summary matched at a query (PrismConfig.count_bias= "matched" /
+"matched_half" / "matched_shared" at the sender's mean query, "matched_cls" at the
+[CLS] query; "auto" picks "matched" for text encoders and "matched_cls" for vision
+encoders; data-dependent segments only; the simulation and the runtime call the same code).
 
 A segment S of c tokens stands in a receiver's softmax for its log-sum-exp
 L(q) = log sum_{t in S} exp(s q.k_t) and its output sum_t softmax_S(q)_t v_t. The
@@ -14,7 +15,10 @@ sending partition, per KV head) instead:
 
 so that s q.k~ + b equals L(q) and its gradient at q0, and v~ the output there.
 gamma = 0 gives back the paper's row; a token sent alone keeps its own key and value
-with bias 0. "matched_shared" averages the weights w_t over the KV heads. The bias
+with bias 0. "matched_cls" matches every partition's rows at one query, that of the
+sequence's first token ([CLS] in BERT and ViT), instead of the sending partition's
+mean: on DINOv2 the mean query is mostly that of background patches, and the [CLS]
+query serves every receiver better (docs/accuracy.md). "matched_shared" averages the weights w_t over the KV heads. The bias
 folds into the scores as one extra head dimension: q' = [q, 1], k' = [k~, b / s] (0 for
 the receiver's own tokens), v' = [v, 0], the rows' counts set to 1, so the kernels stay
 unchanged. On the network a row is its key, its value and one bias per KV head, no count
@@ -30,7 +34,10 @@ from .spread_bias import extra_score_dim
 
 # count_bias -> (gamma: the scale of the mean query the rows are matched at,
 #                shared: one weight per token for all KV heads)
-MATCHED = {"matched": (1.0, False), "matched_half": (0.5, False), "matched_shared": (1.0, True)}
+# ("matched_cls" is matched at the query of the sequence's first token instead of the mean
+# query: the callers pass that one query, costs.comm.MATCHED_AT_FIRST_TOKEN)
+MATCHED = {"matched": (1.0, False), "matched_half": (0.5, False), "matched_shared": (1.0, True),
+           "matched_cls": (1.0, False)}
 
 
 def _segment_weights(z: torch.Tensor, seg_of: torch.Tensor, m: int, shared: bool):
