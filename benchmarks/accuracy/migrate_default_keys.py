@@ -14,9 +14,13 @@ the same configuration under the new defaults. Each change is applied once, by n
     keep one): in the text tasks' files (minilm-*, smollm2-*), cells whose anchors
     resolve to special+topk and that name no `anchor_topk` get `anchor_topk=1`.
   * `text-matched` (count_bias "auto": rows matched at the mean query for text encoders
-    with data-dependent segments; decoders and images keep the log-count bias): in the
+    with data-dependent segments; decoders and images kept the log-count bias): in the
     MiniLM tasks' files (minilm-*), cells with data-dependent segments that name no
     `count_bias` get `count_bias=log`.
+
+  * `image-matched-cls` (count_bias "auto": rows matched at the [CLS] query for vision
+    encoders with data-dependent segments): in the DINOv2 tasks' files (dinov2-*), cells
+    with data-dependent segments that name no `count_bias` get `count_bias=log`.
 
 Usage: python benchmarks/accuracy/migrate_default_keys.py CHANGE FILE.json ...
 (each renamed file's accuracy_<task>.md and .png are rendered again).
@@ -69,10 +73,10 @@ def migrate_text_topk(key: str, path: str = "") -> str:
     return _join(parts, opts)
 
 
-def migrate_text_matched(key: str, path: str = "") -> str:
+def migrate_text_matched(key: str, path: str = "", prefix: str = "accuracy_minilm-") -> str:
     parts, opts = _split(key)
     name = os.path.basename(path)
-    if parts[0] != "prism" or not name.startswith("accuracy_minilm-") or "count_bias" in opts:
+    if parts[0] != "prism" or not name.startswith(prefix) or "count_bias" in opts:
         return key
     dynamic = _keys_resolve_to_topk(parts[3].split("=", 1)[1], opts) or \
         opts.get("segments") in DYNAMIC_SEGMENTS
@@ -81,7 +85,12 @@ def migrate_text_matched(key: str, path: str = "") -> str:
     return _join(parts, opts)
 
 
-CHANGES = {"special": migrate_special, "text-topk": migrate_text_topk, "text-matched": migrate_text_matched}
+def migrate_image_matched_cls(key: str, path: str = "") -> str:
+    return migrate_text_matched(key, path, prefix="accuracy_dinov2-")
+
+
+CHANGES = {"special": migrate_special, "text-topk": migrate_text_topk, "text-matched": migrate_text_matched,
+           "image-matched-cls": migrate_image_matched_cls}
 
 
 def main(argv):
