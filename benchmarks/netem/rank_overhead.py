@@ -4,7 +4,7 @@ K/V projections, both attention calls and their merge) with an exchange that com
 at once (zeros received), against the stock blocks (sdpa) on the same number of rows.
 Interleaved in one process, one thread; medians and their ratio.
 
-    python benchmarks/netem/rank_overhead.py [--family vit|bert] [--count-bias auto|log|matched]
+    python benchmarks/netem/rank_overhead.py [--family vit|bert] [--count-bias auto|log|matched|matched_cls]
                                              [--repeat 9] [--out FILE] [--profile]
 """
 from __future__ import annotations
@@ -55,7 +55,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--family", default="vit", choices=("vit", "bert"))
     ap.add_argument("--means", type=int, default=None, help="means per partition (default: 10 ViT, 1 BERT)")
-    ap.add_argument("--count-bias", default="auto", choices=("auto", "log", "matched"),
+    ap.add_argument("--count-bias", default="auto", choices=("auto", "log", "matched", "matched_cls"),
                     help="PrismConfig.count_bias (auto: matched rows for BERT, log for ViT)")
     ap.add_argument("--repeat", type=int, default=9)
     ap.add_argument("--out", default=None)
