@@ -822,6 +822,20 @@ def test_cli_refuses_repeat_zero_and_a_wrong_family(tmp_path):
     assert p.returncode == 2 and "exactly one of num_means" in p.stderr, p.stderr[-2000:]
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_cli_refuses_matched_cls_where_the_runtime_cannot_build_it(family):
+    """Rows matched at the [CLS] query need separate q / k / v projections and unrotated keys:
+    GPT-2 (fused projection) and Llama (rotary) are refused with exit 2 before any process
+    starts, naming the bias, the rule and the model type."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "prism_kernels.cli", "run", "--nproc", "2", "--family", family,
+                        "--seq-len", "16", "-m", "3", "--count-bias", "matched_cls"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "count_bias 'matched_cls'" in p.stderr and "separate query / key / value projections" in p.stderr
+    assert f"model_type '{family}'" in p.stderr and "Traceback" not in p.stderr
+
+
 @pytest.mark.parametrize("family,value_path,count_bias", [("vit", "v_proj", "auto"), ("bert", "value", "log"),
                                                           ("bert", "value", "auto"), ("vit", "v_proj", "matched")])
 def test_data_dependent_exchange_starts_at_the_key_projection(family, value_path, count_bias):

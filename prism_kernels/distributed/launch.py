@@ -229,7 +229,9 @@ def model_config(args):
 def check_model_args(args, world=None):
     """The checks that need the model's config: --seq-len given for a text family (unless
     --text), within the model's positions and at least the world size (P <= N)."""
+    from prism_kernels.costs.comm import MATCHED_AT_FIRST_TOKEN
     from prism_kernels.costs.report import resolve_seq_len
+    from .runtime import matched_cls_refusal
     entry, cfg = model_config(args)
     if entry.input_kind == "text":
         if args.text is None and args.seq_len is None:
@@ -237,6 +239,10 @@ def check_model_args(args, world=None):
                           f"random token ids of that length)")
     elif args.text is not None:
         raise Refused(f"--text does not apply to the {entry.model_type} family (image input)")
+    bias = getattr(args, "count_bias", "auto")
+    if args.mode == "prism" and bias in MATCHED_AT_FIRST_TOKEN and not (
+            entry.query_proj_path and entry.key_proj_path and entry.value_proj_path and not entry.rotary):
+        raise Refused(matched_cls_refusal(bias, entry.model_type))   # (the runtime checks each layer too)
     if getattr(args, "pixels", "float") != "float" and entry.input_kind != "image":
         raise Refused(f"--pixels {args.pixels} applies to image models, not to the {entry.model_type} family")
     if args.seq_len is not None:

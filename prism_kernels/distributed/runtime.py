@@ -176,6 +176,13 @@ def to_wire(payload: torch.Tensor, dtype: torch.dtype, what: str = "a payload") 
     return out
 
 
+def matched_cls_refusal(count_bias: str, model_type: str) -> str:
+    """Why rows matched at the [CLS] query cannot run on this model type in `prism run`."""
+    return (f"count_bias {count_bias!r}: rows matched at the [CLS] query run in prism run only for models "
+            "whose attention has separate query / key / value projections and unrotated keys (BERT, "
+            f"RoBERTa, ViT, DINOv2); use count_bias 'matched' or 'log' for model_type {model_type!r}")
+
+
 # ------------------------------------------------------------------------------------------
 # faults (tests only): PRISM_FAULT="die:rank=1:layer=1" or "stall:rank=1:layer=0:seconds=60"
 
@@ -458,10 +465,7 @@ class Runtime:
                 if self.plan is not None and self.send_counts and layer.key_proj is not None and not layer.rotary:
                     self._key_hooks.append(layer.key_proj.register_forward_hook(self._keys_ready))
         elif self.matched and self.at_first and not all(self.early_matched(layer) for layer in self.layers):
-            raise ValueError(f"count_bias {bias!r}: rows matched at the [CLS] query run in prism run only for "
-                             "models whose attention has separate query / key / value projections and unrotated "
-                             "keys (BERT, RoBERTa, ViT, DINOv2); use count_bias 'matched' or 'log' for "
-                             f"model_type {self.entry.model_type!r}")
+            raise ValueError(matched_cls_refusal(bias, self.entry.model_type))
         elif self.matched and self.receivers:
             # matched rows leave from the key projection where the layer has separate q / k / v
             # projections and unrotated keys (LayerCtx._start_matched_from_keys), else from inside

@@ -146,9 +146,9 @@ def enable_prism(model, num_partitions: int = 2, *, compression_rate: Optional[f
     the defaults are the best measured policy, with segments chosen per layer from the
     keys, prism_kernels/dynamic.py; anchors="none", segments="runs" is the paper's plain
     means); count_bias "auto" (default) sends rows matched at the mean query (hf/matched_summary.py)
-    for text encoders and uses the paper's log-count bias ("log") elsewhere; "matched" /
-    "matched_half" / "matched_shared" choose the matched rows, "spread" (hf/spread_bias.py) is
-    an experiment. wire_dtype (fp32 | fp16 | bf16) rounds every row a device
+    for text encoders, at the [CLS] query for vision encoders, and uses the paper's log-count
+    bias ("log") for decoders; "matched" / "matched_half" / "matched_shared" / "matched_cls"
+    choose the matched rows, "spread" (hf/spread_bias.py) is an experiment. wire_dtype (fp32 | fp16 | bf16) rounds every row a device
     receives (means and anchors) to that type, as `prism run --wire-dtype` sends them. Raises ValueError at once for invalid settings (backend included) and
     for a model whose config.model_type is not in prism_kernels.models.MODEL_TYPES
     (unless allow_untested=True).
