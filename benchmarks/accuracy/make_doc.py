@@ -65,7 +65,9 @@ prism eval --task smollm2-austen --partitions 2 --cr 10 --limit 48 --variant anc
 python benchmarks/accuracy/migrate_default_keys.py special FILE.json     # once each, for cells stored
 python benchmarks/accuracy/migrate_default_keys.py text-topk FILE.json   # under an earlier default
 python benchmarks/accuracy/migrate_default_keys.py text-matched FILE.json
+python benchmarks/accuracy/migrate_default_keys.py image-matched-cls FILE.json
 bash benchmarks/accuracy/run_matched.sh   # count_bias=matched / matched_half against the default (accuracy_matched/)
+python benchmarks/accuracy/query_variants.py   # where the rows are matched (accuracy_matched_cls/; see the script)
 python benchmarks/accuracy/layer_budget.py --task dinov2-fashion --partitions 2 --cr 9.9   # rows per layer
     # (also --partitions 3 --cr 6.55, --task dinov2-digits, --image-size 224; into benchmarks/results/layer_budget/)
 prism eval --task finetune-dinov2-fashion --out benchmarks/results   # fine-tuning with Prism in the loop
@@ -110,13 +112,15 @@ rate CR, m_j = ceil(n_j / CR) (Eq. 16), with either averaging variant
 by each device, the top-1 token by key norm (images) or the top-6 tokens by key
 deviation (text) sent alone out of the same budget; 2-D blocks of the patch grid for vision models, runs cut where
 the keys change for text; docs/method.md, "Anchors and 2-D segments"; for text encoders
-each run's keys and values weighted at the partition's mean query, `count_bias=matched`),
+each run's keys and values weighted at the partition's mean query, `count_bias=matched`,
+for vision encoders at the [CLS] query, `count_bias=matched_cls`),
 `anchors=special` = the special tokens alone with static blocks / equal runs (the
 package's default until the data-dependent policies ran in the runtime; tables stored
 before then were renamed to it by benchmarks/accuracy/migrate_default_keys.py),
 `anchor_topk=1` on the text tasks = the default before text got six top-k anchors,
 `count_bias=log` on the MiniLM tasks = the default before text encoders got rows matched at
-the mean query,
+the mean query, and on the DINOv2 tasks the default before vision encoders got rows matched at
+the [CLS] query,
 `anchors=none,segments=runs` = the paper's plain means, other
 variants as named (`count_bias=spread`: the experimental spread-corrected bias;
 `anchor_budget=extra`: anchors on top of the m_j means). **eff. CR** is
