@@ -251,11 +251,11 @@ def matched_section(d: Path, rel: Path) -> str:
              "prism_kernels/hf/matched_summary.py; findings under \"Segments matched at the mean query\"). "
              "Each folder of benchmarks/results/accuracy_matched/ is one `prism eval` call with `--variant "
              "default --variant count_bias=matched --variant count_bias=matched_half`, seed 0, run when "
-             "every task's default was the log-count bias: the MiniLM cells of that default are stored as "
-             "`count_bias=log` (benchmarks/accuracy/migrate_default_keys.py text-matched), the others as "
-             "`default`. \"minus log\": variant - the log-count bias on the same items (or text windows), "
+             "every task's default was the log-count bias: the MiniLM and DINOv2 cells of that default are "
+             "stored as `count_bias=log` (benchmarks/accuracy/migrate_default_keys.py text-matched and "
+             "image-matched-cls), SmolLM2's as `default`. \"minus log\": variant - the log-count bias on the same items (or text windows), "
              "paired bootstrap 95 % interval.\n")
-    runs = [(f"{tag}/accuracy_{task}", title, "count_bias=log" if task.startswith("minilm") else "default")
+    runs = [(f"{tag}/accuracy_{task}", title, "count_bias=log" if task.startswith(("minilm", "dinov2")) else "default")
             for tag, task, title in MATCHED_RUNS]
     return paired_section(d, "## Segments matched at the mean query: tables\n", intro, "default", "log", runs)
 
@@ -297,7 +297,8 @@ def main():
     parts = [INTRO, "## Summary\n",
              "Prism with the package's defaults (the model's special tokens and the top-1 token chosen per "
              "layer sent alone; 2-D blocks of the patch grid for vision models, runs cut where the keys "
-             "change for text; rows matched at the mean query for text encoders; attention_input averaging), next to the static special-token policy "
+             "change for text; rows matched at the mean query for text encoders and at the [CLS] query for vision "
+             "encoders; attention_input averaging), next to the static special-token policy "
              "(`anchors=special`, the earlier default) and the paper's plain means "
              "(`anchors=none,segments=runs`), at the paper's settings. Δ = Prism - exact on the same test "
              "items with its paired 95 % interval. Test-set sizes and seeds are in the per-task settings "
