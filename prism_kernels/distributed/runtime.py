@@ -267,9 +267,7 @@ class LayerCtx:
         B, H, n, d = q.shape
         rows = lambda t: t.transpose(1, 2).reshape(B, n, -1)
         s = scale if scale is not None else d ** -0.5          # the attention's own scale
-        q_at = rows(q)                                          # its mean is taken
-        if self.rt.at_first:        # the first token's query: rank 0's own, else from its attention input
-            q_at = q_at[:, :1] if self.rt.rank == 0 else self.layer.query_proj(self.pending_first.wait()[0])
+        q_at = self._first_query(rows(q)) if self.rt.at_first else rows(q)   # (else its mean is taken)
         self._send_matched(q_at, rows(k), rows(v), H, d, s)
 
     def _start_matched_from_keys(self, k3):
@@ -280,13 +278,17 @@ class LayerCtx:
         is the first token's: the query projection of its attention input, rank 0's own
         or received from rank 0 (start_first_token)."""
         layer, x = self.layer, self.attn_input
-        if self.rt.at_first:
-            x0 = x[:, :1] if self.rt.rank == 0 else self.pending_first.wait()[0]
-            q_at = layer.query_proj(x0)                                  # [B, 1, H*d]
-        else:
-            q_at = layer.query_proj(x.mean(1, keepdim=True))             # [B, 1, H*d]
+        q_at = self._first_query() if self.rt.at_first else layer.query_proj(x.mean(1, keepdim=True))  # [B, 1, H*d]
         d = self.rt.entry.head_dim(self.rt.model.config)
         self._send_matched(q_at, k3, x, q_at.shape[-1] // d, d, layer.attention.scaling, layer.value_proj)
+
+    def _first_query(self, q3: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """matched_cls: the first token's query [B, 1, H*d]. Rank 0 holds the token: its row of
+        q3 when the queries exist, else the query projection of its attention input; the other
+        ranks project the attention input received from rank 0 (start_first_token)."""
+        if self.rt.rank == 0:
+            return q3[:, :1] if q3 is not None else self.layer.query_proj(self.attn_input[:, :1])
+        return self.layer.query_proj(self.pending_first.wait()[0])
 
     def start_first_token(self, x: torch.Tensor):
         """matched_cls: rank 0 sends the first token's attention input x[:, :1] [B, 1, D] (in
