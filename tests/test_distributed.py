@@ -464,7 +464,7 @@ def test_bytes_per_layer_equal_cost_model(run_scenarios):
                         a = len(special & set(range(offs[j], offs[j] + sizes[j])))
                         counted += ms[j] if ms[j] >= a + 2 else 0
             want = tokens * width * ELEMENT_BYTES[rep["wire_dtype"]] + 4 * counted
-            first = D * 4 if sends_first_token(s) and i != 0 else 0    # [CLS]'s attention input, fp32
+            first = D * 4 if sends_first_token(s) and i != 0 else 0    # [CLS]'s query (H*d = D here), fp32
             # the project's cost model (`prism costs`)
             if s["mode"] == "prism":
                 plan = make_plan(sum(sizes), sizes=sizes, num_means=rep["means"], causal=causal)
@@ -838,13 +838,16 @@ def test_cli_refuses_matched_cls_where_the_runtime_cannot_build_it(family):
 
 @pytest.mark.parametrize("family,value_path,count_bias", [("vit", "v_proj", "auto"), ("bert", "value", "log"),
                                                           ("bert", "value", "auto"), ("vit", "v_proj", "matched")])
-def test_data_dependent_exchange_starts_at_the_key_projection(family, value_path, count_bias):
-    """With segments chosen from the keys (attention-input means or matched rows,
-    non-rotary), each layer's exchange is posted from the key projection's output: before
-    the value projection runs, so the transfer overlaps it. The payload equals the one
-    posted from inside the attention: the same rows for means; for matched rows (BERT's
-    default) the mean query and the values come from the attention input through the
-    projections instead, equal to fp32 rounding."""
+def test_data_dependent_exchange_starts_before_the_attention(family, value_path, count_bias):
+    """With segments chosen from the keys (non-rotary), each layer's exchange is posted
+    before the attention runs: attention-input means from the key projection's output,
+    before the value projection, so the transfer overlaps it; matched rows (BERT's and
+    ViT's defaults) from the value projection's output, built from the layer's own
+    queries, keys and values. The payload equals the one posted from inside the
+    attention (hooks removed): the same rows for means, equal to fp32 rounding for
+    matched rows."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
     from prism_kernels.config import PrismConfig
     from prism_kernels.distributed import overlap
     from prism_kernels.distributed.runtime import RunConfig, Runtime
@@ -864,22 +867,29 @@ def test_data_dependent_exchange_starts_at_the_key_projection(family, value_path
         rank, world, timeout_s, wait_s, post_s = 0, 2, 60.0, 0.0, 0.0
 
         def start(self, what, phase, layer, send, recv):
-            if phase == "layer" and "first-token" not in what:   # (matched_cls: rank 0 sends [CLS] first)
+            if phase == "layer" and "first-token" not in what:   # (matched_cls: rank 0 sends [CLS]'s query first)
                 events.append(("exchange", layer, next(iter(send.values())).clone()))
             return Done(send, recv)
+
+    def recording_attention(module, *args, **kwargs):
+        events.append(("attention", overlap.current().layer.index, None))
+        return overlap.prism_distributed_attention(module, *args, **kwargs)
 
     entry = lookup(family)
     model = entry.build_model("tiny")
     inputs = entry.make_input(model.config, seq_len=16)
     n = entry.n_tokens(model, inputs)
     overlap.register()
-    model.set_attn_implementation(overlap.ATTN_NAME)
+    AttentionInterface.register("prism_test_recording", recording_attention)
+    AttentionMaskInterface.register("prism_test_recording", lambda *a, **k: None)
+    model.set_attn_implementation("prism_test_recording")
     cfg = PrismConfig(num_partitions=2, num_means=4, count_bias=count_bias)
     rt = Runtime(model, RecordingComm(), RunConfig(mode="prism", input="local", prism=cfg),
                  n, input_shape=tuple(inputs.shape), input_dtype=inputs.dtype)
     matched = count_bias == "matched" or count_bias == "auto"      # auto: matched (BERT), matched_cls (ViT)
     assert rt.wire == ("matched" if matched else "hidden")
     assert rt.send_counts or matched, "the policy must choose segments from the keys here"
+    assert len(rt._proj_hooks if matched else rt._key_hooks) == (3 if matched else 1) * len(rt.layers)
     for layer in rt.layers:
         getattr(layer.attention, value_path).register_forward_hook(
             lambda *a, i=layer.index: events.append(("value", i, None)))
@@ -887,22 +897,23 @@ def test_data_dependent_exchange_starts_at_the_key_projection(family, value_path
         rt.run_blocks(inputs)
     order = [(kind, i) for kind, i, _ in events]
     for layer in rt.layers:
-        assert order.index(("exchange", layer.index)) < order.index(("value", layer.index)), order
+        posted, value, attention = (order.index((k, layer.index)) for k in ("exchange", "value", "attention"))
+        # matched rows: posted by the runtime's value hook, which runs before the test's (registered later)
+        assert posted < value < attention, order
     posted = [p for kind, _, p in events if kind == "exchange"]
-    # the same payloads when the exchange starts inside the attention (hooks removed)
-    for h in rt._capture_hooks + rt._key_hooks:
+    # the same payloads when the exchange starts inside the attention (the runtime's hooks removed)
+    for h in rt._capture_hooks + rt._key_hooks + rt._proj_hooks:
         h.remove()
     rt2 = Runtime(model, RecordingComm(), RunConfig(mode="prism", input="local", prism=cfg),
                   n, input_shape=tuple(inputs.shape), input_dtype=inputs.dtype)
-    assert len(rt2._key_hooks) == len(rt2.layers)
-    for h in rt2._key_hooks:                  # keep the attention pre-hooks, drop the key hooks
+    for h in rt2._key_hooks + rt2._proj_hooks:     # keep the attention pre-hooks, drop the projections'
         h.remove()
     events.clear()
     with torch.no_grad():
         rt2.run_blocks(inputs)
     order = [(kind, i) for kind, i, _ in events]
-    for layer in rt2.layers:       # posted from inside the attention: after the value projection
-        assert order.index(("exchange", layer.index)) > order.index(("value", layer.index)), order
+    for layer in rt2.layers:       # posted from inside the attention
+        assert order.index(("exchange", layer.index)) > order.index(("attention", layer.index)), order
     again = [p for kind, _, p in events if kind == "exchange"]
     assert len(again) == len(posted) == len(rt.layers)
     for a, b in zip(posted, again):

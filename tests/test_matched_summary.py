@@ -62,30 +62,6 @@ def test_rows_reproduce_every_token_at_the_matched_query(dtype, heads, kv_heads,
             assert torch.allclose(b[:, j].double(), want_b, atol=TOL[dtype] * 10, rtol=0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("heads,kv_heads,shared", [(4, 4, False), (4, 2, False), (4, 4, True)])
-@pytest.mark.parametrize("m", [1, 4])
-def test_rows_from_the_attention_input_equal_rows_from_the_values(dtype, heads, kv_heads, shared, m):
-    """The runtime's early start: the mean query alone (nq = 1) and the values from the
-    attention input x through the value projection give the same rows as the queries
-    and values themselves (the weights sum to 1 per segment and head)."""
-    gen = torch.Generator().manual_seed(5)
-    Bg, n, d, D = 2, 19, 8, 24
-    x = torch.randn(Bg, n, D, generator=gen, dtype=dtype)
-    lin = lambda o: torch.nn.Linear(D, o, dtype=dtype)
-    torch.manual_seed(5)
-    wq, wk, wv = lin(heads * d), lin(kv_heads * d), lin(kv_heads * d)
-    with torch.no_grad():
-        q, k, v = wq(x), wk(x), wv(x)
-        seg_of, counts = _segments(Bg, n, m, gen)
-        want = matched_summary(q, k, v, seg_of, counts, heads, d ** -0.5, 1.0, shared)
-        got = matched_summary(wq(x.mean(1, keepdim=True)), k, x, seg_of, counts, heads, d ** -0.5, 1.0, shared,
-                              value_proj=wv)
-    for a, b in zip(got, want):
-        assert a.shape == b.shape
-        assert torch.allclose(a, b, atol=TOL[dtype], rtol=0), float((a - b).abs().max())
-
-
 def test_gamma_zero_is_the_paper_row():
     """Matched at q = 0 the rows are the plain means and the bias is log c."""
     gen = torch.Generator().manual_seed(1)

@@ -20,8 +20,8 @@ Bytes = rows x (floats per row x bytes per element [+ COUNT_BYTES]), a row being
             values weighted at the sending partition's mean query, or at the [CLS]
             query for "matched_cls", and per KV head the bias that replaces log c; no
             count travels, docs/method.md). With "matched_cls" every device but the
-            first also receives, per layer, the first token's attention input (one row
-            of D floats in the compute dtype: `first_token_bytes`).
+            first also receives, per layer, the first token's query (H*d floats in
+            the compute dtype: `first_token_bytes`).
 Bytes per element: the wire dtype (WIRE_DTYPES; `row_bytes`). The runtime
 (prism_kernels.distributed) sends exactly these rows, cast to the wire dtype.
 
@@ -45,8 +45,8 @@ WIRE_DTYPES = ("fp32", "fp16", "bf16")
 # "matched" K/V rows with a bias per KV head
 MATCHED_BIASES = ("matched", "matched_half", "matched_shared", "matched_cls")
 # ... of which these are matched at the query of the sequence's first token ([CLS]): the
-# device that holds it sends that token's attention input (D floats in the compute dtype)
-# to every other device in each layer, before their rows can be built (first_token_bytes)
+# device that holds it sends that token's query (H*d floats in the compute dtype) to every
+# other device in each layer, before their rows can be built (first_token_bytes)
 MATCHED_AT_FIRST_TOKEN = ("matched_cls",)
 
 
@@ -134,10 +134,13 @@ def kv_heads(config) -> int:
     return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
 
 
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def kv_width(config) -> int:
     """2 * Hkv * d: floats of one row of keys and values."""
-    heads = config.num_attention_heads
-    return 2 * kv_heads(config) * (getattr(config, "head_dim", None) or config.hidden_size // heads)
+    return 2 * kv_heads(config) * head_dim(config)
 
 
 def wire_format(config, mode: str = "prism", averaging: str = "attention_input", count_bias: str = "log") -> str:
@@ -172,12 +175,12 @@ def wire_torch_dtype(wire_dtype: str):
 
 
 def first_token_bytes(config, count_bias: str, holder: bool, batch: int = 1, compute_bytes: int = 4) -> int:
-    """Bytes per layer of the first token's attention input that a device receives for rows
-    matched at the [CLS] query (MATCHED_AT_FIRST_TOKEN): one row of D elements of the compute
-    dtype per sequence, on every device but the one that holds the token (`holder`); else 0."""
+    """Bytes per layer of the first token's query that a device receives for rows matched at
+    the [CLS] query (MATCHED_AT_FIRST_TOKEN): H * d elements of the compute dtype per
+    sequence, on every device but the one that holds the token (`holder`); else 0."""
     if count_bias not in MATCHED_AT_FIRST_TOKEN or holder:
         return 0
-    return int(batch) * int(config.hidden_size) * int(compute_bytes)
+    return int(batch) * int(config.num_attention_heads) * head_dim(config) * int(compute_bytes)
 
 
 # a segment's count on the wire (int32: exact for any sequence length), sent with each

@@ -145,7 +145,7 @@ def estimate(model, seq_len: Optional[int] = None, num_partitions: Optional[int]
         matched_cls for vision encoders, else log; anchors.resolve_count_bias), "log", or a
         matched bias (MATCHED_BIASES): K/V rows with one bias per KV head instead of the
         count (wire "matched"; needs data-dependent segments); matched_cls adds the first
-        token's attention input (D elements) on every device but the first.
+        token's query (H*d elements) on every device but the first.
     Raises ValueError naming the argument and the rule on bad input.
     """
     spec = resolve_model(model)
@@ -184,7 +184,7 @@ def estimate(model, seq_len: Optional[int] = None, num_partitions: Optional[int]
     hidden = spec.hidden_size
     wire = wire_format(spec.config, "prism", averaging, count_bias)
     width = floats_per_row(spec.config, wire)
-    # rows matched at the [CLS] query: the first token's attention input, to every other device
+    # rows matched at the [CLS] query: the first token's query, to every other device
     first = [first_token_bytes(spec.config, count_bias, holder=(i == 0), compute_bytes=dtype_bytes)
              for i in range(plan.num_partitions)]
 

@@ -43,9 +43,11 @@ Rows matched at the mean query (count_bias "matched*", and "auto" for text encod
 hf/matched_summary.py): each row is its segment's keys and values weighted at the sending
 partition's mean query, with a bias per KV head in place of its count (wire "matched":
 [B, Hkv, m_j, 2d + 1], the bias last; no counts travel). Where the layer has separate
-q / k / v projections and unrotated keys they leave from the key projection's hook (the
-mean query and the values through the layer's query and value projections); else from
-inside the attention. The receiver adds the bias to its scores as one more head
+q / k / v projections and unrotated keys they leave from the value projection's hook,
+built from the layer's own queries, keys and values (nothing is projected twice); else
+from inside the attention. For rows matched at the [CLS] query ("matched_cls", the
+default for vision encoders) rank 0 sends the first token's query to the other ranks from
+its query projection's hook. The receiver adds the bias to its scores as one more head
 dimension (spread_bias.extra_score_dim) and projects nothing.
 
 Start-up (RunConfig.input, `--input`):
@@ -68,6 +70,7 @@ happen once per inference, and the gathered rows are the result itself.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from dataclasses import dataclass
@@ -157,7 +160,7 @@ def expected_recv_bytes(plan, model_config, wire: str, rank: int, batch: int = 1
     source partitions; their full rows in Voltage) x bytes per row (floats per row x
     bytes per element of the wire dtype), plus COUNT_BYTES for each of the
     `counted_rows` whose segments were chosen from the keys (dynamic.counted_rows), plus
-    the first token's attention input for rows matched at the [CLS] query
+    the first token's query for rows matched at the [CLS] query
     (costs.comm.first_token_bytes, in the compute dtype)."""
     rows = bytes_for(plan.devices[rank].tokens_received * batch, row_bytes(model_config, wire, wire_dtype), 1)
     first = first_token_bytes(model_config, count_bias, holder=(rank == 0), batch=batch, compute_bytes=compute_bytes)
@@ -213,8 +216,9 @@ class LayerCtx:
         self.q_pos = rt.q_pos
         self.overlap = rt.cfg.overlap
         self.pending = None
-        self.pending_first = None     # matched_cls: the first token's attention input in flight
+        self.pending_first = None     # matched_cls: the first token's query in flight
         self.attn_input = None
+        self.proj = {}                # matched rows: this layer's own q / k / v outputs (projection_ready)
         # attention_input means are taken inside the attention; the others before the block
         self.exchange_in_attention = rt.cfg.mode == "prism" and rt.averaging == "attention_input"
 
@@ -247,20 +251,37 @@ class LayerCtx:
         self._start_dynamic_rows(rows(k), None if v is None else rows(v), Hkv)
 
     def start_from_keys(self, k3: torch.Tensor):
-        """Start this layer's data-dependent exchange from the key projection's output
-        k3 [B, n, Hkv*d] (attention-input means or matched rows, non-rotary models): the
-        transfer then overlaps the value projection and the local attention, not only the latter."""
+        """Start this layer's attention-input means with segments chosen from the keys from the
+        key projection's output k3 [B, n, Hkv*d] (non-rotary models): the transfer then overlaps
+        the value projection and the local attention, not only the latter."""
         if self.pending is not None or not self.exchange_in_attention or self.attn_input is None:
             return
-        if self.rt.matched:
-            self._start_matched_from_keys(k3)
-        elif self.rt.send_counts and self.rt.wire == "hidden":
+        if self.rt.send_counts and self.rt.wire == "hidden":
             self._start_dynamic_rows(k3, None, None)
+
+    def projection_ready(self, which: str, out: torch.Tensor):
+        """Matched rows from the layer's own projections (separate q / k / v Linears, unrotated
+        keys: Runtime.early_matched): `which` ("q", "k" or "v") has produced out [B, n, width].
+        Once all three exist (after the value projection) the rows leave, before the
+        attention runs: their values are the weighted sums of the rank's own values, so no
+        weight matrix is read a second time (rows built before the values would need the value
+        weights once more per head). matched_cls: the first token's query leaves rank 0 as soon
+        as the query projection has run (start_first_token)."""
+        rt = self.rt
+        self.proj[which] = out
+        if which == "q" and rt.at_first and self.pending_first is None:
+            self.start_first_token(out)
+        if self.pending is None and rt.receivers and len(self.proj) == 3:
+            q3, k3, v3 = self.proj["q"], self.proj["k"], self.proj["v"]
+            d = rt.entry.head_dim(rt.model.config)
+            q_at = self._first_query(q3) if rt.at_first else q3        # (else its mean is taken)
+            self._send_matched(q_at, k3, v3, q3.shape[-1] // d, d, self.layer.attention.scaling)
 
     def _start_matched(self, q, k, v, scale):
         """This layer's segments chosen from the keys, summarised at the partition's mean
         query (hf/matched_summary.py, as the simulation does): per row and KV head the
-        weighted key and value and the bias, [B, Hkv, m, 2d + 1] (the bias last)."""
+        weighted key and value and the bias, [B, Hkv, m, 2d + 1] (the bias last). From
+        inside the attention, for layers whose projections are not separate Linears."""
         if not self.rt.receivers:
             self._start(None)
             return
@@ -270,36 +291,23 @@ class LayerCtx:
         q_at = self._first_query(rows(q)) if self.rt.at_first else rows(q)   # (else its mean is taken)
         self._send_matched(q_at, rows(k), rows(v), H, d, s)
 
-    def _start_matched_from_keys(self, k3):
-        """The same rows from the key projection's output k3 [B, n, Hkv*d], before the
-        queries and values exist: the mean query is the query projection of the mean
-        attention input (it is linear), and each row's value the value projection of its
-        weighted attention input (matched_summary's value_proj). For matched_cls the query
-        is the first token's: the query projection of its attention input, rank 0's own
-        or received from rank 0 (start_first_token)."""
-        layer, x = self.layer, self.attn_input
-        q_at = self._first_query() if self.rt.at_first else layer.query_proj(x.mean(1, keepdim=True))  # [B, 1, H*d]
-        d = self.rt.entry.head_dim(self.rt.model.config)
-        self._send_matched(q_at, k3, x, q_at.shape[-1] // d, d, layer.attention.scaling, layer.value_proj)
-
-    def _first_query(self, q3: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """matched_cls: the first token's query [B, 1, H*d]. Rank 0 holds the token: its row of
-        q3 when the queries exist, else the query projection of its attention input; the other
-        ranks project the attention input received from rank 0 (start_first_token)."""
+    def _first_query(self, q3: torch.Tensor) -> torch.Tensor:
+        """matched_cls: the first token's query [B, 1, H*d]: rank 0's own row of its queries
+        q3, on the other ranks the one received from rank 0 (start_first_token)."""
         if self.rt.rank == 0:
-            return q3[:, :1] if q3 is not None else self.layer.query_proj(self.attn_input[:, :1])
-        return self.layer.query_proj(self.pending_first.wait()[0])
+            return q3[:, :1]
+        return self.pending_first.wait()[0]
 
-    def start_first_token(self, x: torch.Tensor):
-        """matched_cls: rank 0 sends the first token's attention input x[:, :1] [B, 1, D] (in
-        the compute dtype: it becomes a query, not a row) to every rank that builds rows; those
-        post its receive. Started from the attention's pre-hook, so that it arrives while the
-        receiver projects its own keys."""
+    def start_first_token(self, q3: torch.Tensor):
+        """matched_cls: rank 0 sends the first token's query q3[:, :1] [B, 1, H*d] (in the
+        compute dtype: it weights rows, it is not one) to every rank that builds rows; those
+        post its receive. Started from the query projection's hook: it arrives while the
+        receiver projects its own keys and values."""
         rt = self.rt
         if rt.rank == 0:
-            send, recv = {j: x[:, :1].contiguous() for j in rt.first_receivers}, {}
+            send, recv = {j: q3[:, :1].contiguous() for j in rt.first_receivers}, {}
         elif rt.receivers:
-            send, recv = {}, {0: torch.empty(x.shape[0], 1, x.shape[-1], dtype=x.dtype)}
+            send, recv = {}, {0: torch.empty(q3.shape[0], 1, q3.shape[-1], dtype=q3.dtype)}
         else:
             return
         if send or recv:
@@ -317,12 +325,12 @@ class LayerCtx:
                                                            rt.part, rt.fixed, rt.grid)
         return rt._plan_segments
 
-    def _send_matched(self, q3, k3, v3, H, d, s, value_proj=None):
+    def _send_matched(self, q3, k3, v3, H, d, s):
         rt = self.rt
         B, n, F = k3.shape
         Hkv = F // d
         seg_of, counts = self.segments(k3)
-        km, vm, b = matched_summary(q3, k3, v3, seg_of, counts, H, s, *rt.matched, value_proj=value_proj)
+        km, vm, b = matched_summary(q3, k3, v3, seg_of, counts, H, s, *rt.matched)
         self._post_matched(km, vm, b, Hkv, d)
 
     def _post_matched(self, km, vm, b, Hkv, d):
@@ -459,7 +467,7 @@ class Runtime:
                 if self.at_first else []
             if cfg.input in ("raw", "local") and self.rank != 0 and (self.input_shape is None or self.input_dtype is None):
                 raise ValueError(f"input {cfg.input!r}: ranks other than 0 need the input's shape and dtype")
-        self._capture_hooks, self._key_hooks = [], []
+        self._capture_hooks, self._key_hooks, self._proj_hooks = [], [], []
         if cfg.mode == "prism" and self.averaging == "attention_input" and self.wire == "hidden":
             for layer in self.layers:
                 self._capture_hooks.append(layer.attention.register_forward_pre_hook(self._capture, with_kwargs=True))
@@ -468,21 +476,23 @@ class Runtime:
                     self._key_hooks.append(layer.key_proj.register_forward_hook(self._keys_ready))
         elif self.matched and self.at_first and not all(self.early_matched(layer) for layer in self.layers):
             raise ValueError(matched_cls_refusal(bias, self.entry.model_type))
-        elif self.matched and self.receivers:
-            # matched rows leave from the key projection where the layer has separate q / k / v
-            # projections and unrotated keys (LayerCtx._start_matched_from_keys), else from inside
-            # the attention. (Computing them from the attention input before any projection, for
-            # segments that do not depend on the keys, reads the three weight matrices cold and
-            # measured no faster: docs/distributed.md.)
+        elif self.matched and (self.receivers or self.first_receivers):
+            # matched rows leave from the value projection's hook where the layer has separate
+            # q / k / v projections and unrotated keys (LayerCtx.projection_ready), else from
+            # inside the attention. Two earlier starting points cost more compute
+            # (docs/distributed.md): from the key projection, with the values' rows projected
+            # per head from weighted attention inputs (the value weights read twice), and from
+            # the attention input before any projection (the three weight matrices read cold).
             for layer in self.layers:
                 if self.early_matched(layer):
-                    self._capture_hooks.append(layer.attention.register_forward_pre_hook(self._capture,
-                                                                                         with_kwargs=True))
-                    self._key_hooks.append(layer.key_proj.register_forward_hook(self._keys_ready))
+                    for which in ("q", "k", "v"):
+                        mod = getattr(layer, {"q": "query_proj", "k": "key_proj", "v": "value_proj"}[which])
+                        self._proj_hooks.append(mod.register_forward_hook(
+                            functools.partial(self._projection_ready, which)))
 
     @staticmethod
     def early_matched(layer) -> bool:
-        """Whether this layer's matched rows can leave from its key projection: separate q / k / v
+        """Whether this layer's matched rows can leave before its attention runs: separate q / k / v
         Linears, unrotated keys, and the attention's score scale known before it runs."""
         return (layer.key_proj is not None and layer.query_proj is not None and layer.value_proj is not None
                 and not layer.rotary and isinstance(getattr(layer.attention, "scaling", None), float))
@@ -499,10 +509,14 @@ class Runtime:
             if isinstance(ctx, LayerCtx) and ctx.exchange_in_attention and ctx.rt.wire == "hidden" \
                     and not ctx.rt.send_counts and ctx.pending is None:   # not while decoding (DecodeCtx)
                 ctx.start_attention_exchange()
-            # matched_cls: the first token's attention input leaves rank 0 now (the receivers
-            # need it once their keys exist)
-            if isinstance(ctx, LayerCtx) and ctx.rt.at_first and ctx.pending_first is None and ctx.pending is None:
-                ctx.start_first_token(ctx.attn_input)
+
+    @staticmethod
+    def _projection_ready(which, module, args, out):
+        ctx = overlap.current()
+        # this layer's own projection (not a DecodeCtx's, nor another layer's)
+        if isinstance(ctx, LayerCtx) and getattr(ctx.layer, {"q": "query_proj", "k": "key_proj",
+                                                              "v": "value_proj"}[which]) is module:
+            ctx.projection_ready(which, out)
 
     @staticmethod
     def _keys_ready(module, args, out):

@@ -18,7 +18,7 @@ the same code as `prism costs` (docs/method.md, "Costs"):
   plus each row's count (costs.comm.COUNT_BYTES) for the source partitions that choose
   their segments from their keys (dynamic.chooses; with a static plan the counts follow
   from the plan and are not sent; matched rows carry a bias instead), plus, for rows
-  matched at the [CLS] query, that token's attention input on every device but the
+  matched at the [CLS] query, that token's query on every device but the
   first (costs.comm.first_token_bytes). Voltage's rows are hidden states.
 * FLOPs per device (whole forward): device_flops(config, q_rows=n_i, kv_rows=n_i +
   received); Voltage kv_rows = N; single device q = kv = N. The classification head

@@ -65,22 +65,6 @@ def _segment_weights(z: torch.Tensor, seg_of: torch.Tensor, m: int, shared: bool
     return w, member, tot.log() + top
 
 
-def _weighted_input(x: torch.Tensor, w: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
-    """Each segment's and KV head's weighted input sum_t w_t x_t: [Bg, Hkv, m, D]."""
-    Bg, n, Hkv = w.shape
-    a = member[:, None] * w.transpose(1, 2)[:, :, None, :]                  # [Bg, Hkv, m, n]
-    return torch.bmm(a.reshape(Bg, -1, n), x).view(Bg, Hkv, -1, x.shape[-1])   # one GEMM, x not copied
-
-
-def _project_heads(xw: torch.Tensor, proj, d: int) -> torch.Tensor:
-    """proj (a Linear, weight [Hkv * d, D]) applied per KV head to xw [Bg, Hkv, m, D]:
-    [Bg, m, Hkv, d]. The weights sum to 1 in every segment and head, so the projection of
-    sum_t w_t x_t is sum_t w_t (x_t W^T + b), at a cost of m rows."""
-    Hkv = xw.shape[1]
-    out = torch.einsum("bhmD,hdD->bmhd", xw, proj.weight.to(xw.dtype).view(Hkv, d, -1))
-    return out if proj.bias is None else out + proj.bias.to(xw.dtype).view(Hkv, d)
-
-
 def _mean_query(q: torch.Tensor, heads: int, Hkv: int, gamma: float) -> torch.Tensor:
     """gamma x the mean of q [Bg, nq, heads * d] over tokens and each KV head's query heads."""
     Bg, d = q.shape[0], q.shape[-1] // heads
@@ -88,13 +72,10 @@ def _mean_query(q: torch.Tensor, heads: int, Hkv: int, gamma: float) -> torch.Te
 
 
 def matched_summary(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg_of: torch.Tensor,
-                    counts: torch.Tensor, heads: int, scale: float, gamma: float, shared: bool = False,
-                    value_proj=None):
+                    counts: torch.Tensor, heads: int, scale: float, gamma: float, shared: bool = False):
     """One partition's rows. q [Bg, nq, heads * d] (its queries; only their mean is used,
     so the mean query alone, nq = 1, will do), k / v [Bg, n, Hkv * d], seg_of [Bg, n] in
-    0..m-1, counts [Bg, m]. With `value_proj` (the layer's value projection, a Linear with
-    weight [Hkv * d, D]), v is the attention input [Bg, n, D] instead of the values (the
-    runtime starts before the values exist). Returns (k~, v~) [Bg, m, Hkv * d] in k's
+    0..m-1, counts [Bg, m]. Returns (k~, v~) [Bg, m, Hkv * d] in k's
     dtype and the bias b [Bg, m, Hkv], computed in fp32 (fp64 for fp64 inputs)."""
     Bg, n, F = k.shape
     m = counts.shape[1]
@@ -107,10 +88,7 @@ def matched_summary(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg_of: t
     w, member, lse = _segment_weights(z, seg_of, m, shared)
     seg_sum = lambda t: torch.bmm(member, (t * w[..., None]).reshape(Bg, n, Hkv * d)).view(Bg, m, Hkv, d)
     km = seg_sum(k4)
-    if value_proj is None:
-        vm = seg_sum(v.to(acc).view(Bg, n, Hkv, d))
-    else:
-        vm = _project_heads(_weighted_input(v.to(acc), w, member), value_proj, d)
+    vm = seg_sum(v.to(acc).view(Bg, n, Hkv, d))
     bias = lse - scale * torch.einsum("bmhd,bhd->bmh", km, q0)
     return km.reshape(Bg, m, F).to(k.dtype), vm.reshape(Bg, m, F).to(k.dtype), bias
 

@@ -227,8 +227,8 @@ class Layer(NamedTuple):
     # Q/V, as GPT-2's c_attn); the runtime starts a data-dependent exchange from its output
     key_proj: Optional[torch.nn.Module] = None
     # the query and value projections (Linear, bias included; None where fused): matched
-    # rows start from the key projection too, with the mean query and the values of the
-    # weighted attention input (hf/matched_summary.py)
+    # rows leave once all three have run, built from their outputs (hf/matched_summary.py;
+    # distributed/runtime.py, LayerCtx.projection_ready)
     query_proj: Optional[torch.nn.Module] = None
     value_proj: Optional[torch.nn.Module] = None
 
