@@ -122,7 +122,9 @@ def test_costs_dtype_changes_bytes(capsys):
 
 
 def test_costs_human_table(capsys):
-    rc, out, _ = run_cli(capsys, "costs", "--model", "vit-b16", "--partitions", "2", "--means", "10")
+    # the paper's plain means (its receiver projects the received means)
+    rc, out, _ = run_cli(capsys, "costs", "--model", "vit-b16", "--partitions", "2", "--means", "10",
+                         "--anchors", "none")
     assert rc == 0
     lines = out.splitlines()
     for label in ("single device", "Voltage", "Prism"):
@@ -130,6 +132,11 @@ def test_costs_human_table(capsys):
     prism = next(l for l in lines if l.startswith("Prism")).split()
     assert "17.53" in prism and "9.85" in prism            # paper: 17.54 /device, CR 9.90 (rounded PDPLC)
     assert "FLOPs counted" in out and "attention core" in out
+    # the default for ViT: rows matched at the [CLS] query, keys and values on the wire, which
+    # the receiver does not project: 12 layers x 2 x 10 rows x 768 x 1536 less per device
+    rc, out, _ = run_cli(capsys, "costs", "--model", "vit-b16", "--partitions", "2", "--means", "10")
+    prism = next(l for l in out.splitlines() if l.startswith("Prism")).split()
+    assert rc == 0 and "17.24" in prism, prism
 
 
 def test_costs_causal_mentions_saving(capsys):

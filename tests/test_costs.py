@@ -43,7 +43,7 @@ HEADLINE = [
 
 @pytest.mark.parametrize("model,n,p,m,cr,attr,paper", HEADLINE)
 def test_headline_figures(model, n, p, m, cr, attr, paper):
-    r = estimate(model, n, p, num_means=m, compression_rate=cr)
+    r = estimate(model, n, p, num_means=m, compression_rate=cr, anchors="none")     # the paper's plain means
     assert close(getattr(r, attr), paper), (attr, getattr(r, attr), paper)
 
 
@@ -57,9 +57,10 @@ def _row_id(r):
 def _estimate_row(r):
     if r.strategy != "prism":
         return estimate(r.model, r.seq_len, r.num_partitions, num_means=1)
+    # the paper's plain means: its receiver projects the received means
     if r.num_means is not None:
-        return estimate(r.model, r.seq_len, r.num_partitions, num_means=r.num_means)
-    return estimate(r.model, r.seq_len, r.num_partitions, compression_rate=r.cr)
+        return estimate(r.model, r.seq_len, r.num_partitions, num_means=r.num_means, anchors="none")
+    return estimate(r.model, r.seq_len, r.num_partitions, compression_rate=r.cr, anchors="none")
 
 
 @pytest.mark.parametrize("row", PAPER_ROWS, ids=_row_id)
@@ -225,6 +226,29 @@ def test_matched_rows_send_kv_and_a_bias_per_head():
     assert r.prism_tokens_devices == log.prism_tokens_devices
     with pytest.raises(ValueError, match="count_bias='matched' needs data-dependent segments"):
         estimate("bert-base", 256, 2, num_means=16, anchors="special", count_bias="matched")
+
+
+@pytest.mark.parametrize("q,k", [(128, 141), (85, 103)])
+def test_received_keys_and_values_are_not_projected_again(q, k):
+    """Where keys and values cross the network (wire kv / matched) the receiver runs no K/V
+    projection on them: GPT-2's formula less 4 (k - q) D^2 per layer."""
+    f = device_flops("gpt2", q, k, received_projected=False)
+    assert f.total == gpt2_matmul_flops(q, k) - L * 4 * (k - q) * D * D
+    assert f.terms["attention_core"] == L * 4 * q * k * D
+
+
+def test_prism_flops_follow_the_wire():
+    """`prism costs` projects the received rows on the hidden wire only: ViT-B/16 at m = 10
+    with rows matched at the [CLS] query (K/V on the wire, the default) costs each device the
+    projection of 10 rows x 12 layers less than with the log-count bias (attention-input rows)."""
+    matched = estimate("vit-b16", 197, 2, num_means=10)
+    log = estimate("vit-b16", 197, 2, num_means=10, count_bias="log")
+    assert matched.prism_wire == "matched" and log.prism_wire == "hidden"
+    kv_projection = 12 * 2 * 10 * 768 * (2 * 768) / 1e9       # two 768 x 768 products on 10 rows
+    for a, b in zip(log.prism_gflops_devices, matched.prism_gflops_devices):
+        assert a - b == pytest.approx(kv_projection, rel=1e-9)
+    assert log.prism_gflops_devices[1] == pytest.approx(
+        device_flops("vit-b16", 98, 108, holds_first_token=False).total / 1e9, rel=1e-12)
 
 
 def test_received_tokens_helpers():

@@ -9,7 +9,10 @@ implementation, ``prism_cost``, which
     device's q_rows (own tokens),
   * runs the same layer's K and V projection weights on the (kv_rows - q_rows)
     received rows (Voltage: the other partitions' hidden states; Prism: the
-    received segment means), and
+    received segment means of the attention input, wire "hidden") or, where the
+    wire carries keys and values ("kv", "matched": the sender averages its own keys
+    and values, the receiver projects nothing; `received_projected=False`), appends
+    them as they are, and
   * runs ``scaled_dot_product_attention`` with q_rows queries and kv_rows keys.
 Everything position-wise (output projection, FFN, norms, the LM head) runs on
 the device's q_rows, exactly as on a real device.
@@ -69,6 +72,7 @@ class FlopCount:
 # --- the counting attention implementation ---------------------------------------
 
 _EXTRA_ROWS = contextvars.ContextVar("prism_cost_extra_rows", default=0)
+_PROJECT_EXTRA = contextvars.ContextVar("prism_cost_project_extra", default=True)
 _CALLS = contextvars.ContextVar("prism_cost_calls", default=None)
 
 
@@ -116,7 +120,10 @@ def _cost_attention(module, query, key, value, attention_mask=None, scaling=None
     extra = _EXTRA_ROWS.get()
     if extra:
         b, hkv = key.shape[0], key.shape[1]
-        ek, ev = _project_received(module, b, extra, hkv, key.shape[-1], value.shape[-1], query)
+        if _PROJECT_EXTRA.get():
+            ek, ev = _project_received(module, b, extra, hkv, key.shape[-1], value.shape[-1], query)
+        else:           # keys and values on the wire: nothing to project
+            ek, ev = key.new_empty(b, hkv, extra, key.shape[-1]), value.new_empty(b, hkv, extra, value.shape[-1])
         key = torch.cat([key, ek.to(key.dtype)], dim=2)
         value = torch.cat([value, ev.to(value.dtype)], dim=2)
     h = query.shape[1]
@@ -286,13 +293,13 @@ def _count(spec: ModelSpec, m: torch.nn.Module, q_rows: int, full_run: bool) -> 
 
 
 def _device_flops_cached(key: str, spec: ModelSpec, q_rows: int, kv_rows: int, holds_first_token: bool,
-                         full_run: bool = False):
-    ck = (key, q_rows, kv_rows, holds_first_token, full_run)
+                         full_run: bool = False, received_projected: bool = True):
+    ck = (key, q_rows, kv_rows, holds_first_token, full_run, received_projected)
     if ck in _DEVICE_FLOPS:
         return _DEVICE_FLOPS[ck]
     m = _meta_model_cached(key, spec)
     calls = []
-    t1, t2 = _EXTRA_ROWS.set(kv_rows - q_rows), _CALLS.set(calls)
+    t1, t2, t3 = _EXTRA_ROWS.set(kv_rows - q_rows), _CALLS.set(calls), _PROJECT_EXTRA.set(received_projected)
     try:
         terms = _count(spec, m, q_rows, full_run)
     except ValueError:
@@ -303,6 +310,7 @@ def _device_flops_cached(key: str, spec: ModelSpec, q_rows: int, kv_rows: int, h
     finally:
         _EXTRA_ROWS.reset(t1)
         _CALLS.reset(t2)
+        _PROJECT_EXTRA.reset(t3)
     if not calls:
         raise ValueError(
             f"cost model: model type {spec.config.model_type!r} does not route attention through "
@@ -315,11 +323,15 @@ def _device_flops_cached(key: str, spec: ModelSpec, q_rows: int, kv_rows: int, h
 
 
 def device_flops(model, q_rows: int, kv_rows: Optional[int] = None, *, holds_first_token: bool = True,
-                 full_run: bool = False) -> FlopCount:
+                 full_run: bool = False, received_projected: bool = True) -> FlopCount:
     """FLOPs of one device's forward (all layers): q_rows own tokens, kv_rows keys/values.
 
     Single device: q_rows = kv_rows = N. Voltage device i: q_rows = n_i, kv_rows = N.
     Prism device i: q_rows = n_i, kv_rows = n_i + sum_{j != i} m_j.
+    received_projected: whether the device runs its K/V projections on the received
+    rows (hidden states or attention-input means, wire "hidden"); False where keys and
+    values arrive (wire "kv" / "matched"; costs.comm.wire_format). The senders' segment
+    sums are not matrix products of the model and are not counted.
     The head: an LM head (causal models) runs on the device's q_rows; a
     classification head (pooler/classifier on [CLS]) counts only when
     holds_first_token. Embedding work is not included (see embedding_flops).
@@ -332,7 +344,8 @@ def device_flops(model, q_rows: int, kv_rows: Optional[int] = None, *, holds_fir
     if kv_rows < q_rows:
         raise ValueError(f"kv_rows must be >= q_rows (a device attends to its own rows), got {kv_rows} < {q_rows}")
     holds = bool(holds_first_token) or spec.causal   # an LM head runs on every device's rows
-    return _device_flops_cached(_config_key(spec), spec, q_rows, kv_rows, holds, bool(full_run))
+    return _device_flops_cached(_config_key(spec), spec, q_rows, kv_rows, holds, bool(full_run),
+                                bool(received_projected))
 
 
 def embedding_flops(model) -> FlopCount:

@@ -191,17 +191,18 @@ def estimate(model, seq_len: Optional[int] = None, num_partitions: Optional[int]
     emb = embedding_flops(spec)
     single = emb + device_flops(spec, n, n, holds_first_token=True)
 
-    def per_device(kv_rows):
+    def per_device(kv_rows, projected=True):
         out = []
         for i, q in enumerate(sizes):
-            f = device_flops(spec, q, kv_rows[i], holds_first_token=(i == 0))
+            f = device_flops(spec, q, kv_rows[i], holds_first_token=(i == 0), received_projected=projected)
             out.append((f + emb).total / 1e9 if i == 0 else f.total / 1e9)
         return out
 
     v_tokens = voltage_received_tokens(sizes)
     p_tokens = received_tokens(plan)
     volt = per_device([q + t for q, t in zip(sizes, v_tokens)])
-    prism = per_device([q + t for q, t in zip(sizes, p_tokens)])
+    # received keys and values (wire kv / matched) are not projected again
+    prism = per_device([q + t for q, t in zip(sizes, p_tokens)], projected=(wire == "hidden"))
     causal_tokens = None
     if spec.causal:
         causal_tokens = received_tokens(make_plan(n, causal=True, **{**kw, "sizes": sizes, "weights": None}))

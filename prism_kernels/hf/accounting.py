@@ -21,7 +21,8 @@ the same code as `prism costs` (docs/method.md, "Costs"):
   matched at the [CLS] query, that token's query on every device but the
   first (costs.comm.first_token_bytes). Voltage's rows are hidden states.
 * FLOPs per device (whole forward): device_flops(config, q_rows=n_i, kv_rows=n_i +
-  received); Voltage kv_rows = N; single device q = kv = N. The classification head
+  received), the received rows projected by the receiver only where the wire carries
+  hidden rows (received_projected); Voltage kv_rows = N; single device q = kv = N. The classification head
   counts on device 0 only (it holds [CLS]); the master's embedding work
   (costs.embedding_flops) is added to device 0 and to single. Terms counted: see
   prism_kernels.costs.COUNTED_TERMS.
@@ -93,14 +94,16 @@ class Account:
         seqs = {}
         for r in layer0:
             seqs.setdefault(r.sequence, []).append(r)
-        gf = lambda r, kv: (device_flops(cfg, r.own_tokens, kv, holds_first_token=r.device == 0).total
-                            + (emb if r.device == 0 else 0)) / 1e9
+        # Prism's received rows are projected by the receiver only on the "hidden" wire
+        gf = lambda r, kv, projected=True: (device_flops(cfg, r.own_tokens, kv, holds_first_token=r.device == 0,
+                                                         received_projected=projected).total
+                                            + (emb if r.device == 0 else 0)) / 1e9
         per = {"prism": [], "voltage": []}            # per sequence: GFLOPs of each device
         single = []
         for devs in seqs.values():
             n = devs[0].n_tokens
             single.append((device_flops(cfg, n, n, holds_first_token=True).total + emb) / 1e9)
-            per["prism"].append([gf(r, r.own_tokens + r.received_tokens) for r in devs])
+            per["prism"].append([gf(r, r.own_tokens + r.received_tokens, self.wire == "hidden") for r in devs])
             per["voltage"].append([gf(r, n) for r in devs])
         mean = lambda xs: sum(xs) / len(xs)
         pt, vt = mean([r.received_tokens for r in layer0]), mean([r.voltage_tokens for r in layer0])
