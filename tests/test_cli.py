@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from prism_kernels import __version__, cli
 from prism_kernels.costs import estimate
@@ -344,6 +345,20 @@ def test_run_argparse_errors_exit_2(capsys, no_launch):
     with pytest.raises(SystemExit) as e:
         cli.main(["run", "--nproc", "2", "--seq-len", "8", "--cr", "2", "--input", "pixels"])
     assert e.value.code == 2 and "argument --input: invalid choice: 'pixels'" in capsys.readouterr().err
+
+
+def test_run_sends_8_bit_pixels_by_default():
+    """--pixels auto (the default): an image model's random input is 8-bit pixels (a quarter
+    of the start-up bytes of fp32 pixel_values); a text model takes none."""
+    from prism_kernels.distributed import launch
+    from prism_kernels.models import lookup
+    args = cli.build_parser().parse_args(["run", "--nproc", "2", "--family", "vit", "-m", "1"])
+    assert args.pixels == "auto"
+    assert launch.resolve_pixels(args.pixels, lookup("vit")) == "uint8"
+    assert launch.resolve_pixels("float", lookup("vit")) == "float"
+    assert launch.resolve_pixels("auto", lookup("bert")) == "float"
+    x = lookup("vit").make_input(lookup("vit").build_config("tiny"), pixels=launch.resolve_pixels("auto", lookup("vit")))
+    assert x.dtype == torch.uint8
 
 
 def test_run_local_input_and_pixels_reach_the_ranks():

@@ -289,17 +289,18 @@ def test_estimate_rejects_bad_input(kwargs, match):
 def test_startup_bytes_raw_vs_hidden():
     """Start-up bytes of the cost model: 8-byte ids instead of 4*D-byte rows for text; an
     image's strip of whole pixel rows (ViT-B/16: 16*16*3 = 768 pixels a patch, as many
-    elements as D, so fp32 pixels cost about what hidden states do, uint8 a quarter)."""
+    elements as D, so fp32 pixels cost about what hidden states do, uint8 pixels, the
+    default as in `prism run`, a quarter)."""
     r = estimate("bert-base", seq_len=256, num_partitions=2, compression_rate=10)
     assert r.startup_raw_bytes_devices == [0, 128 * 8]
     assert r.startup_hidden_bytes_devices == [0, 128 * 768 * 4]
-    v = estimate("vit-b16", num_partitions=2, compression_rate=10)
+    v = estimate("vit-b16", num_partitions=2, compression_rate=10, input_dtype="fp32")
     # sizes [99, 98]: rank 1 holds patches 98..195, grid rows 7..13 of 14
     assert v.partition_sizes == [99, 98]
     assert v.startup_raw_bytes_devices == [0, 7 * 16 * 224 * 3 * 4]
     assert v.startup_hidden_bytes_devices == [0, 98 * 768 * 4]
-    u = estimate("vit-b16", num_partitions=2, compression_rate=10, input_dtype="uint8")
-    assert u.startup_raw_bytes_devices == [0, 7 * 16 * 224 * 3]
+    u = estimate("vit-b16", num_partitions=2, compression_rate=10)
+    assert u.startup_input_dtype == "uint8" and u.startup_raw_bytes_devices == [0, 7 * 16 * 224 * 3]
 
 
 def test_resolve_model_forms(tmp_path):

@@ -32,6 +32,7 @@ MODELS = {
 # mode suffixes: prism-local-fp16 = prism with --input local --wire-dtype fp16
 MODE_OPTIONS = {"nooverlap": ["--no-overlap"], "local": ["--input", "local"], "hidden": ["--input", "hidden"],
                 "fp16": ["--wire-dtype", "fp16"], "bf16": ["--wire-dtype", "bf16"], "uint8": ["--pixels", "uint8"],
+                "float": ["--pixels", "float"],         # fp32 pixel_values at start-up (uint8 is the default)
                 "special": ["--anchors", "special"],      # the static special-token policy (the earlier default)
                 "log": ["--count-bias", "log"], "matched": ["--count-bias", "matched"],
                 # more means per partition than the model's default (the last -m wins)
@@ -119,7 +120,7 @@ def main():
     ap.add_argument("--tag", default="fig5")
     ap.add_argument("--modes", default="voltage,prism",
                     help="P = 2 modes per bandwidth; suffixes add options: -nooverlap (--no-overlap), "
-                         "-local / -hidden (--input), -fp16 / -bf16 (--wire-dtype), -uint8 (--pixels), -special "
+                         "-local / -hidden (--input), -fp16 / -bf16 (--wire-dtype), -uint8 / -float (--pixels), -special "
                          "(--anchors special), -log / -matched (--count-bias), -m8 / -m16 (means per partition), "
                          "e.g. prism-local-fp16")
     ap.add_argument("--no-single", action="store_true", help="skip the standalone single-device launch")

@@ -47,7 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from prism_kernels.costs.comm import INPUT_DTYPE_BYTES
     p.add_argument("--input-dtype", choices=list(INPUT_DTYPE_BYTES), default=None,
                    help="element type of the raw input in the start-up bytes (default: int64 token ids, "
-                        "fp32 pixel_values; uint8 for 8-bit images)")
+                        "uint8 pixels for images, as `prism run` sends them; fp32 for normalised "
+                        "pixel_values, `prism run --pixels float`)")
     p.add_argument("--averaging", choices=("attention_input", "block_input"), default="attention_input",
                    help="what the means are taken of; sets the wire format (rotary models send K/V means "
                         "under attention_input)")

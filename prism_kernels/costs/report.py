@@ -131,7 +131,8 @@ def estimate(model, seq_len: Optional[int] = None, num_partitions: Optional[int]
     dtype_bytes: bytes per element of the rows sent (4 for fp32).
     averaging: decides Prism's wire format (the runtime's): rotary models send K/V means.
     input_dtype: element type of the raw input for the start-up bytes (INPUT_DTYPE_BYTES;
-        default int64 token ids, fp32 pixel_values; uint8 for 8-bit images).
+        default int64 token ids, uint8 pixels for images as `prism run` sends them; fp32
+        for normalised pixel_values, `prism run --pixels float`).
     anchors, anchor_budget: tokens sent alone (prism_kernels.anchors, the runtime's
         defaults): out of the m_j rows ("shared") they leave the rows unchanged;
         "extra" adds them. (Segment shapes do not change the counts either.)
@@ -151,7 +152,7 @@ def estimate(model, seq_len: Optional[int] = None, num_partitions: Optional[int]
     spec = resolve_model(model)
     n = resolve_seq_len(spec, seq_len)
     if input_dtype is None:
-        input_dtype = "fp32" if spec.kind == "vision" else "int64"
+        input_dtype = "uint8" if spec.kind == "vision" else "int64"
     if input_dtype not in INPUT_DTYPE_BYTES:
         raise ValueError(f"input_dtype must be one of {', '.join(INPUT_DTYPE_BYTES)}, got {input_dtype!r}")
     if isinstance(dtype_bytes, bool) or not isinstance(dtype_bytes, numbers.Integral) or dtype_bytes < 1:

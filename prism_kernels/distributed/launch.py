@@ -58,10 +58,11 @@ def add_arguments(p: argparse.ArgumentParser):
                         "embeds itself (token ids; an image's pixel rows; default), or its partition "
                         "of hidden states embedded by rank 0; local: nothing, every rank holds the "
                         "input (its own sensor or text shard) and embeds its slice")
-    p.add_argument("--pixels", default="float", choices=("float", "uint8"),
-                   help="image models: the random image as normalised float pixel_values (4 bytes a "
-                        "value) or as 8-bit pixels (1 byte), which every rank normalises itself as the "
-                        "model's image processor does (models.ModelType.pixel_values)")
+    p.add_argument("--pixels", default="auto", choices=("auto", "uint8", "float"),
+                   help="image models: the random image as 8-bit pixels (1 byte a value, as a camera "
+                        "gives them; auto, the default), which every rank normalises itself as the "
+                        "model's image processor does (models.ModelType.pixel_values), or as normalised "
+                        "float pixel_values (4 bytes a value)")
     p.add_argument("--no-overlap", action="store_true", help="wait for the means before any attention")
     # no argparse choices: validate() refuses an unknown dtype, so a Namespace built in
     # Python is checked the same way as the command line
@@ -226,6 +227,14 @@ def model_config(args):
     return entry, entry.build_config(args.size)
 
 
+def resolve_pixels(pixels: str, entry) -> str:
+    """--pixels "auto": 8-bit pixels for image models (what a camera gives; a quarter of the
+    start-up bytes of fp32 pixel_values); text models take no pixels ("float", unused)."""
+    if pixels == "auto":
+        return "uint8" if entry.input_kind == "image" else "float"
+    return pixels
+
+
 def check_model_args(args, world=None):
     """The checks that need the model's config: --seq-len given for a text family (unless
     --text), within the model's positions and at least the world size (P <= N)."""
@@ -243,7 +252,7 @@ def check_model_args(args, world=None):
     if args.mode == "prism" and bias in MATCHED_AT_FIRST_TOKEN and not (
             entry.query_proj_path and entry.key_proj_path and entry.value_proj_path and not entry.rotary):
         raise Refused(matched_cls_refusal(bias, entry.model_type))   # (the runtime checks each layer too)
-    if getattr(args, "pixels", "float") != "float" and entry.input_kind != "image":
+    if getattr(args, "pixels", "auto") != "auto" and entry.input_kind != "image":
         raise Refused(f"--pixels {args.pixels} applies to image models, not to the {entry.model_type} family")
     if args.seq_len is not None:
         try:
@@ -507,7 +516,7 @@ def run(args) -> int:
                     inputs = tf.AutoTokenizer.from_pretrained(args.model)(args.text, return_tensors="pt")["input_ids"]
                 else:
                     inputs = entry.make_input(model.config, args.seq_len, seed=args.seed,
-                                              pixels=getattr(args, "pixels", "float"))
+                                              pixels=resolve_pixels(getattr(args, "pixels", "auto"), entry))
                 n_tokens = entry.n_tokens(model, inputs)
                 if cfg.input == "local":
                     digest = input_digest(inputs)
