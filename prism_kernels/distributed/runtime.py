@@ -207,6 +207,10 @@ def _maybe_fault(rank: int, layer: int):
 
 # ------------------------------------------------------------------------------------------
 
+# the layer's projections whose outputs build matched rows (LayerCtx.projection_ready)
+_PROJECTIONS = {"q": "query_proj", "k": "key_proj", "v": "value_proj"}
+
+
 class LayerCtx:
     """What the attention function needs for one layer on one rank."""
 
@@ -485,9 +489,8 @@ class Runtime:
             # the attention input before any projection (the three weight matrices read cold).
             for layer in self.layers:
                 if self.early_matched(layer):
-                    for which in ("q", "k", "v"):
-                        mod = getattr(layer, {"q": "query_proj", "k": "key_proj", "v": "value_proj"}[which])
-                        self._proj_hooks.append(mod.register_forward_hook(
+                    for which, name in _PROJECTIONS.items():
+                        self._proj_hooks.append(getattr(layer, name).register_forward_hook(
                             functools.partial(self._projection_ready, which)))
 
     @staticmethod
@@ -514,8 +517,7 @@ class Runtime:
     def _projection_ready(which, module, args, out):
         ctx = overlap.current()
         # this layer's own projection (not a DecodeCtx's, nor another layer's)
-        if isinstance(ctx, LayerCtx) and getattr(ctx.layer, {"q": "query_proj", "k": "key_proj",
-                                                              "v": "value_proj"}[which]) is module:
+        if isinstance(ctx, LayerCtx) and getattr(ctx.layer, _PROJECTIONS[which]) is module:
             ctx.projection_ready(which, out)
 
     @staticmethod
