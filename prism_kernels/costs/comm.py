@@ -161,6 +161,13 @@ def floats_per_row(config, wire: str) -> int:
     return kv_width(config) + (kv_heads(config) if wire == "matched" else 0)
 
 
+def receiver_projects(wire: str) -> bool:
+    """Whether a receiver runs its K/V projections on the rows of this wire format: on
+    hidden rows (attention-input or block-input means, Voltage's rows), not on the keys and
+    values of "kv" and "matched", which the sender averaged from its own."""
+    return wire == "hidden"
+
+
 def check_wire_dtype(wire_dtype, name: str = "wire_dtype") -> str:
     """wire_dtype if it is one of WIRE_DTYPES, else ValueError naming `name` and the choices."""
     if not isinstance(wire_dtype, str) or wire_dtype not in WIRE_DTYPES:

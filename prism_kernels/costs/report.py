@@ -19,7 +19,7 @@ from ..anchors import (DEFAULT_ANCHOR_BUDGET, DEFAULT_COUNT_BIAS, DEFAULT_ANCHOR
 from ..models.table import token_roles
 from ..plan import make_plan
 from .comm import (COUNT_BYTES, INPUT_DTYPE_BYTES, MATCHED_BIASES, bytes_for, first_token_bytes, floats_per_row,
-                   startup_bytes, received_tokens, voltage_received_tokens, wire_format)
+                   receiver_projects, startup_bytes, received_tokens, voltage_received_tokens, wire_format)
 from .flops import COUNTED_TERMS, NOT_COUNTED_TERMS, device_flops, embedding_flops, vision_seq_len
 from .model_configs import resolve_model
 
@@ -202,8 +202,7 @@ def estimate(model, seq_len: Optional[int] = None, num_partitions: Optional[int]
     v_tokens = voltage_received_tokens(sizes)
     p_tokens = received_tokens(plan)
     volt = per_device([q + t for q, t in zip(sizes, v_tokens)])
-    # received keys and values (wire kv / matched) are not projected again
-    prism = per_device([q + t for q, t in zip(sizes, p_tokens)], projected=(wire == "hidden"))
+    prism = per_device([q + t for q, t in zip(sizes, p_tokens)], projected=receiver_projects(wire))
     causal_tokens = None
     if spec.causal:
         causal_tokens = received_tokens(make_plan(n, causal=True, **{**kw, "sizes": sizes, "weights": None}))

@@ -276,10 +276,9 @@ class LayerCtx:
         if which == "q" and rt.at_first and self.pending_first is None:
             self.start_first_token(out)
         if self.pending is None and rt.receivers and len(self.proj) == 3:
-            q3, k3, v3 = self.proj["q"], self.proj["k"], self.proj["v"]
+            q3 = self.proj["q"]
             d = rt.entry.head_dim(rt.model.config)
-            q_at = self._first_query(q3) if rt.at_first else q3        # (else its mean is taken)
-            self._send_matched(q_at, k3, v3, q3.shape[-1] // d, d, self.layer.attention.scaling)
+            self._send_matched(q3, self.proj["k"], self.proj["v"], q3.shape[-1] // d, d, self.layer.attention.scaling)
 
     def _start_matched(self, q, k, v, scale):
         """This layer's segments chosen from the keys, summarised at the partition's mean
@@ -292,8 +291,7 @@ class LayerCtx:
         B, H, n, d = q.shape
         rows = lambda t: t.transpose(1, 2).reshape(B, n, -1)
         s = scale if scale is not None else d ** -0.5          # the attention's own scale
-        q_at = self._first_query(rows(q)) if self.rt.at_first else rows(q)   # (else its mean is taken)
-        self._send_matched(q_at, rows(k), rows(v), H, d, s)
+        self._send_matched(rows(q), rows(k), rows(v), H, d, s)
 
     def _first_query(self, q3: torch.Tensor) -> torch.Tensor:
         """matched_cls: the first token's query [B, 1, H*d]: rank 0's own row of its queries
@@ -330,11 +328,14 @@ class LayerCtx:
         return rt._plan_segments
 
     def _send_matched(self, q3, k3, v3, H, d, s):
+        """The rows of this rank's queries / keys / values q3, k3, v3 [B, n, width], matched at
+        their mean query or, for matched_cls, at the first token's."""
         rt = self.rt
         B, n, F = k3.shape
         Hkv = F // d
         seg_of, counts = self.segments(k3)
-        km, vm, b = matched_summary(q3, k3, v3, seg_of, counts, H, s, *rt.matched)
+        q_at = self._first_query(q3) if rt.at_first else q3        # (else its mean is taken)
+        km, vm, b = matched_summary(q_at, k3, v3, seg_of, counts, H, s, *rt.matched)
         self._post_matched(km, vm, b, Hkv, d)
 
     def _post_matched(self, km, vm, b, Hkv, d):

@@ -82,7 +82,7 @@ class Account:
         one device running it; all averaged over sequences. *_total_gflops: whole batch."""
         from prism_kernels.costs import bytes_for, device_flops, embedding_flops
         from prism_kernels.costs import dtype_bytes as _dtype_bytes
-        from prism_kernels.costs.comm import COUNT_BYTES, first_token_bytes, floats_per_row
+        from prism_kernels.costs.comm import COUNT_BYTES, first_token_bytes, floats_per_row, receiver_projects
 
         cfg = self.model.config
         if dtype_bytes is None:
@@ -94,7 +94,6 @@ class Account:
         seqs = {}
         for r in layer0:
             seqs.setdefault(r.sequence, []).append(r)
-        # Prism's received rows are projected by the receiver only on the "hidden" wire
         gf = lambda r, kv, projected=True: (device_flops(cfg, r.own_tokens, kv, holds_first_token=r.device == 0,
                                                          received_projected=projected).total
                                             + (emb if r.device == 0 else 0)) / 1e9
@@ -103,13 +102,14 @@ class Account:
         for devs in seqs.values():
             n = devs[0].n_tokens
             single.append((device_flops(cfg, n, n, holds_first_token=True).total + emb) / 1e9)
-            per["prism"].append([gf(r, r.own_tokens + r.received_tokens, self.wire == "hidden") for r in devs])
+            per["prism"].append([gf(r, r.own_tokens + r.received_tokens, receiver_projects(self.wire))
+                                 for r in devs])
             per["voltage"].append([gf(r, n) for r in devs])
         mean = lambda xs: sum(xs) / len(xs)
         pt, vt = mean([r.received_tokens for r in layer0]), mean([r.voltage_tokens for r in layer0])
         row = bytes_for(1, floats_per_row(cfg, self.wire), dtype_bytes)
         counted = mean([r.counted_rows for r in layer0])
-        # rows matched at the [CLS] query: its attention input reaches every other device
+        # rows matched at the [CLS] query: its query reaches every other device
         first = mean([first_token_bytes(cfg, self.bias, holder=r.device == 0, compute_bytes=dtype_bytes)
                       for r in layer0])
         out = {"sequences": len(seqs), "layers": self.num_layers, "hidden_size": cfg.hidden_size,
