@@ -136,12 +136,11 @@ def assign(k: torch.Tensor, m: int, fixed: Sequence[int] = (), topk: int = 0, sc
         fixed = []
     if not 1 <= m <= n or (fixed and len(fixed) >= m):
         raise ValueError(f"need 1 <= m <= n and fewer fixed anchors than m, got m={m}, n={n}, fixed={fixed}")
-    anchor = torch.zeros(Bg, n, dtype=torch.bool, device=dev)
-    if fixed:
-        anchor[:, fixed] = True
     free = m - len(fixed)
     top = max(0, min(int(topk), free - 1))
-    kf = k.float()
+    m_rest = free - top
+    kf = k.detach().float()        # the choice is not differentiated
+    top_idx = None
     if top:
         if score == "key_norm":
             s = kf.norm(dim=-1)
@@ -149,9 +148,24 @@ def assign(k: torch.Tensor, m: int, fixed: Sequence[int] = (), topk: int = 0, sc
             s = (kf - kf.mean(dim=1, keepdim=True)).norm(dim=-1)
         else:
             raise ValueError(f"unknown anchor score {score!r}")
-        s = s.masked_fill(anchor, float("-inf"))
-        anchor.scatter_(1, s.topk(top, dim=1).indices, True)
-    m_rest = free - top
+        if fixed:
+            s[:, fixed] = float("-inf")
+        top_idx = s.topk(top, dim=1).indices                            # [Bg, top]
+    if (not content or m_rest == 1) and not torch.compiler.is_compiling():
+        # the segments depend only on which tokens go alone: one cached layout per set,
+        # a few torch ops a layer instead of building it each time (eager only: the
+        # layouts are read by value, which torch.compile would have to guard on)
+        grid = tuple(grid) if grid is not None else None
+        alone = [tuple(fixed)] * Bg if top_idx is None else \
+            [tuple(sorted(fixed + row)) for row in top_idx.tolist()]
+        layouts = [_layout(n, m, tuple(fixed), a, grid, offset) for a in alone]
+        return (torch.stack([lay[0] for lay in layouts]).to(dev),
+                torch.stack([lay[1] for lay in layouts]).to(dev))
+    anchor = torch.zeros(Bg, n, dtype=torch.bool, device=dev)
+    if fixed:
+        anchor[:, fixed] = True
+    if top_idx is not None:
+        anchor.scatter_(1, top_idx, True)
     R = n - len(fixed) - top                       # tokens averaged, R >= m_rest
     # rest tokens in token order: a stable sort puts the non-anchors first
     order = torch.sort(anchor.to(torch.int8), dim=1, stable=True).indices
@@ -188,6 +202,34 @@ def assign(k: torch.Tensor, m: int, fixed: Sequence[int] = (), topk: int = 0, sc
     counts = torch.zeros(Bg, m, dtype=torch.int64, device=dev).scatter_add_(
         1, seg_of, torch.ones_like(seg_of))
     return seg_of, counts
+
+
+@functools.lru_cache(maxsize=8192)
+def _layout(n: int, m: int, fixed: Tuple[int, ...], alone: Tuple[int, ...], grid,
+            offset: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(seg_of [n], counts [m]) of a partition of n tokens sending m rows when the local
+    tokens `alone` (ascending; the static anchors `fixed` and the chosen ones) go alone and
+    the rest is split without looking at the keys: compact 2-D blocks when every token but
+    the static anchors is an image patch of `grid` (rows, cols, first; the partition starts
+    at `offset`), else equal runs in token order. Segments
+    0..m_rest-1 are the blocks / runs, then the lone tokens in token order. Cached: the
+    same sets recur from layer to layer (the bisection is Python, ~1 ms a call)."""
+    is_alone = set(alone)
+    rest = [t for t in range(n) if t not in is_alone]
+    m_rest = m - len(alone)
+    patches = grid is not None and all(grid[2] <= offset + t < grid[2] + grid[0] * grid[1]
+                                       for t in range(n) if t not in fixed)
+    if patches and m_rest > 1:
+        seg_rest = _block_table(tuple(offset + t for t in rest), m_rest, grid)
+    else:
+        seg_rest = [s_ for s_, c in enumerate(split_sizes(len(rest), m_rest)) for _ in range(c)]
+    seg_of = [0] * n
+    for t, s_ in zip(rest, seg_rest):
+        seg_of[t] = s_
+    for i, t in enumerate(alone):
+        seg_of[t] = m_rest + i
+    seg = torch.tensor(seg_of, dtype=torch.int64)
+    return seg, torch.bincount(seg, minlength=m)
 
 
 def means(x: torch.Tensor, seg_of: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

@@ -789,6 +789,28 @@ def test_merge_by_lse_equals_one_attention():
         close(merged, full)
 
 
+def test_merge_by_lse_rows_without_visible_keys():
+    """A part with no visible key (lse -inf, output zeros, the kernels' contract) gets
+    weight 0: the merge is the other part exactly; with neither, zeros and lse -inf."""
+    from prism_kernels.distributed.overlap import merge_by_lse
+    g = torch.Generator().manual_seed(1)
+    for dtype in (torch.float32, torch.float64):
+        o1, o2 = torch.randn(1, 2, 3, 4, generator=g, dtype=dtype), torch.randn(1, 2, 3, 4, generator=g, dtype=dtype)
+        l1, l2 = torch.randn(1, 2, 3, generator=g, dtype=dtype), torch.randn(1, 2, 3, generator=g, dtype=dtype)
+        inf = float("-inf")
+        l1[0, 0, 0], o1[0, 0, 0] = inf, 0.0          # only the second part sees keys
+        l2[0, 0, 1], o2[0, 0, 1] = inf, 0.0          # only the first
+        l1[0, 1, 2], o1[0, 1, 2] = inf, 0.0          # neither
+        l2[0, 1, 2], o2[0, 1, 2] = inf, 0.0
+        out, lse = merge_by_lse(o1, l1, o2, l2)
+        assert out.dtype == dtype
+        assert torch.equal(out[0, 0, 0], o2[0, 0, 0]) and torch.equal(out[0, 0, 1], o1[0, 0, 1])
+        assert torch.equal(out[0, 1, 2], torch.zeros(4, dtype=dtype)) and lse[0, 1, 2] == inf
+        assert torch.isfinite(out).all()
+        w1 = torch.exp(l1[0, 0, 2] - torch.logaddexp(l1[0, 0, 2], l2[0, 0, 2]))
+        close(out[0, 0, 2], w1 * o1[0, 0, 2] + (1 - w1) * o2[0, 0, 2])
+
+
 def test_cli_model_dir_finds_the_family(tmp_path):
     """`prism run --model DIR`: the family comes from the saved model's config.model_type;
     the result equals the one-process simulation of the same model."""

@@ -102,7 +102,7 @@ def main():
                 for _ in range(3):
                     f()
             print(f"===== {name} ({args.family}, 3 runs)")
-            print(pr.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=12))
+            print(pr.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=int(os.environ.get("ROWS", "12"))))
         return
     la0 = os.getloadavg()[0]
     for _ in range(args.repeat):

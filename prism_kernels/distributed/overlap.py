@@ -57,13 +57,14 @@ class use_layer:
 
 
 def merge_by_lse(o1: torch.Tensor, l1: torch.Tensor, o2: torch.Tensor, l2: torch.Tensor):
-    """Merge two attention outputs over disjoint key sets ([B,H,n,d], lse [B,H,n])."""
+    """Merge two attention outputs over disjoint key sets ([B,H,n,d], lse [B,H,n]).
+    The first part's weight exp(l1 - lse) is sigmoid(l1 - l2): one interpolation, no
+    per-part exponentials (this runs in every layer of the runtime)."""
     lse = torch.logaddexp(l1, l2)
-    # rows where both are -inf (no visible key at all) stay zero
-    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    w1 = torch.exp(l1 - safe).nan_to_num(0.0).unsqueeze(-1)
-    w2 = torch.exp(l2 - safe).nan_to_num(0.0).unsqueeze(-1)
-    out = o1.to(torch.float32) * w1 + o2.to(torch.float32) * w2
+    acc = torch.float64 if o1.dtype == torch.float64 else torch.float32
+    # NaN only where both are -inf (no visible key at all): weight 0, and o2 is zero there
+    w1 = torch.sigmoid((l1 - l2).to(acc)).nan_to_num_(0.0).unsqueeze(-1)
+    out = torch.lerp(o2.to(acc), o1.to(acc), w1)
     return out.to(o1.dtype), lse
 
 
