@@ -4,7 +4,7 @@
 // The extension does not register anything with the `prism` torch.library ops.
 // Their schemas and their CPU / CUDA implementations live in
 // prism_kernels/ops.py, whose CPU implementation calls `attention` /
-// `segment_means` below when the selected backend is "cpp" (or "auto" with the
+// `segment_means` / `matched_rows` below when the selected backend is "cpp" (or "auto" with the
 // extension built). pybind11 functions are the cheapest way in from Python
 // (no second trip through the dispatcher); the GIL is released while a kernel
 // runs.
@@ -21,6 +21,9 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
                                                  const std::optional<at::Tensor>& q_pos,
                                                  const std::optional<at::Tensor>& k_pos,
                                                  double scale, int64_t decode_chunk_size);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> matched_rows_cpu(const at::Tensor& q0, const at::Tensor& k,
+                                                                const at::Tensor& v, const at::Tensor& seg_of,
+                                                                int64_t num_segments, double scale);
 namespace attn {
 int64_t decode_chunk(int64_t B, int64_t H, int64_t Hkv, int64_t Nq, int64_t Nk, int64_t threads);
 bool set_decode_enabled(bool on);
@@ -44,6 +47,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("segment_means", &prism::segment_means_cpu,
         "segment_means(x, num_segments) -> (means, counts): kernel form of prism::segment_means",
         py::arg("x"), py::arg("num_segments"), py::call_guard<py::gil_scoped_release>());
+  m.def("matched_rows", &prism::matched_rows_cpu,
+        "matched_rows(q0, k, v, seg_of, num_segments, scale) -> (km, vm, bias): kernel form of "
+        "prism::matched_rows",
+        py::arg("q0"), py::arg("k"), py::arg("v"), py::arg("seg_of"), py::arg("num_segments"),
+        py::arg("scale"), py::call_guard<py::gil_scoped_release>());
   m.def("attention",
         [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
            const std::optional<at::Tensor>& lc, const std::optional<at::Tensor>& qp,

@@ -1,22 +1,29 @@
 """The `prism` torch.library ops: schemas, fake (meta) kernels and the one
 dispatch point to the backends.
 
-Two ops, in the kernel form of the arguments (prism_kernels.checks turns the
+Three ops, in the kernel form of the arguments (prism_kernels.checks turns the
 user-facing arguments into it):
 
   prism::segment_means(Tensor x, int num_segments, str backend="") -> (Tensor means, Tensor counts)
   prism::attention(Tensor q, Tensor k, Tensor v, Tensor? log_counts, Tensor? q_pos,
                    Tensor? k_pos, float scale, str backend="") -> (Tensor out, Tensor lse)
+  prism::matched_rows(Tensor q0, Tensor k, Tensor v, Tensor seg_of, int num_segments,
+                      float scale, str backend="") -> (Tensor km, Tensor vm, Tensor bias)
 
 log_counts is fp32 [B, Nk] (fp64 for fp64 inputs; often a stride-0 expand over
 B), positions are int64 [B, Nq] / [B, Nk] and present only for causal
 attention, lse is the natural-log log-sum-exp [B, H, Nq] (fp32; fp64 for fp64
-inputs), -inf on rows with no visible key.
+inputs), -inf on rows with no visible key. matched_rows (the rows a device sends
+under count_bias "matched" / "matched_cls", built in every layer): q0 [B, Hkv, d]
+fp32 (fp64), k / v [B, n, Hkv*d], seg_of int64 [B, n] -> km / vm [B, m, Hkv*d] in k's
+dtype and bias [B, m, Hkv] fp32 (fp64); it has no autograd formula, so callers that
+differentiate use torch_backend.matched_rows (hf/matched_summary.py decides).
 
 Backends (BACKENDS):
   cpp     the C++ kernels (csrc/, loaded by prism_kernels._cpp); CPU tensors
   triton  the Triton kernels (prism_kernels.triton_kernels); CUDA tensors, or
-          CPU tensors under TRITON_INTERPRET=1 (set before the first import)
+          CPU tensors under TRITON_INTERPRET=1 (set before the first import);
+          matched_rows has no Triton kernel: it runs the torch code there
   torch   plain PyTorch (prism_kernels.torch_backend); any device
   auto    cpp for CPU tensors (torch when the extension is not built),
           triton for CUDA tensors (torch when Triton is not installed)
@@ -52,6 +59,8 @@ _lib.define(
     "attention(Tensor q, Tensor k, Tensor v, Tensor? log_counts, Tensor? q_pos, "
     'Tensor? k_pos, float scale, str backend="") -> (Tensor, Tensor)'
 )
+_lib.define('matched_rows(Tensor q0, Tensor k, Tensor v, Tensor seg_of, int num_segments, float scale, '
+            'str backend="") -> (Tensor, Tensor, Tensor)')
 
 # ---------------------------------------------------------------- backend selection
 
@@ -162,6 +171,13 @@ def _attention_fake(q, k, v, log_counts, q_pos, k_pos, scale, backend=""):
     return q.new_empty(B, H, Nq, d), torch.empty(B, H, Nq, dtype=lse_dtype(q.dtype), device=q.device)
 
 
+@torch.library.register_fake("prism::matched_rows")
+def _matched_rows_fake(q0, k, v, seg_of, num_segments, scale, backend=""):
+    B, F = k.shape[0], k.shape[2]
+    return (k.new_empty(B, num_segments, F), k.new_empty(B, num_segments, F),
+            k.new_empty(B, num_segments, q0.shape[1], dtype=lse_dtype(k.dtype)))
+
+
 # ---------------------------------------------------------------- implementations
 
 def _segment_means_impl(x, num_segments, backend=""):
@@ -186,6 +202,18 @@ def _attention_impl(q, k, v, log_counts, q_pos, k_pos, scale, backend=""):
     return torch_backend.attention(q, k, v, log_counts, q_pos, k_pos, scale)
 
 
+def _matched_rows_impl(q0, k, v, seg_of, num_segments, scale, backend=""):
+    name = resolve(backend, k.device)
+    # (an extension built from older sources lacks the kernel: the torch code then runs)
+    if name == "cpp" and hasattr(_CPP, "matched_rows"):
+        return _CPP.matched_rows(q0, k, v, seg_of, num_segments, scale)
+    if name == "cpp" and backend == "cpp":
+        raise RuntimeError("backend='cpp': the built C++ extension predates prism::matched_rows; "
+                           "rebuild it with `python -m prism_kernels.build`")
+    return torch_backend.matched_rows(q0, k, v, seg_of, num_segments, scale)   # torch (and triton)
+
+
 for _key in ("CPU", "CUDA"):
     _lib.impl("segment_means", _segment_means_impl, _key)
     _lib.impl("attention", _attention_impl, _key)
+    _lib.impl("matched_rows", _matched_rows_impl, _key)

@@ -1,11 +1,11 @@
-"""The "torch" backend: both ops written with plain PyTorch tensor ops.
+"""The "torch" backend: the ops written with plain PyTorch tensor ops.
 
 It is the fallback that keeps the `prism` ops usable where no fast kernel is
 available (a CPU install without the compiled extension, a CUDA machine
 without Triton) and what backend="torch" selects explicitly. It runs on every
 device and every float dtype, accumulating in fp32 (fp64 for fp64 inputs).
 
-Both functions take the kernel form of the arguments (prism_kernels/ops.py)
+The functions take the kernel form of the arguments (prism_kernels/ops.py)
 and return fresh contiguous tensors, like the C++ and Triton kernels.
 """
 from __future__ import annotations
@@ -63,3 +63,48 @@ def attention(q, k, v, log_counts, q_pos, k_pos, scale):
         out[:, :, s:e] = torch.matmul(p, vf).to(q.dtype)
         lse[:, :, s:e] = lse_c
     return out, lse
+
+
+def _segment_weights(z: torch.Tensor, seg_of: torch.Tensor, m: int, shared: bool):
+    """z [B, n, Hkv] (the scores at q0) -> the softmax within each segment w [B, n, Hkv],
+    the segment indicator [B, m, n] and each segment's log-sum-exp [B, m, Hkv]."""
+    B, n, Hkv = z.shape
+    if m == 1:      # one segment (a partition sent as one row): a plain softmax over its tokens
+        top = z.amax(1, keepdim=True)
+        e = torch.exp(z - top)
+        tot = e.sum(1, keepdim=True)
+        w = e / tot
+        if shared:
+            w = w.mean(2, keepdim=True).expand(B, n, Hkv)
+        return w, z.new_ones(B, 1, n), tot.log() + top
+    idx = seg_of[..., None].expand(B, n, Hkv)
+    top = z.new_full((B, m, Hkv), float("-inf")).scatter_reduce(1, idx, z, "amax")
+    e = torch.exp(z - top.gather(1, idx))
+    # sums over each segment's tokens as one batched matmul with the segment indicator
+    # [B, m, n]: several times faster than scatter_add over [n, Hkv, d] on a CPU
+    member = z.new_zeros(B, m, n).scatter_(1, seg_of[:, None, :], 1.0)
+    tot = torch.bmm(member, e)                                         # [B, m, Hkv]
+    w = e / tot.gather(1, idx)
+    if shared:
+        w = w.mean(2, keepdim=True).expand(B, n, Hkv)
+    return w, member, tot.log() + top
+
+
+def matched_rows(q0, k, v, seg_of, num_segments, scale, shared: bool = False):
+    """(k~, v~ [B, m, Hkv*d] in k's dtype, bias [B, m, Hkv] fp32 / fp64): each segment of
+    seg_of [B, n] summarised at the query q0 [B, Hkv, d] (python_ref/matched_rows.py).
+    Differentiable (the simulation fine-tunes through it). shared: one weight per token
+    for all KV heads (an experiment; not part of the op)."""
+    B, n, F = k.shape
+    m = int(num_segments)
+    Hkv, d = q0.shape[1], q0.shape[2]
+    acc = acc_dtype(k.dtype)
+    q0 = q0.to(acc)
+    k4 = k.to(acc).view(B, n, Hkv, d)
+    z = scale * torch.einsum("bnhd,bhd->bnh", k4, q0)                  # [B, n, Hkv]
+    w, member, lse = _segment_weights(z, seg_of, m, shared)
+    seg_sum = lambda t: torch.bmm(member, (t * w[..., None]).reshape(B, n, F)).view(B, m, Hkv, d)
+    km = seg_sum(k4)
+    vm = seg_sum(v.to(acc).view(B, n, Hkv, d))
+    bias = lse - scale * torch.einsum("bmhd,bhd->bmh", km, q0)
+    return km.reshape(B, m, F).to(k.dtype), vm.reshape(B, m, F).to(k.dtype), bias

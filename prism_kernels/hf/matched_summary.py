@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import ops  # noqa: F401  (registers the prism ops)
+from .. import torch_backend
 from .spread_bias import extra_score_dim
 
 # count_bias -> (gamma: the scale of the mean query the rows are matched at,
@@ -38,31 +40,6 @@ from .spread_bias import extra_score_dim
 # query: the callers pass that one query, costs.comm.MATCHED_AT_FIRST_TOKEN)
 MATCHED = {"matched": (1.0, False), "matched_half": (0.5, False), "matched_shared": (1.0, True),
            "matched_cls": (1.0, False)}
-
-
-def _segment_weights(z: torch.Tensor, seg_of: torch.Tensor, m: int, shared: bool):
-    """z [Bg, n, Hkv] (the scores at q0) -> the softmax within each segment w [Bg, n, Hkv],
-    the segment indicator [Bg, m, n] and each segment's log-sum-exp [Bg, m, Hkv]."""
-    Bg, n, Hkv = z.shape
-    if m == 1:      # one segment (a partition sent as one row): a plain softmax over its tokens
-        top = z.amax(1, keepdim=True)
-        e = torch.exp(z - top)
-        tot = e.sum(1, keepdim=True)
-        w = e / tot
-        if shared:
-            w = w.mean(2, keepdim=True).expand(Bg, n, Hkv)
-        return w, z.new_ones(Bg, 1, n), tot.log() + top
-    idx = seg_of[..., None].expand(Bg, n, Hkv)
-    top = z.new_full((Bg, m, Hkv), float("-inf")).scatter_reduce(1, idx, z, "amax")
-    e = torch.exp(z - top.gather(1, idx))
-    # sums over each segment's tokens as one batched matmul with the segment indicator
-    # [Bg, m, n]: several times faster than scatter_add over [n, Hkv, d] on a CPU
-    member = z.new_zeros(Bg, m, n).scatter_(1, seg_of[:, None, :], 1.0)
-    tot = torch.bmm(member, e)                                         # [Bg, m, Hkv]
-    w = e / tot.gather(1, idx)
-    if shared:
-        w = w.mean(2, keepdim=True).expand(Bg, n, Hkv)
-    return w, member, tot.log() + top
 
 
 def _mean_query(q: torch.Tensor, heads: int, Hkv: int, gamma: float) -> torch.Tensor:
@@ -83,14 +60,12 @@ def matched_summary(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg_of: t
     Hkv = F // d
     acc = torch.float64 if k.dtype == torch.float64 else torch.float32
     q0 = _mean_query(q.to(acc), heads, Hkv, gamma)                      # [Bg, Hkv, d]
-    k4 = k.to(acc).view(Bg, n, Hkv, d)
-    z = scale * torch.einsum("bnhd,bhd->bnh", k4, q0)                  # [Bg, n, Hkv]
-    w, member, lse = _segment_weights(z, seg_of, m, shared)
-    seg_sum = lambda t: torch.bmm(member, (t * w[..., None]).reshape(Bg, n, Hkv * d)).view(Bg, m, Hkv, d)
-    km = seg_sum(k4)
-    vm = seg_sum(v.to(acc).view(Bg, n, Hkv, d))
-    bias = lse - scale * torch.einsum("bmhd,bhd->bmh", km, q0)
-    return km.reshape(Bg, m, F).to(k.dtype), vm.reshape(Bg, m, F).to(k.dtype), bias
+    if shared or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        # differentiated (fine-tuning through the simulation) or the shared-weights
+        # experiment: the composite in plain torch ops
+        return torch_backend.matched_rows(q0, k, v, seg_of, m, scale, shared)
+    # the prism op: one pass over k and v (the C++ kernel on CPU)
+    return torch.ops.prism.matched_rows(q0, k, v, seg_of, m, float(scale))
 
 
 def augment_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor):
