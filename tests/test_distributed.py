@@ -745,6 +745,44 @@ def test_cli_calibrate(tmp_path):
     close(saved["result"]["head"], head)
 
 
+def test_cli_rebalance_moves_tokens_off_a_slow_rank(tmp_path):
+    """--rebalance with rank 1 made slower (PRISM_FAULT slow: 30 ms more in every layer):
+    after the warm-up runs rank 1 holds fewer tokens, the reported steps follow the rule
+    (sizes in proportion to rows / compute), the bytes equal the cost model of the final
+    plan and the outputs equal the independent simulation with those partitions."""
+    from prism_kernels.distributed.calibrate import speeds_from_compute
+    from prism_kernels.plan import proportional_sizes
+    out = tmp_path / "out.pt"
+    res, _ = launch(2, ["--family", "bert", "--seq-len", "16", "--cr", "2", "--rebalance", "--warmup", "3",
+                        "--repeat", "1", "--json", "--gather", "all", "--no-compare", "--out", str(out),
+                        "--anchors", "special"],
+                    env_per_rank={1: {"PRISM_FAULT": "slow:rank=1:seconds=0.03"}}, timeout=240)
+    for rc, o, e in res:
+        assert rc == 0, e[-3000:]
+    d = json.loads([l for l in res[0][1].splitlines() if l.startswith("{")][-1])
+    steps = d["rebalance_steps"]
+    assert len(steps) == 2 and steps[0]["sizes"] == [8, 8]          # the first warm-up run is not measured
+    for step in steps:
+        assert step["rows"] == step["sizes"]
+        assert step["speeds"] == pytest.approx(speeds_from_compute(step["rows"], step["compute_s"]))
+    assert d["sizes"] == proportional_sizes(16, d["speeds"]) and d["speeds"] == steps[-1]["speeds"]
+    assert d["sizes"][1] < 8 < d["sizes"][0], d["sizes"]
+    assert d["bytes_match_cost_model"]
+    saved = torch.load(out, weights_only=False)
+    hidden, head = simulate("bert", saved["inputs"], 2, cr=2.0, weights=d["speeds"], anchors="special")
+    close(saved["result"]["hidden"], hidden)
+    close(saved["result"]["head"], head)
+
+
+def test_speeds_from_compute():
+    from prism_kernels.distributed.calibrate import speeds_from_compute
+    # 10 rows in 1 s and 10 rows in 2 s: the second rank runs at half the speed
+    assert speeds_from_compute([10, 10], [1.0, 2.0]) == [1.0, 0.5]
+    assert speeds_from_compute([12, 4], [0.3, 0.2]) == pytest.approx([1.0, 0.5])
+    with pytest.raises(ValueError, match="compute > 0"):
+        speeds_from_compute([5, 5], [0.1, 0.0])
+
+
 def test_cli_speeds_equal_partition_weights(tmp_path):
     """--speeds 1,0.5 and its older name --partition-weights 1,0.5 give sizes 2:1."""
     for flag in ("--speeds", "--partition-weights"):

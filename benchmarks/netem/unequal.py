@@ -1,7 +1,8 @@
 """Unequal devices: P = 2 ranks, in two network namespaces joined by a shaped veth pair
 (--ns0 ... --mbit, set up by run_unequal.sh) or on loopback, rank 1 limited to a fraction of a core with
 the cgroup v1 cpu controller, equal partitions vs stated speeds (--speeds) vs measured
-speeds (--calibrate), for Prism and Voltage, against one fast device alone.
+speeds (--calibrate: one block at start-up; --rebalance: the warm-up inferences; or both,
+"calibrate+rebalance"), for Prism and Voltage, against one fast device alone.
 
 Run through run_unequal.sh (root: it writes the cgroup). Rank r is pinned to CPU r
 (taskset), one torch thread each; rank 1's process joins the cgroup before it starts
@@ -54,6 +55,10 @@ def run_pair(args, model, mode, partition, cgroup):
         flags += ["--speeds", f"1,{args.quota:g}"]
     elif partition == "calibrate":
         flags += ["--calibrate"]
+    elif partition == "rebalance":          # equal first, then sized from the warm-up runs
+        flags += ["--rebalance"]
+    elif partition == "calibrate+rebalance":
+        flags += ["--calibrate", "--rebalance"]
     netns = bool(args.ns0)
     port = free_port() if not netns else args.port
     args.port += 1

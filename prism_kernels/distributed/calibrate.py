@@ -3,6 +3,14 @@ times one block of the model on a short input, rank 0 gathers the times and deci
 the partition weights (speed = 1 / time, the fastest rank 1.0), and tells every rank,
 so that all build the same plan (plan.proportional_sizes of those weights).
 
+Rebalancing (`prism run --rebalance`): after each warm-up inference every rank reports
+its rows and its own compute in that inference (its forward less the time it waited for
+peers and spent posting transfers), and the weights become rows per second. That
+measures the real work (every block, the exchange's own work, the communication threads
+that share the rank's core and its quota) where the one-block timing misses some of it:
+a rank at half a core measured 0.46 of the fast one by the block and took more than
+twice as long per token in the forward (docs/distributed.md).
+
 The timed window is at least `min_s` seconds of repeated runs and the time is their
 mean, not a median of single runs: a device slowed by a CPU quota (cgroup cfs quota,
 a shared machine) runs at full speed until its quota of the period is spent, so only a
@@ -55,5 +63,27 @@ def agree_speeds(my_time: float) -> dict:
     times = [None] * world
     dist.all_gather_object(times, float(my_time))
     decision = [{"times_s": times, "speeds": speeds_from_times(times)} if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(decision, src=0)
+    return decision[0]
+
+
+def speeds_from_compute(rows: Sequence[int], compute_s: Sequence[float]) -> List[float]:
+    """Relative speeds rows / compute of each rank (the fastest 1.0)."""
+    if any(not (c > 0) for c in compute_s) or any(r < 1 for r in rows):
+        raise ValueError(f"rows >= 1 and compute > 0 needed, got rows {list(rows)}, compute {list(compute_s)}")
+    rate = [r / c for r, c in zip(rows, compute_s)]
+    top = max(rate)
+    return [x / top for x in rate]
+
+
+def agree_rebalance(rows: int, compute_s: float) -> dict:
+    """Every rank's (rows, compute) to rank 0, its new weights to every rank:
+    {"rows", "compute_s", "speeds"}."""
+    world = dist.get_world_size()
+    got = [None] * world
+    dist.all_gather_object(got, (int(rows), float(compute_s)))
+    rs, cs = [g[0] for g in got], [g[1] for g in got]
+    decision = [{"rows": rs, "compute_s": cs, "speeds": speeds_from_compute(rs, cs)}
+                if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(decision, src=0)
     return decision[0]

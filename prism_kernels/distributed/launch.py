@@ -53,6 +53,10 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--calibrate", action="store_true",
                    help="measure each rank's speed at start-up (one block on a short input) and size "
                         "the partitions in proportion; not with --speeds")
+    p.add_argument("--rebalance", action="store_true",
+                   help="after each warm-up inference, size the partitions in proportion to each "
+                        "rank's measured rows per second of compute (the sizes are fixed for the "
+                        "timed runs); needs --warmup >= 1; starts from --speeds or --calibrate if given")
     p.add_argument("--input", default="raw", choices=("raw", "hidden", "local"),
                    help="what rank 0 sends each rank at start-up: its slice of the raw input, which it "
                         "embeds itself (token ids; an image's pixel rows; default), or its partition "
@@ -176,6 +180,12 @@ def validate(args, world=None, model=True):
     if args.repeat < 1 or args.warmup < 0:
         raise Refused(f"--repeat must be >= 1 and --warmup >= 0, got --repeat {args.repeat} "
                       f"--warmup {args.warmup}")
+    if getattr(args, "rebalance", False):
+        if args.mode == "single":
+            raise Refused("--rebalance applies to --mode prism or voltage (single mode has no partitions)")
+        if args.warmup < 1:
+            raise Refused(f"--rebalance measures the warm-up inferences: needs --warmup >= 1, got "
+                          f"--warmup {args.warmup}")
     if not (math.isfinite(args.timeout) and args.timeout > 0):
         raise Refused(f"--timeout must be a finite number of seconds > 0, got {args.timeout:g}")
     _positive_int(args, "threads", "--threads")
@@ -338,15 +348,15 @@ def refuse_nproc_inside_rank(args, rank: int, world: int, command: str = "prism 
              command)
 
 
-def build_runtime(model, cfg, n_tokens: int, meta: dict, timeout_s: float):
-    """(Comm, Runtime) for the input agreed in the handshake; a setting the runtime
-    refuses becomes a ConfigRefused (exit 2)."""
+def build_runtime(model, cfg, n_tokens: int, meta: dict, timeout_s: float, comm=None):
+    """(Comm, Runtime) for the input agreed in the handshake (a new Comm unless one is
+    given); a setting the runtime refuses becomes a ConfigRefused (exit 2)."""
     import torch
 
     from .comm import Comm
     from .handshake import ConfigRefused
     from .runtime import Runtime
-    comm = Comm(timeout_s=timeout_s)
+    comm = comm if comm is not None else Comm(timeout_s=timeout_s)
     try:
         rt = Runtime(model, comm, cfg, n_tokens, input_shape=meta["shape"],
                      input_dtype=getattr(torch, meta["dtype"].replace("torch.", "")))
@@ -544,6 +554,8 @@ def run(args) -> int:
 
     times, waits, posts, single_times = [], [], [], []
     result = None
+    rebalanced = []         # per warm-up run: the sizes it ran with, each rank's rows and compute
+    bytes_run = 0           # the run whose bytes are checked: the first with the final plan
     try:
         for it in range(args.warmup + args.repeat):
             comm.barrier(f"start of run {it}")
@@ -564,8 +576,24 @@ def run(args) -> int:
                 times.append(dt)
                 waits.append(comm.wait_s)
                 posts.append(comm.post_s)
-            if it == 0:
+            if it == bytes_run:
                 first_bytes = dict(comm.bytes.recv)
+            # the first run's one-off costs (allocations, caches) are not proportional to the
+            # rows: with two or more warm-up runs it is not measured
+            if getattr(args, "rebalance", False) and (1 if args.warmup >= 2 else 0) <= it < args.warmup \
+                    and rt.plan is not None:
+                from .calibrate import agree_rebalance
+                from .comm import ByteCounter
+                step = agree_rebalance(rt.plan.sizes[rank], dt - comm.wait_s - comm.post_s)
+                new_cfg = run_config(args, world, weights=tuple(step["speeds"]))
+                rebalanced.append(dict(step, sizes=list(rt.plan.sizes)))
+                if list(new_cfg.plan(n_tokens, world, rt.entry.causal, rt.entry.roles(model.config)).sizes) \
+                        != list(rt.plan.sizes):
+                    rt.close()
+                    cfg = new_cfg
+                    comm, rt = build_runtime(model, cfg, n_tokens, meta, args.timeout, comm=comm)
+                    comm.bytes = ByteCounter()
+                    bytes_run = it + 1
         comm.barrier("end")
     except Exception as e:
         fail_run(rank, e)
@@ -604,6 +632,8 @@ def run(args) -> int:
             summary["speeds"] = list(cfg.prism.partition_weights) if cfg.prism is not None and \
                 cfg.prism.partition_weights is not None else None
             summary["calibrated"] = calibration is not None
+            if rebalanced:
+                summary["rebalance_steps"] = rebalanced
             if calibration is not None:
                 summary["calibration_times_s"] = calibration["times_s"]
             summary["bytes_match_cost_model"] = all(r["bytes_match_cost_model"] for r in everyone)
@@ -631,9 +661,12 @@ def run(args) -> int:
                   f"averaging={rt.averaging} wire={rt.wire}"
                   + (f" ({floats_per_row(model.config, rt.wire)} floats per row, {cfg.wire_dtype})"
                      if rt.wire else ""))
+            for i, step in enumerate(rebalanced):
+                print(f"  warm-up run {i}: sizes {step['sizes']}, compute "
+                      + ", ".join(f"{c * 1e3:.1f}" for c in step["compute_s"]) + " ms per rank")
             if cfg.prism is not None and cfg.prism.partition_weights is not None:
-                how = ("measured: one block "
-                       + ", ".join(f"{t * 1e3:.2f}" for t in calibration["times_s"]) + " ms"
+                how = ("rebalanced from the warm-up runs" if rebalanced else
+                       "measured: one block " + ", ".join(f"{t * 1e3:.2f}" for t in calibration["times_s"]) + " ms"
                        if calibration is not None else "stated")
                 print(f"  speeds {[round(w, 3) for w in cfg.prism.partition_weights]} ({how}) -> "
                       f"partition sizes {list(rt.plan.sizes)}")

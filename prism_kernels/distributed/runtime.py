@@ -187,7 +187,8 @@ def matched_cls_refusal(count_bias: str, model_type: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------
-# faults (tests only): PRISM_FAULT="die:rank=1:layer=1" or "stall:rank=1:layer=0:seconds=60"
+# faults (tests only): PRISM_FAULT="die:rank=1:layer=1" or "stall:rank=1:layer=0:seconds=60",
+# or "slow:rank=1:seconds=0.01" (a slower device: that long more in every layer)
 
 def _maybe_fault(rank: int, layer: int):
     spec = os.environ.get("PRISM_FAULT", "")
@@ -195,6 +196,10 @@ def _maybe_fault(rank: int, layer: int):
         return
     kind, *kvs = spec.split(":")
     d = dict(kv.split("=") for kv in kvs)
+    if kind == "slow":
+        if int(d.get("rank", 1)) == rank:
+            time.sleep(float(d.get("seconds", 0.01)))
+        return
     if int(d.get("rank", 1)) == rank and int(d.get("layer", 0)) == layer:
         import sys
         sys.stderr.write(f"PRISM_FAULT {kind} rank {rank} layer {layer} at {time.time():.3f}\n")
@@ -493,6 +498,13 @@ class Runtime:
                     for which, name in _PROJECTIONS.items():
                         self._proj_hooks.append(getattr(layer, name).register_forward_hook(
                             functools.partial(self._projection_ready, which)))
+
+    def close(self):
+        """Remove the hooks this runtime put on the model (before another runtime, e.g. with
+        new partition sizes, takes it over)."""
+        for h in self._capture_hooks + self._key_hooks + self._proj_hooks:
+            h.remove()
+        self._capture_hooks, self._key_hooks, self._proj_hooks = [], [], []
 
     @staticmethod
     def early_matched(layer) -> bool:
