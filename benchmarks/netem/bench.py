@@ -35,6 +35,8 @@ MODE_OPTIONS = {"nooverlap": ["--no-overlap"], "local": ["--input", "local"], "h
                 "float": ["--pixels", "float"],         # fp32 pixel_values at start-up (uint8 is the default)
                 "special": ["--anchors", "special"],      # the static special-token policy (the earlier default)
                 "log": ["--count-bias", "log"], "matched": ["--count-bias", "matched"],
+                # partitions sized from the warm-up runs' measured compute (equal at first)
+                "rebalance": ["--rebalance"],
                 # more means per partition than the model's default (the last -m wins)
                 "m8": ["-m", "8"], "m16": ["-m", "16"]}
 

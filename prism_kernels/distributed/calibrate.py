@@ -4,8 +4,9 @@ the partition weights (speed = 1 / time, the fastest rank 1.0), and tells every 
 so that all build the same plan (plan.proportional_sizes of those weights).
 
 Rebalancing (`prism run --rebalance`): after each warm-up inference every rank reports
-its rows and its own compute in that inference (its forward less the time it waited for
-peers and spent posting transfers), and the weights become rows per second. That
+its rows and its own compute in that inference (the median over layers of each layer's
+time less the time it waited for peers and spent posting transfers, times the layers),
+and the weights become rows per second. That
 measures the real work (every block, the exchange's own work, the communication threads
 that share the rank's core and its quota) where the one-block timing misses some of it:
 a rank at half a core measured 0.46 of the fast one by the block and took more than

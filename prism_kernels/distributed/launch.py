@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -584,7 +585,10 @@ def run(args) -> int:
                     and rt.plan is not None:
                 from .calibrate import agree_rebalance
                 from .comm import ByteCounter
-                step = agree_rebalance(rt.plan.sizes[rank], dt - comm.wait_s - comm.post_s)
+                # the rank's compute: the median layer's (its time less waiting and posting)
+                # times the layers, so that one layer stalled by the machine does not decide
+                step = agree_rebalance(rt.plan.sizes[rank], statistics.median(rt.layer_compute_s)
+                                       * len(rt.layer_compute_s))
                 new_cfg = run_config(args, world, weights=tuple(step["speeds"]))
                 rebalanced.append(dict(step, sizes=list(rt.plan.sizes)))
                 if list(new_cfg.plan(n_tokens, world, rt.entry.causal, rt.entry.roles(model.config)).sizes) \

@@ -689,8 +689,11 @@ class Runtime:
         else:
             buf = torch.empty(self.batch, plan.sizes[rank], D)
             h = self.comm.start("scatter of the partitions", "scatter", 0, {}, {0: buf}).wait()[0]
-        # 2. blocks
+        # 2. blocks; each layer's own compute (its time less waiting and posting) is kept
+        #    for --rebalance, which takes the median over layers (robust to one stalled layer)
+        self.layer_compute_s = []
         for layer in self.layers:
+            t0, w0, p0 = time.perf_counter(), self.comm.wait_s, self.comm.post_s
             _maybe_fault(rank, layer.index)
             ctx = LayerCtx(self, layer)
             if not ctx.exchange_in_attention:
@@ -700,4 +703,6 @@ class Runtime:
             if ctx.pending is None:
                 raise RuntimeError(f"layer {layer.index}: the attention function did not run "
                                    f"(wrong attn implementation?)")
+            self.layer_compute_s.append(time.perf_counter() - t0 - (self.comm.wait_s - w0)
+                                        - (self.comm.post_s - p0))
         return h
