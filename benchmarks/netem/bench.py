@@ -140,8 +140,8 @@ def main():
     fields = ["model", "mode", "P", "bandwidth_mbit", "delay_ms", "median_ms", "min_ms", "max_ms", "runs",
               "single_median_ms", "change_vs_single_pct", "wait_ms_rank0", "wait_ms_rank1",
               "total_ms_rank0", "total_ms_rank1", "post_ms_rank0", "post_ms_rank1", "input", "wire_dtype",
-              "startup_bytes_rank1", "wire", "bytes_per_layer_rank0", "bytes_per_layer_rank1", "loadavg_before", "loadavg_after",
-              "cpu", "torch"]
+              "startup_bytes_rank1", "wire", "bytes_per_layer_rank0", "bytes_per_layer_rank1", "sizes",
+              "loadavg_before", "loadavg_after", "cpu", "torch"]
     bws = [int(b) for b in args.bandwidths.split(",")]
     for model in args.models.split(","):
         # every voltage / prism launch also times the stock model alone on rank 0 before each
@@ -175,6 +175,7 @@ def main():
                    "wire": d.get("wire") if mode != "single" else "",
                    "bytes_per_layer_rank0": max(lb[0].values(), default=0) if lb else 0,
                    "bytes_per_layer_rank1": max(lb[1].values(), default=0) if len(lb) > 1 else "",
+                   "sizes": " ".join(str(x) for x in d.get("sizes") or []),     # partition sizes run
                    "loadavg_before": round(la0, 2), "loadavg_after": round(la1, 2),
                    "cpu": cpu, "torch": torch.__version__}
             rows.append(row)

@@ -5,7 +5,10 @@ at once (zeros received), against the stock blocks (sdpa) on the same number of 
 Interleaved in one process, one thread; medians and their ratio.
 
     python benchmarks/netem/rank_overhead.py [--family vit|bert] [--count-bias auto|log|matched|matched_cls]
-                                             [--repeat 9] [--out FILE] [--profile]
+                                             [--repeat 9] [--out FILE] [--profile] [--parts]
+
+--parts also times the runtime's own pieces (segment choice, matched rows, the merge of the
+two attention calls, ...) by wrapping them, and reports ms per inference for each.
 """
 from __future__ import annotations
 
@@ -51,6 +54,36 @@ class InstantComm:
         return _Done(send, recv)
 
 
+def _wrap_parts():
+    """Wrap the runtime's own pieces with timers: ({name: seconds}, {name: calls})."""
+    import collections
+    import functools
+    from prism_kernels.distributed import runtime as R
+    acc, calls = collections.Counter(), collections.Counter()
+
+    def wrap(obj, name, label):
+        f = getattr(obj, name)
+
+        @functools.wraps(f)
+        def timed(*a, **k):
+            t = time.perf_counter()
+            try:
+                return f(*a, **k)
+            finally:
+                acc[label] += time.perf_counter() - t
+                calls[label] += 1
+        setattr(obj, name, timed)
+    wrap(R.LayerCtx, "segments", "segment choice")
+    wrap(R, "matched_summary", "matched rows")
+    wrap(R.LayerCtx, "_post_matched", "message assembly and post")
+    wrap(R.LayerCtx, "receive_kv", "unpack received rows")
+    wrap(overlap, "merge_by_lse", "merge of the two attention calls")
+    wrap(overlap, "prism_distributed_attention", "attention function in all")
+    wrap(R.Runtime, "_embed_own", "embedding of the rank's slice")
+    wrap(R.Runtime, "run_blocks", "run_blocks")
+    return acc, calls
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--family", default="vit", choices=("vit", "bert"))
@@ -59,10 +92,13 @@ def main():
                     help="PrismConfig.count_bias (auto: matched rows for BERT, log for ViT)")
     ap.add_argument("--repeat", type=int, default=9)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--parts", action="store_true",
+                    help="also report ms per inference spent in the runtime's own pieces (wrapped)")
     ap.add_argument("--profile", action="store_true",
                     help="print torch.profiler tables (by op and input shape) of 3 runs of each instead of timing")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    parts = _wrap_parts() if args.parts else None
     entry = lookup(args.family)
     model = entry.build_model("base").eval()
     m = args.means or (10 if args.family == "vit" else 1)
@@ -116,6 +152,10 @@ def main():
            "prism_rank_ms": round(p * 1e3, 1), "ratio": round(p / s, 3), "repeat": args.repeat,
            "loadavg_before": round(la0, 2), "loadavg_after": round(os.getloadavg()[0], 2),
            "cpu": cpu, "cores": os.cpu_count(), "threads": 1, "torch": torch.__version__, "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+    if parts is not None:
+        runs = parts[1]["run_blocks"] or 1
+        res["parts_ms_per_inference"] = {k: round(v / runs * 1e3, 2) for k, v in parts[0].items()
+                                         if k != "run_blocks"}
     print(json.dumps(res))
     if args.out:
         with open(args.out, "a") as f:
