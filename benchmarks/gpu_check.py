@@ -59,7 +59,7 @@ import torch  # noqa: E402
 from gpu.check import (  # noqa: E402,F401  (re-exported: tests and users call them here)
     COMPILE_VARIANTS, DTYPE_NAME, GPU_ATTN_CASES, GPU_DECODE_CASES, GPU_SEG_CASES,
     INTERPRET_ATTN_CASES, INTERPRET_DECODE_CASES,
-    INTERPRET_SEG_CASES, LSE_TOL, REL_TOL, check_attention_case, check_segment_case, compile_only,
+    INTERPRET_SEG_CASES, LSE_TOL, MATCHED_CASES, REL_TOL, check_attention_case, check_segment_case, compile_only,
     make_attention_inputs, run_checks)
 from gpu.timing import (  # noqa: E402,F401
     DECODE_MODELS, PAPER_SHAPES, bench_attention_shape, bench_decode, bench_segment_means, long_shapes, write_results)
@@ -110,7 +110,7 @@ def main(argv=None):
     # compiles); the autotuned configs are spot-checked on every benchmark shape below
     with fixed_config():
         checks = run_checks(device, [torch.float32, torch.bfloat16, torch.float16],
-                            GPU_ATTN_CASES, GPU_SEG_CASES, seed=args.seed)
+                            GPU_ATTN_CASES, GPU_SEG_CASES, seed=args.seed, matched_cases=MATCHED_CASES)
     print(f"checks done at {time.time() - t0:.0f} s")
     matmul = _timing._matmul_tflops(device)
     print(f"bf16 matmul: {matmul:.0f} TFLOP/s")

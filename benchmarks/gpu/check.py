@@ -216,8 +216,42 @@ def check_segment_case(impl, case, dtype, device, seed):
                 dtype=DTYPE_NAME[dtype], rel_err=rel, lse_err=0.0, ok=ok, reason=reason)
 
 
+# prism::matched_rows (no Triton kernel: the PyTorch composite runs on CUDA):
+# (B, n, Hkv, d, m)
+MATCHED_CASES = [(1, 99, 12, 64, 10), (2, 129, 6, 64, 13), (3, 40, 2, 80, 1), (1, 17, 4, 64, 20)]
+
+
+def check_matched_case(case, dtype, device, seed):
+    """prism::matched_rows on `device` against python_ref (fp64 loops) on the same rounded
+    inputs; m > n leaves some segments empty (zero rows, bias -inf)."""
+    B, n, Hkv, d, m = case
+    g = _gen(seed, device)
+    k = torch.randn(B, n, Hkv * d, generator=g, device=device).mul(2).to(dtype)
+    v = torch.randn(B, n, Hkv * d, generator=g, device=device).to(dtype)
+    q0 = torch.randn(B, Hkv, d, generator=g, device=device) + 0.5
+    seg = torch.randint(0, m, (B, n), generator=g, device=device)
+    km, vm, b = torch.ops.prism.matched_rows(q0, k, v, seg, m, d ** -0.5)
+    rk, rv, rb = python_ref.matched_rows(q0.cpu(), k.cpu(), v.cpu(), seg.cpu(), m, d ** -0.5)
+    empty = torch.isinf(rb)
+    rel = max(_rel_err(km.cpu(), rk), _rel_err(vm.cpu(), rv))
+    berr = float((b.cpu()[~empty].double() - rb[~empty].double()).abs().max()) if (~empty).any() else 0.0
+    ok, reason = True, ""
+    if torch.isnan(km).any() or torch.isnan(vm).any():
+        ok, reason = False, "NaN in rows"
+    elif km.dtype != dtype or b.dtype != torch.float32 or tuple(km.shape) != (B, m, Hkv * d):
+        ok, reason = False, f"shape/dtype {tuple(km.shape)} {km.dtype} {b.dtype}"
+    elif not torch.equal(torch.isinf(b.cpu()), empty):
+        ok, reason = False, "bias -inf not exactly on the empty segments"
+    elif not rel <= REL_TOL[dtype]:
+        ok, reason = False, f"rel err {rel:.2e} > {REL_TOL[dtype]:.0e}"
+    elif not berr <= 1e-3:
+        ok, reason = False, f"bias err {berr:.2e} > 1e-3"
+    return dict(kind="matched_rows", case=f"B={B} n={n} Hkv={Hkv} d={d} m={m}", dtype=DTYPE_NAME[dtype],
+                rel_err=rel, lse_err=berr, ok=ok, reason=reason)
+
+
 def run_checks(device, dtypes, attn_cases, seg_cases, attn_impl=None, seg_impl=None,
-               seed=None, log=print):
+               seed=None, log=print, matched_cases=()):
     """Check the kernels (or the given impls) on every case and dtype; returns rows."""
     if attn_impl is None or seg_impl is None:
         from prism_kernels.triton_kernels import attention_triton, segment_means_triton
@@ -237,6 +271,10 @@ def run_checks(device, dtypes, attn_cases, seg_cases, attn_impl=None, seg_impl=N
             log(_fmt_check(r))
         for j, case in enumerate(seg_cases):
             r = check_segment_case(seg_impl, case, dt, device, seed + 1000 + j)
+            rows.append(r)
+            log(_fmt_check(r))
+        for j, case in enumerate(matched_cases):
+            r = check_matched_case(case, dt, device, seed + 2000 + j)
             rows.append(r)
             log(_fmt_check(r))
     return rows
