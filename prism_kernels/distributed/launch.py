@@ -666,7 +666,7 @@ def run(args) -> int:
                   + (f" ({floats_per_row(model.config, rt.wire)} floats per row, {cfg.wire_dtype})"
                      if rt.wire else ""))
             for i, step in enumerate(rebalanced):
-                print(f"  warm-up run {i}: sizes {step['sizes']}, compute "
+                print(f"  rebalance step {i + 1}: a warm-up run with sizes {step['sizes']}, compute "
                       + ", ".join(f"{c * 1e3:.1f}" for c in step["compute_s"]) + " ms per rank")
             if cfg.prism is not None and cfg.prism.partition_weights is not None:
                 how = ("rebalanced from the warm-up runs" if rebalanced else
