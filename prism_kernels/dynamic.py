@@ -170,9 +170,7 @@ def assign(k: torch.Tensor, m: int, fixed: Sequence[int] = (), topk: int = 0, sc
     # rest tokens in token order: a stable sort puts the non-anchors first
     order = torch.sort(anchor.to(torch.int8), dim=1, stable=True).indices
     rest = order[:, :R]
-    patches = grid is not None and all(
-        grid[2] <= offset + t < grid[2] + grid[0] * grid[1] for t in range(n) if t not in fixed)
-    if patches and m_rest > 1 and not content:
+    if m_rest > 1 and not content and _averages_patches(n, tuple(fixed), grid, offset):
         grid = tuple(grid)
         seg_rest = torch.tensor([_block_table(tuple(offset + t for t in row), m_rest, grid)   # ascending
                                  for row in rest.cpu().tolist()], dtype=torch.int64, device=dev)
@@ -204,6 +202,13 @@ def assign(k: torch.Tensor, m: int, fixed: Sequence[int] = (), topk: int = 0, sc
     return seg_of, counts
 
 
+def _averages_patches(n: int, fixed: Tuple[int, ...], grid, offset: int) -> bool:
+    """Whether every token of the partition (n tokens from `offset`) but the static anchors
+    `fixed` is an image patch of `grid` (rows, cols, first): then segments are 2-D blocks."""
+    return grid is not None and all(grid[2] <= offset + t < grid[2] + grid[0] * grid[1]
+                                    for t in range(n) if t not in fixed)
+
+
 @functools.lru_cache(maxsize=8192)
 def _layout(n: int, m: int, fixed: Tuple[int, ...], alone: Tuple[int, ...], grid,
             offset: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -217,9 +222,7 @@ def _layout(n: int, m: int, fixed: Tuple[int, ...], alone: Tuple[int, ...], grid
     is_alone = set(alone)
     rest = [t for t in range(n) if t not in is_alone]
     m_rest = m - len(alone)
-    patches = grid is not None and all(grid[2] <= offset + t < grid[2] + grid[0] * grid[1]
-                                       for t in range(n) if t not in fixed)
-    if patches and m_rest > 1:
+    if m_rest > 1 and _averages_patches(n, fixed, grid, offset):
         seg_rest = _block_table(tuple(offset + t for t in rest), m_rest, grid)
     else:
         seg_rest = [s_ for s_, c in enumerate(split_sizes(len(rest), m_rest)) for _ in range(c)]

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import torch
 
-from .. import ops  # noqa: F401  (registers the prism ops)
 from .. import torch_backend
 from .spread_bias import extra_score_dim
 
