@@ -300,11 +300,17 @@ def test_cache_passed_by_the_caller_chooses_the_mode():
 
 
 def test_unsupported_generation_setups_raise():
-    # count_bias="spread" has no prism decode cache
+    # a bias other than the log-count one has no prism decode cache: refused before the
+    # prefill, with the keyword to change; decode="exact" serves it
     model = build_model("llama")
-    phf.enable_prism(model, num_partitions=2, compression_rate=4, count_bias="spread")
-    with pytest.raises(NotImplementedError, match="count_bias"):
-        _generate(model, _ids())
+    for bias in ("spread", "matched", "matched_cls"):
+        phf.enable_prism(model, num_partitions=2, compression_rate=4, count_bias=bias)
+        with pytest.raises(NotImplementedError, match=f"count_bias='log'.*count_bias='{bias}'"):
+            _generate(model, _ids())
+        with pytest.raises(NotImplementedError, match="decode='exact'"):
+            _generate(model, _ids(), cache=phf.PrismCache("prism"))
+    phf.enable_prism(model, num_partitions=2, compression_rate=4, count_bias="matched", decode="exact")
+    assert _generate(model, _ids())[0].shape[1] == NEW
     # attn_implementation="prism" without enable_prism: no hook, the first decode step says what to do
     cfg = build_model("llama").config
     cfg.prism = PrismConfig(num_partitions=2, compression_rate=4).to_dict()

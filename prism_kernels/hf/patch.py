@@ -223,6 +223,8 @@ def _install_cache_hooks(model, generation) -> list:
             # device's cache instead; the model returns it and generate goes on with it
             cache = PrismCache(generation["decode"])
             kwargs[key] = cache
+        if isinstance(cache, PrismCache):
+            _check_decode_bias(module, cache)
         generation["cache"] = cache if isinstance(cache, PrismCache) else None
         return args, kwargs
 
@@ -230,6 +232,22 @@ def _install_cache_hooks(model, generation) -> list:
         generation["cache"] = None
 
     return [model.register_forward_pre_hook(before, with_kwargs=True), model.register_forward_hook(after)]
+
+
+def _check_decode_bias(model, cache) -> None:
+    """Refuse, before the prefill runs, a decode cache that cannot hold the received rows:
+    decode="prism" keeps each received row's count (the log-count bias), not the per-head
+    bias of a matched row or the spread term."""
+    config = getattr(model, "_prism_config", None)
+    if config is None or cache.decode != "prism" or cache.get_seq_length() != 0:
+        return
+    bias = config.bias_for(causal=True)
+    if bias != "log":
+        raise NotImplementedError(
+            f"generation with decode='prism' needs count_bias='log' (the decoders' default under "
+            f"'auto'): the decoding device's cache keeps each received row's count, and "
+            f"count_bias={config.count_bias!r} sends rows with a per-head bias instead; call "
+            f"enable_prism(..., count_bias='log') or enable_prism(..., decode='exact')")
 
 
 def disable_prism(model):
