@@ -630,8 +630,8 @@ def test_low_precision_wire_close_to_fp32(run_scenarios):
 def test_wire_dtype_equals_simulation_rounding(run_scenarios):
     """Where the wire carries K/V means (Llama: rotated keys) or matched rows (K/V and
     their biases), the runtime rounds exactly what the simulation rounds with
-    PrismConfig(wire_dtype=...): the outputs agree to fp32 noise, much closer than to the
-    fp32 simulation (so `prism eval --variant wire_dtype=fp16` measures what the runtime does)."""
+    PrismConfig(wire_dtype=...): the outputs agree up to a rare fp16 rounding flip, much
+    closer than to the fp32 simulation (so `prism eval --variant wire_dtype=fp16` measures what the runtime does)."""
     P, scen, results = run_scenarios
     cases = [s for s in scen if s.get("wire_dtype", "fp32") != "fp32"
              and s.get("averaging", "attention_input") == "attention_input"
@@ -651,8 +651,12 @@ def test_wire_dtype_equals_simulation_rounding(run_scenarios):
         exact, _ = hf_simulation(s["family"], r["inputs"], P, **kw)
         err_rounded = float((r["hidden"] - rounded).abs().max())
         err_exact = float((r["hidden"] - exact).abs().max())
-        assert err_rounded < 1e-5, (s["name"], err_rounded, err_exact)
-        assert err_exact > 10 * max(err_rounded, 1e-7), (s["name"], err_exact, err_rounded)
+        # The runtime's rows can differ from the simulation's by ~1e-7 before the cast (other
+        # matrix-product blockings; seen on an Intel Xeon for Llama's rotated keys), which
+        # flips an fp16 rounding now and then: one flip moves the output by up to ~1e-4. Not
+        # rounding, or rounding to another dtype, moves it by about err_exact or more.
+        assert err_rounded < 2e-4, (s["name"], err_rounded, err_exact)
+        assert err_exact > 4 * max(err_rounded, 1e-7), (s["name"], err_exact, err_rounded)
 
 
 def test_to_wire_refuses_fp16_overflow():
