@@ -246,7 +246,8 @@ def _check_decode_bias(model, cache) -> None:
         raise NotImplementedError(
             f"generation with decode='prism' needs count_bias='log' (the decoders' default under "
             f"'auto'): the decoding device's cache keeps each received row's count, and "
-            f"count_bias={config.count_bias!r} sends rows with a per-head bias instead; call "
+            f"count_bias={config.count_bias!r} scores the received rows with a term per head "
+            f"instead (a matched row's bias, or the spread); call "
             f"enable_prism(..., count_bias='log') or enable_prism(..., decode='exact')")
 
 
