@@ -46,6 +46,18 @@ BIG = 1 << 40          # same as hf.attention.BIG: a position no query reaches
 GROW = 64              # spare rows a layer reserves when decoding outgrows its buffer
 
 
+def check_decode_bias(config, decode: str) -> None:
+    """decode="prism" keeps each received row's count (the log-count bias); refuse a bias
+    that scores received rows with a term per head instead (matched rows, the spread)."""
+    if decode == "prism" and config.bias_for(causal=True) != "log":   # decoders: "auto" is "log"
+        raise NotImplementedError(
+            f"generation with decode='prism' needs count_bias='log' (the decoders' default under "
+            f"'auto'): the decoding device's cache keeps each received row's count, and "
+            f"count_bias={config.count_bias!r} scores the received rows with a term per head "
+            f"instead (a matched row's bias, or the spread); call "
+            f"enable_prism(..., count_bias='log') or enable_prism(..., decode='exact')")
+
+
 def check_decode(decode) -> str:
     if decode not in DECODE_MODES:
         raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
@@ -213,9 +225,8 @@ def prefill(layer: PrismCacheLayer, decode: str, lay, k_all, v_all, key, value, 
             r0 += g.size
         real[g.rows] = g.L
     own, real = own.to(dev), real.to(dev)
+    check_decode_bias(config, decode)
     if decode == "prism":
-        if config.bias_for(causal=True) != "log":     # generation: decoders only ("auto" is "log")
-            raise NotImplementedError(f"decode='prism' supports count_bias='log' only, got {config.count_bias!r}")
         nk = lay.counts.shape[1]
         sel = row.clamp_min(0).to(dev)
         rows = lambda t: t.view(lay.rows, nk, Hkv, d).index_select(0, sel)[:, :width].transpose(1, 2)

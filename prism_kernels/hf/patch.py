@@ -235,20 +235,11 @@ def _install_cache_hooks(model, generation) -> list:
 
 
 def _check_decode_bias(model, cache) -> None:
-    """Refuse, before the prefill runs, a decode cache that cannot hold the received rows:
-    decode="prism" keeps each received row's count (the log-count bias), not the per-head
-    bias of a matched row or the spread term."""
+    """Refuse, before the prefill runs, a decode cache that cannot hold the received rows."""
+    from .generation import check_decode_bias
     config = getattr(model, "_prism_config", None)
-    if config is None or cache.decode != "prism" or cache.get_seq_length() != 0:
-        return
-    bias = config.bias_for(causal=True)
-    if bias != "log":
-        raise NotImplementedError(
-            f"generation with decode='prism' needs count_bias='log' (the decoders' default under "
-            f"'auto'): the decoding device's cache keeps each received row's count, and "
-            f"count_bias={config.count_bias!r} scores the received rows with a term per head "
-            f"instead (a matched row's bias, or the spread); call "
-            f"enable_prism(..., count_bias='log') or enable_prism(..., decode='exact')")
+    if config is not None and cache.get_seq_length() == 0:
+        check_decode_bias(config, cache.decode)
 
 
 def disable_prism(model):
