@@ -70,6 +70,9 @@ bash benchmarks/accuracy/run_matched.sh   # count_bias=matched / matched_half ag
 python benchmarks/accuracy/query_variants.py   # where the rows are matched (accuracy_matched_cls/; see the script)
 python benchmarks/accuracy/layer_budget.py --task dinov2-fashion --partitions 2 --cr 9.9   # rows per layer
     # (also --partitions 3 --cr 6.55, --task dinov2-digits, --image-size 224; into benchmarks/results/layer_budget/)
+python benchmarks/accuracy/oracle_bounds.py --task dinov2-digits --partitions 2 --cr 9.9   # what one row can reach
+    # (also dinov2-fashion, --partitions 3 --cr 6.55, --image-size 224, --limit 5000, --modes shift-1 ... --tag shift;
+    #  into benchmarks/results/oracle_bounds/)
 prism eval --task finetune-dinov2-fashion --out benchmarks/results   # fine-tuning with Prism in the loop
 prism eval --task finetune-dinov2-digits --out benchmarks/results
 python benchmarks/accuracy/make_doc.py           # rebuilds this page
