@@ -40,10 +40,8 @@ import numpy as np
 import torch
 
 from prism_kernels import dynamic as dyn
-from prism_kernels import hf as phf
-from prism_kernels.eval import models as Mo
-from prism_kernels.eval.metrics import paired_bootstrap_diff, t_interval, wilson_interval
-from prism_kernels.eval.tasks import get_task
+from prism_kernels.eval.metrics import cosine_to_reference, paired_bootstrap_diff, t_interval, wilson_interval
+from prism_kernels.eval.tasks import Cell, get_task
 from prism_kernels.hf import attention as A
 from prism_kernels.hf.matched_summary import matched_summary
 
@@ -169,34 +167,23 @@ def main():
     task = get_task(args.task, limit=args.limit, seed=args.seed, image_size=args.image_size,
                     n_train=args.n_train, progress=False)
     task.setup()
-    model, split, probe = task.model, task.split, task.probe
+    split, probe = task.split, task.probe
     x_test, y_test = split.x_test, split.y_test
     te_exact = task.test_exact.astype(np.float64)
     exact_hits = task.exact_hits["accuracy"]
 
-    @torch.no_grad()
-    def feats(images):
-        out = []
-        for i in range(0, len(images), 25):
-            px = Mo.image_pixels(images[i:i + 25], args.image_size)
-            out.append(Mo.dinov2_features(model(pixel_values=px).last_hidden_state).numpy())
-        return np.concatenate(out).astype(np.float64)
-
-    def cosine(x, ref):
-        return (x * ref).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(ref, axis=1))
-
-    phf.enable_prism(model, num_partitions=args.partitions, compression_rate=args.cr)
+    cell = Cell("prism", p=args.partitions, cr=args.cr, averaging="attention_input")   # the defaults
     results = {}
     original, pkg = A.simulate_prism, None
     for name in ("package",) + tuple(args.modes):
         t1 = time.time()
         A.simulate_prism = original if name == "package" else oracle_simulate(name)
         try:
-            te = feats(x_test)
+            te = task.features(x_test, cell, name).astype(np.float64)
         finally:
             A.simulate_prism = original
         hits = probe.predict(te) == y_test
-        results[name] = {"hits": hits.astype(int).tolist(), "cosine": cosine(te, te_exact).tolist(),
+        results[name] = {"hits": hits.astype(int).tolist(), "cosine": cosine_to_reference(te, te_exact).tolist(),
                          "seconds": round(time.time() - t1)}
         if name == "rows":      # this script's default row against the package's: same features
             results[name]["max_rel_diff_to_package"] = float(np.abs(te - pkg).max() / np.abs(pkg).max())
