@@ -49,18 +49,26 @@ ROOT = Path(__file__).resolve().parents[2]
 MODES = ("rows", "mass", "value", "both", "mass2")
 
 
-def _segment_terms(q, kp, vp, seg_of, m, s, km, vm, b, mode):
+def _segment_terms(q, kp, vp, seg_of, m, s, km, vm, b, mode, q0=None):
     """Scores [Bg, H, nq, m] and outputs of one remote partition's segments for the
     receiver's queries q [Bg, H, nq, d]; kp / vp [Bg, H, n, d]; km / vm [Bg, H, m, d],
-    b [Bg, H, m]. Output: [Bg, H, m, d] (one per segment) or [Bg, H, nq, m, d] (per query)."""
+    b [Bg, H, m]; q0 [Bg, H, 1, d] the query the rows are matched at (mass2 only).
+    Output: [Bg, H, m, d] (one per segment) or [Bg, H, nq, m, d] (per query)."""
     row_score = s * q @ km.transpose(-1, -2) + b.unsqueeze(2)
-    onehot = torch.nn.functional.one_hot(seg_of, m).to(q.dtype)          # [Bg, n, m]
     if mode == "rows":
         return row_score, vm
     if mode.startswith("shift"):
         return row_score + float(mode[5:]), vm
-    S = s * q @ kp.transpose(-1, -2)                                      # [Bg, H, nq, n]
+    onehot = torch.nn.functional.one_hot(seg_of, m).to(q.dtype)          # [Bg, n, m]
     neg = torch.where(onehot > 0, 0.0, float("-inf"))[:, None, None]    # [Bg, 1, 1, n, m]
+    if mode == "mass2":
+        # the q0-weighted key covariance C of each segment (per head): the Hessian of L_S at q0 / s^2
+        w = torch.softmax((s * q0 @ kp.transpose(-1, -2)).unsqueeze(-1) + neg, dim=-2)[:, :, 0]   # [Bg, H, n, m]
+        dev_k = kp.unsqueeze(2) - km.unsqueeze(3)                                                 # [Bg, H, m, n, d]
+        C = torch.einsum("bhnm,bhmnd,bhmne->bhmde", w, dev_k, dev_k)
+        dq = q - q0
+        return row_score + 0.5 * s * s * torch.einsum("bhqd,bhmde,bhqe->bhqm", dq, C, dq), vm
+    S = s * q @ kp.transpose(-1, -2)                                      # [Bg, H, nq, n]
     L = torch.logsumexp(S.unsqueeze(-1) + neg, dim=-2)                   # [Bg, H, nq, m]
     if mode in ("value", "both"):
         W = torch.exp(S - torch.gather(L, 3, seg_of[:, None, None, :].expand_as(S)))
@@ -102,19 +110,7 @@ def oracle_simulate(mode):
                 scores, outs = [s * q @ kp.transpose(-1, -2)], [vp]
                 for j in dev.sources:
                     kj, vj, seg_of, m, km, vm, b = rows[j]
-                    if mode == "mass2":
-                        sc, val = _segment_terms(q, kj, vj, seg_of, m, s, km, vm, b, "rows")
-                        # q0-weighted key covariance of each segment, per head
-                        onehot = torch.nn.functional.one_hot(seg_of, m).to(q.dtype)
-                        S0 = s * qf @ kj.transpose(-1, -2)                          # [Bg, H, 1, n]
-                        neg = torch.where(onehot > 0, 0.0, float("-inf"))[:, None]  # [Bg, 1, n, m]
-                        w = torch.softmax(S0.transpose(-1, -2) + neg, dim=-2)       # [Bg, H, n, m]
-                        dev_k = kj.unsqueeze(2) - km.unsqueeze(3)                  # [Bg, H, m, n, d]
-                        C = torch.einsum("bhnm,bhmnd,bhmne->bhmde", w, dev_k, dev_k)
-                        dq = q - qf                                                 # [Bg, H, nq, d]
-                        sc = sc + 0.5 * s * s * torch.einsum("bhqd,bhmde,bhqe->bhqm", dq, C, dq)
-                    else:
-                        sc, val = _segment_terms(q, kj, vj, seg_of, m, s, km, vm, b, mode)
+                    sc, val = _segment_terms(q, kj, vj, seg_of, m, s, km, vm, b, mode, q0=qf)
                     scores.append(sc)
                     outs.append(val)
                 p = torch.softmax(torch.cat(scores, -1), -1)
